@@ -1,0 +1,38 @@
+"""Every config key d2kd adds to detectron2's, with its default and meaning."""
+from detectron2.config import CfgNode as CN
+
+
+def add_d2kd_config(cfg: CN) -> None:
+    """Add d2kd's keys to a detectron2 config in place (idempotent)."""
+    if "D2KD" in cfg:
+        return
+    cfg.D2KD = CN()
+    # Marker so that add_d2kd_config is idempotent; holds no option of its own yet.
+    cfg.D2KD.VERSION = 1
+
+    # ---- backbone: build_scalable_resnet_fpn_backbone (d2kd/modeling/backbone.py) ----
+    # Extra FPN levels above the last input feature: "maxpool" (P6 by max-pooling P5, as in
+    # Faster R-CNN), "p6p7" (P6, P7 by stride-2 convs on res5, as in RetinaNet) or "none".
+    cfg.MODEL.FPN.TOP_BLOCK = "maxpool"
+
+    # ---- FCOS with a yacs config (detectron2 ships FCOS for LazyConfig only) ----
+    cfg.MODEL.FCOS = CN()
+    # Number of foreground classes.
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # FPN levels the head runs on, from the highest resolution to the lowest.
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convolutions in each of the classification and regression towers.
+    cfg.MODEL.FCOS.NUM_CONVS = 4
+    # Normalisation in the towers ("GN", "BN", "" ...), see detectron2.layers.get_norm.
+    cfg.MODEL.FCOS.NORM = "GN"
+    # Initial foreground probability of the classification logits.
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Centre-sampling radius, in units of the level's stride.
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Focal-loss parameters of the classification branch.
+    cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Inference: score threshold, candidates per level before NMS, NMS IoU threshold.
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6

@@ -1,0 +1,72 @@
+"""Checks of the inputs a config refers to (datasets, weights), run before training starts."""
+import difflib
+import json
+import os
+from typing import Iterable
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .loading import ConfigError
+
+# Annotation files up to this size are parsed up front to catch corrupt files early.
+_MAX_PARSED_ANNOTATION_BYTES = 64 * 2**20
+# MODEL.WEIGHTS values that are resolved by detectron2's PathManager, not local files.
+_REMOTE_PREFIXES = ("detectron2://", "http://", "https://", "catalog://", "manifold://")
+
+
+def check_datasets(names: Iterable[str]) -> None:
+    """Every dataset is registered and its annotation file (if it declares one) readable."""
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"Dataset '{name}' is not registered.{hint} Register it in detectron2's "
+                "DatasetCatalog (d2kd registers digitsdet_train and digitsdet_val)."
+            )
+        if name.startswith("digitsdet_"):
+            # Loading generates a missing copy and reports a corrupt one.
+            from d2kd.data import ensure_digitsdet
+
+            ensure_digitsdet(MetadataCatalog.get(name).image_root)
+        json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+        if json_file:
+            check_annotation_file(json_file, name)
+
+
+def check_annotation_file(json_file: str, dataset_name: str) -> None:
+    """The file exists and, unless huge, is valid JSON."""
+    if not os.path.isfile(json_file):
+        raise ConfigError(f"Annotation file {json_file} of dataset '{dataset_name}' does not exist.")
+    if os.path.getsize(json_file) > _MAX_PARSED_ANNOTATION_BYTES:
+        return
+    try:
+        with open(json_file, "rb") as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fix = "Regenerate or re-download it"
+        if dataset_name.startswith("digitsdet_"):
+            fix = f"Remove {os.path.dirname(json_file)}; it is regenerated on first use"
+        raise ConfigError(
+            f"Annotation file {json_file} of dataset '{dataset_name}' is corrupt ({e}). {fix}."
+        ) from None
+
+
+def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
+    """A local weights file must exist (remote URLs are left to detectron2's PathManager)."""
+    if path and not path.startswith(_REMOTE_PREFIXES) and not os.path.isfile(path):
+        raise ConfigError(
+            f"{key}={path} does not exist. Train that model first (tools/train_net.py writes "
+            "OUTPUT_DIR/model_final.pth), point the key at an existing file, or set it to '' "
+            "to start from random initialisation."
+        )
+
+
+def check_inputs(cfg: CfgNode, resume: bool = False) -> None:
+    """Raise :class:`ConfigError` for the first bad input of ``cfg``."""
+    check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    has_checkpoint = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not (resume and has_checkpoint):
+        check_weights(cfg.MODEL.WEIGHTS)

@@ -1,0 +1,24 @@
+"""DigitsDet, the embedded benchmark: ``python -m d2kd.data.digitsdet --out DIR ...``."""
+from .generator import (
+    AREA_MEDIUM_MAX,
+    AREA_SMALL_MAX,
+    SPLITS,
+    THING_CLASSES,
+    DigitsDetSpec,
+    digit_pool_indices,
+    generate_digitsdet,
+    generate_image,
+    main,
+)
+
+__all__ = [
+    "AREA_MEDIUM_MAX",
+    "AREA_SMALL_MAX",
+    "SPLITS",
+    "THING_CLASSES",
+    "DigitsDetSpec",
+    "digit_pool_indices",
+    "generate_digitsdet",
+    "generate_image",
+    "main",
+]

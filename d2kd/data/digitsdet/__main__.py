@@ -1,0 +1,3 @@
+from .generator import main
+
+main()

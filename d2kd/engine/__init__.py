@@ -1,0 +1,3 @@
+from .trainer import DistillTrainer
+
+__all__ = ["DistillTrainer"]

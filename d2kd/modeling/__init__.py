@@ -1,0 +1,4 @@
+from .backbone import build_scalable_resnet_backbone, build_scalable_resnet_fpn_backbone
+from .fcos import FCOS
+
+__all__ = ["build_scalable_resnet_backbone", "build_scalable_resnet_fpn_backbone", "FCOS"]

@@ -1,0 +1,89 @@
+"""A ResNet whose width is free for every depth, and its FPN.
+
+detectron2's ``build_resnet_backbone`` fixes the width of R-18/R-34
+(``RES2_OUT_CHANNELS`` must be 64). CPU-sized students and teachers need narrower networks,
+so this builder takes ``MODEL.RESNETS.STEM_OUT_CHANNELS`` and ``RES2_OUT_CHANNELS`` at any
+value for basic-block (18, 34) and bottleneck (50, 101, 152) ResNets alike. Stage ``k`` has
+``RES2_OUT_CHANNELS * 2**(k-2)`` output channels; bottleneck stages keep detectron2's
+``NUM_GROUPS * WIDTH_PER_GROUP`` inner width, doubled per stage.
+"""
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import FPN, Backbone, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+
+_BLOCKS_PER_STAGE = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
+
+
+@BACKBONE_REGISTRY.register()
+def build_scalable_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """ResNet-{18,34,50,101,152} of any width (see module docstring)."""
+    res = cfg.MODEL.RESNETS
+    if res.DEPTH not in _BLOCKS_PER_STAGE:
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH={res.DEPTH} is not one of {sorted(_BLOCKS_PER_STAGE)}."
+        )
+    if any(res.DEFORM_ON_PER_STAGE) or res.RES5_DILATION != 1:
+        raise ValueError(
+            "build_scalable_resnet_backbone supports neither deformable convolutions nor "
+            "res5 dilation; use detectron2's build_resnet_backbone for those."
+        )
+    basic = res.DEPTH in (18, 34)
+    stem = BasicStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=res.NORM)
+    in_channels, out_channels = res.STEM_OUT_CHANNELS, res.RES2_OUT_CHANNELS
+    bottleneck_channels = res.NUM_GROUPS * res.WIDTH_PER_GROUP
+    stages = []
+    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[res.DEPTH]):
+        stage_kwargs = dict(
+            num_blocks=num_blocks,
+            stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1),
+            in_channels=in_channels,
+            out_channels=out_channels,
+            norm=res.NORM,
+        )
+        if basic:
+            stage_kwargs["block_class"] = BasicBlock
+        else:
+            stage_kwargs.update(
+                block_class=BottleneckBlock,
+                bottleneck_channels=bottleneck_channels,
+                num_groups=res.NUM_GROUPS,
+                stride_in_1x1=res.STRIDE_IN_1X1,
+            )
+        stages.append(ResNet.make_stage(**stage_kwargs))
+        in_channels, out_channels = out_channels, out_channels * 2
+        bottleneck_channels *= 2
+    return ResNet(stem, stages, out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_scalable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """FPN on :func:`build_scalable_resnet_backbone`; extra levels from ``MODEL.FPN.TOP_BLOCK``."""
+    bottom_up = build_scalable_resnet_backbone(cfg, input_shape)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    top_block_name = cfg.MODEL.FPN.TOP_BLOCK
+    if top_block_name == "maxpool":
+        top_block = LastLevelMaxPool()
+    elif top_block_name == "p6p7":
+        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels)
+    elif top_block_name == "none":
+        top_block = None
+    else:
+        raise ValueError(
+            f"MODEL.FPN.TOP_BLOCK={top_block_name!r} is not one of 'maxpool', 'p6p7', 'none'."
+        )
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

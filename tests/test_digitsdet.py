@@ -1,0 +1,166 @@
+import hashlib
+import json
+import os
+from collections import Counter
+from typing import Dict
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from d2kd.data.digitsdet import generator as digitsdet
+from d2kd.data.digitsdet import (
+    AREA_MEDIUM_MAX,
+    AREA_SMALL_MAX,
+    THING_CLASSES,
+    DigitsDetSpec,
+    digit_pool_indices,
+    generate_digitsdet,
+)
+
+TINY = DigitsDetSpec(seed=3, num_train=40, num_val=20)
+MEDIUM = DigitsDetSpec(seed=5, num_train=120, num_val=60)
+
+
+def _hashes(root: str) -> Dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _load(root: str, split: str) -> dict:
+    with open(os.path.join(root, f"{split}.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("tiny") / "digitsdet")
+    generate_digitsdet(root, TINY, show_progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def medium_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("medium") / "digitsdet")
+    generate_digitsdet(root, MEDIUM, show_progress=False)
+    return root
+
+
+def test_regeneration_is_byte_identical(tiny_root, tmp_path):
+    again = str(tmp_path / "again")
+    generate_digitsdet(again, TINY, show_progress=False)
+    expected = _hashes(tiny_root)
+    assert len(expected) == 3 + TINY.num_train + TINY.num_val
+    assert _hashes(again) == expected
+    assert sorted(os.listdir(tmp_path)) == ["again"]  # no temporary directory left behind
+
+    other = str(tmp_path / "other")
+    generate_digitsdet(other, DigitsDetSpec(seed=4, num_train=40, num_val=20), show_progress=False)
+    other_hashes = _hashes(other)
+    assert other_hashes.keys() == expected.keys()
+    for name in ("train.json", "val.json", "train/000000.png", "val/000000.png"):
+        assert other_hashes[name] != expected[name]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_annotations_are_valid(tiny_root, split):
+    coco = _load(tiny_root, split)
+    num_images = TINY.num_train if split == "train" else TINY.num_val
+    assert [img["id"] for img in coco["images"]] == list(range(1, num_images + 1))
+    assert [c["name"] for c in coco["categories"]] == THING_CLASSES
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
+    ann_ids = [a["id"] for a in coco["annotations"]]
+    assert len(ann_ids) == len(set(ann_ids)) >= 2 * num_images
+
+    images = {img["id"]: img for img in coco["images"]}
+    for img in coco["images"]:
+        assert img["file_name"].startswith(f"{split}/")
+        with Image.open(os.path.join(tiny_root, img["file_name"])) as f:
+            assert f.size == (img["width"], img["height"]) == (TINY.image_width, TINY.image_height)
+            assert f.mode == "RGB"
+    visible = {i: np.zeros((TINY.image_height, TINY.image_width), np.int32) for i in images}
+    for ann in coco["annotations"]:
+        img = images[ann["image_id"]]
+        assert 1 <= ann["category_id"] <= 10 and ann["iscrowd"] == 0
+        x, y, w, h = ann["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
+        assert w >= TINY.min_box_side and h >= TINY.min_box_side
+        mask = mask_util.decode(ann["segmentation"]).astype(bool)
+        assert mask.shape == (img["height"], img["width"])
+        assert mask.sum() == ann["area"] >= TINY.min_area
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        assert [cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0]] == ann["bbox"]
+        visible[img["id"]] += mask
+    assert max(v.max() for v in visible.values()) == 1  # visible masks never overlap
+
+
+def test_digit_pools_are_disjoint_stratified():
+    pools = digit_pool_indices()
+    _, labels = digitsdet._load_digits()
+    train, val = pools["train"], pools["val"]
+    assert len(np.intersect1d(train, val)) == 0
+    assert len(train) + len(val) == len(labels) == 1797
+    assert 0.18 < len(val) / len(labels) < 0.22
+    for pool in (train, val):
+        assert set(labels[pool].tolist()) == set(range(10))
+    assert digit_pool_indices()["val"] is val  # fixed (cached), independent of any dataset seed
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_class_present(medium_root, split):
+    counts = Counter(a["category_id"] for a in _load(medium_root, split)["annotations"])
+    assert set(counts) == set(range(1, 11))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_all_coco_scales_and_overlaps_present(medium_root, split):
+    coco = _load(medium_root, split)
+    areas = np.array([a["area"] for a in coco["annotations"]])
+    small, large = np.mean(areas < AREA_SMALL_MAX), np.mean(areas >= AREA_MEDIUM_MAX)
+    assert 0.25 < small < 0.55 and 0.25 < 1 - small - large < 0.6 and 0.04 < large < 0.2
+    per_image = Counter(a["image_id"] for a in coco["annotations"])
+    assert len(per_image) == len(coco["images"])
+    assert max(per_image.values()) <= MEDIUM.max_digits
+    boxes = {}
+    for a in coco["annotations"]:
+        boxes.setdefault(a["image_id"], []).append(a["bbox"])
+    overlapping = 0
+    for b in boxes.values():
+        ious = mask_util.iou(b, b, [0] * len(b))
+        overlapping += bool((ious[~np.eye(len(b), dtype=bool)] > 0).any())
+    assert overlapping >= 0.2 * len(coco["images"])
+
+
+def test_existing_output_raises_and_failures_leave_nothing(tmp_path, monkeypatch):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="already exists"):
+        generate_digitsdet(str(existing), TINY, show_progress=False)
+    assert os.listdir(existing) == ["keep.txt"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(digitsdet, "_annotations", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_digitsdet(str(tmp_path / "crashed"), TINY, show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["existing"]
+
+
+def test_cli_writes_dataset(tmp_path):
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--seed", "7", "--num-train", "3", "--num-val", "2", "--quiet"]
+    digitsdet.main(argv)
+    assert len(_load(str(out), "train")["images"]) == 3
+    assert len(_load(str(out), "val")["images"]) == 2
+    assert sorted(os.listdir(out / "train")) == ["000000.png", "000001.png", "000002.png"]
+    spec = json.loads((out / "spec.json").read_text())
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    assert DigitsDetSpec(**spec) == DigitsDetSpec(seed=7, num_train=3, num_val=2)

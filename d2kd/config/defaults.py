@@ -10,6 +10,12 @@ def add_d2kd_config(cfg: CN) -> None:
     # Marker so that add_d2kd_config is idempotent; holds no option of its own yet.
     cfg.D2KD.VERSION = 1
 
+    # ---- solver (d2kd/engine/optimizer.py) ----
+    # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+
     # ---- backbone: build_scalable_resnet_fpn_backbone (d2kd/modeling/backbone.py) ----
     # Extra FPN levels above the last input feature: "maxpool" (P6 by max-pooling P5, as in
     # Faster R-CNN), "p6p7" (P6, P7 by stride-2 convs on res5, as in RetinaNet) or "none".

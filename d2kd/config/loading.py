@@ -34,12 +34,12 @@ def _all_keys(node: CfgNode, prefix: str = "") -> Iterator[str]:
 
 
 def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else ""
     return ConfigError(f"{source}: unknown config key {key}.{hint}")
 
 
-def _key_from_yacs_error(error: KeyError) -> str:
+def _key_from_yacs_error(error: Exception) -> str:
     match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(error))
     return match.group(1) if match else str(error)
 
@@ -62,9 +62,9 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         raise ConfigError(f"Overrides must be KEY VALUE pairs, got an odd number: {opts}")
     try:
         cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise _unknown_key_error(cfg, _key_from_yacs_error(e), "command-line override") from None
-    except (ValueError, AssertionError) as e:
+    except (KeyError, AssertionError, ValueError) as e:
+        if "Non-existent" in str(e):
+            raise _unknown_key_error(cfg, _key_from_yacs_error(e), "command-line override") from None
         raise ConfigError(f"command-line override: {e}") from None
     return cfg
 

@@ -7,6 +7,8 @@ from typing import Iterable
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .. import model_zoo
+from ..data import ensure_digitsdet
 from .loading import ConfigError
 
 # Annotation files up to this size are parsed up front to catch corrupt files early.
@@ -26,12 +28,10 @@ def check_datasets(names: Iterable[str]) -> None:
                 f"Dataset '{name}' is not registered.{hint} Register it in detectron2's "
                 "DatasetCatalog (d2kd registers digitsdet_train and digitsdet_val)."
             )
-        if name.startswith("digitsdet_"):
-            # Loading generates a missing copy and reports a corrupt one.
-            from d2kd.data import ensure_digitsdet
-
-            ensure_digitsdet(MetadataCatalog.get(name).image_root)
-        json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+        metadata = MetadataCatalog.get(name)
+        if getattr(metadata, "digitsdet", False):
+            ensure_digitsdet(metadata.image_root)  # generates a missing copy
+        json_file = getattr(metadata, "json_file", None)
         if json_file:
             check_annotation_file(json_file, name)
 
@@ -47,7 +47,7 @@ def check_annotation_file(json_file: str, dataset_name: str) -> None:
             json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fix = "Regenerate or re-download it"
-        if dataset_name.startswith("digitsdet_"):
+        if getattr(MetadataCatalog.get(dataset_name), "digitsdet", False):
             fix = f"Remove {os.path.dirname(json_file)}; it is regenerated on first use"
         raise ConfigError(
             f"Annotation file {json_file} of dataset '{dataset_name}' is corrupt ({e}). {fix}."
@@ -55,7 +55,17 @@ def check_annotation_file(json_file: str, dataset_name: str) -> None:
 
 
 def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
-    """A local weights file must exist (remote URLs are left to detectron2's PathManager)."""
+    """A local weights file must exist (remote URLs are left to detectron2's PathManager).
+
+    ``digitsdet-pretrained://NAME`` is resolved here, in the launching process: a backbone
+    that is not cached yet is pre-trained now, once, before any training process starts.
+    """
+    if path.startswith(model_zoo.PREFIX):
+        try:
+            model_zoo.ensure_pretrained_backbone(path[len(model_zoo.PREFIX):])
+        except FileNotFoundError as e:
+            raise ConfigError(f"{key}={path}: {e}") from None
+        return
     if path and not path.startswith(_REMOTE_PREFIXES) and not os.path.isfile(path):
         raise ConfigError(
             f"{key}={path} does not exist. Train that model first (tools/train_net.py writes "

@@ -20,7 +20,7 @@ from .digitsdet import THING_CLASSES, DigitsDetSpec, generate_digitsdet
 
 logger = logging.getLogger(__name__)
 
-SPLITS = {"digitsdet_train": "train", "digitsdet_val": "val"}
+SPLITS = ("train", "val")
 
 
 def digitsdet_root() -> str:
@@ -47,31 +47,38 @@ def ensure_digitsdet(root: str) -> None:
             generate_digitsdet(root, spec)
 
 
-def _load_split(root: str, split: str) -> List[Dict]:
+def _load_split(root: str, split: str, dataset_name: str) -> List[Dict]:
     ensure_digitsdet(root)
     json_file = os.path.join(root, f"{split}.json")
     fix = f"Remove {root}; it will be regenerated on first use."
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"DigitsDet annotation file {json_file} is missing. {fix}")
     try:
-        return load_coco_json(json_file, root, dataset_name=f"digitsdet_{split}")
+        return load_coco_json(json_file, root, dataset_name=dataset_name)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(
             f"DigitsDet annotation file {json_file} is corrupt ({type(e).__name__}: {e}). {fix}"
         ) from None
 
 
-def register_digitsdet(root: str = "") -> None:
-    """Register ``digitsdet_train`` / ``digitsdet_val`` (lazily generated) at ``root``."""
+def register_digitsdet(root: str = "", name_prefix: str = "digitsdet") -> None:
+    """Register ``<name_prefix>_train`` / ``<name_prefix>_val`` (generated on first use).
+
+    ``root`` defaults to :func:`digitsdet_root`. Re-registering a name replaces it.
+    """
     root = root or digitsdet_root()
-    for name, split in SPLITS.items():
+    for split in SPLITS:
+        name = f"{name_prefix}_{split}"
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda root=root, split=split: _load_split(root, split))
+        DatasetCatalog.register(
+            name, lambda root=root, split=split, name=name: _load_split(root, split, name)
+        )
         MetadataCatalog.get(name).set(
             thing_classes=list(THING_CLASSES),
             json_file=os.path.join(root, f"{split}.json"),
             image_root=root,
             evaluator_type="coco",
+            digitsdet=True,  # generated on first use; see ensure_digitsdet
         )

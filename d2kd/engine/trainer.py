@@ -11,6 +11,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model
+from ..utils.io import atomic_write_json
+from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +20,11 @@ logger = logging.getLogger(__name__)
 class DistillTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` for d2kd models.
 
-    Differences from the parent: DDP also works on CPU (gloo), and evaluation is a
+    Differences from the parent: DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
+    AdamW, and evaluation is a
     :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
-    C++ implementation only when detectron2's compiled extension exists.
+    C++ implementation only when detectron2's compiled extension exists. Every evaluation
+    also writes its results to ``OUTPUT_DIR/inference/results.json`` (machine-readable).
     """
 
     def __init__(self, cfg):
@@ -42,6 +46,10 @@ class DistillTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: str = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
@@ -52,3 +60,10 @@ class DistillTrainer(DefaultTrainer):
             output_dir=output_folder,
             use_fast_impl=has_compiled_extension(),
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "inference", "results.json"), results)
+        return results

@@ -1,0 +1,91 @@
+"""Accuracy benchmark: box AP of configs over seeds, each run a ``tools/train_net.py`` process.
+
+Finished runs (``OUTPUT_DIR/inference/results.json`` present) are reused, so re-running the
+same command after a kill continues where it stopped. Results are rewritten atomically after
+every run.
+"""
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence
+
+from tabulate import tabulate
+
+from ..utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METRICS = ("AP", "AP50", "APs", "APm", "APl")
+
+
+def _run_name(config_file: str) -> str:
+    return os.path.splitext(os.path.basename(config_file))[0]
+
+
+def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Sequence[str],
+                       threads: int = 0) -> Dict:
+    """One run (reused when finished): its results and wall time (training + evaluation)."""
+    record_file = os.path.join(output_dir, "benchmark_run.json")
+    if os.path.isfile(record_file):
+        with open(record_file) as f:
+            return json.load(f)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+           config_file, "--resume", "SEED", str(seed), "OUTPUT_DIR", output_dir, *opts]
+    logger.info("$ %s", " ".join(cmd))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(output_dir, "inference", "results.json")) as f:
+        results = json.load(f)
+    record = {"config": config_file, "seed": seed, "opts": list(opts), "results": results,
+              "wall_seconds": round(seconds, 1)}
+    atomic_write_json(record_file, record)
+    return record
+
+
+def summarize(runs: List[Dict]) -> List[Dict]:
+    """Mean, population spread (max - min) and std of each metric per config."""
+    summary = []
+    for config in dict.fromkeys(r["config"] for r in runs):
+        mine = [r for r in runs if r["config"] == config]
+        row = {"config": config, "seeds": [r["seed"] for r in mine],
+               "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in mine), 1)}
+        for task in mine[0]["results"]:
+            for metric in METRICS:
+                values = [r["results"][task][metric] for r in mine]
+                row[f"{task}/{metric}"] = round(statistics.mean(values), 2)
+                row[f"{task}/{metric}_spread"] = round(max(values) - min(values), 2)
+        summary.append(row)
+    return summary
+
+
+def markdown_table(summary: List[Dict]) -> str:
+    headers = ["config", "seeds", "box AP (mean)", "spread", "AP50", "APs", "APm", "APl",
+               "wall s/run"]
+    rows = [[_run_name(s["config"]), len(s["seeds"]), s["bbox/AP"], s["bbox/AP_spread"],
+             s["bbox/AP50"], s["bbox/APs"], s["bbox/APm"], s["bbox/APl"],
+             s["wall_seconds_mean"]] for s in summary]
+    return tabulate(rows, headers=headers, tablefmt="github") + "\n"
+
+
+def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output: str,
+                           json_path: str, markdown_path: str, opts: Sequence[str] = (),
+                           threads: int = 0) -> List[Dict]:
+    runs = []
+    for config in configs:
+        for seed in seeds:
+            out = os.path.join(output, _run_name(config), f"seed{seed}")
+            runs.append(train_and_evaluate(config, seed, out, opts, threads))
+            summary = summarize(runs)
+            atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
+            atomic_write_text(markdown_path, markdown_table(summary))
+    logger.info("\n%s", markdown_table(summary))
+    return summary

@@ -1,0 +1,39 @@
+"""Every shipped config loads with known keys only and builds its model."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from d2kd.config import load_config
+
+from conftest import CONFIGS
+
+CONFIG_FILES = sorted(
+    os.path.relpath(path, CONFIGS)
+    for path in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(path).startswith("Base-")
+)
+
+
+def test_configs_exist_for_every_family():
+    for family in ("retinanet", "fcos", "faster_rcnn", "mask_rcnn"):
+        for role in ("student", "teacher"):
+            assert any(
+                f.startswith(f"DigitsDet/{family}_") and f.endswith(f"_{role}.yaml")
+                for f in CONFIG_FILES
+            ), (family, role)
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_config_builds(config_file):
+    cfg = load_config(os.path.join(CONFIGS, config_file))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert all(p.requires_grad for p in model.backbone.parameters()), "nothing is frozen"
+    model.eval()
+    with torch.no_grad():
+        outputs = model([{"image": torch.zeros(3, 64, 96), "height": 64, "width": 96}])
+    assert "instances" in outputs[0]

@@ -1,0 +1,33 @@
+"""A few training iterations plus COCO evaluation for every detector family."""
+import json
+import os
+
+import pytest
+
+from d2kd.engine import DistillTrainer
+
+from conftest import tiny_training_cfg
+
+
+@pytest.mark.parametrize(
+    "config_file, tasks",
+    [
+        ("DigitsDet/retinanet_R18_student.yaml", {"bbox"}),
+        ("DigitsDet/fcos_R18_student.yaml", {"bbox"}),
+        ("DigitsDet/faster_rcnn_R18_student.yaml", {"bbox"}),
+        ("DigitsDet/mask_rcnn_R18_student.yaml", {"bbox", "segm"}),
+    ],
+)
+def test_train_and_evaluate(tiny_digitsdet, tmp_path, config_file, tasks):
+    cfg = tiny_training_cfg(config_file, str(tmp_path))
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert set(results) == tasks
+    for task in tasks:
+        assert "AP" in results[task]
+    assert os.path.isfile(tmp_path / "model_final.pth")
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f]
+    assert any("total_loss" in r for r in records)
+    assert records[-1]["iteration"] == cfg.SOLVER.MAX_ITER - 1

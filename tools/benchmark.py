@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Benchmarks that write machine-readable results (JSON) and a readable table (markdown).
+
+    # box AP of configs over seeds (each run a tools/train_net.py process; resumable)
+    python tools/benchmark.py accuracy --configs A.yaml B.yaml --seeds 0 1 \
+        --output output/bench/recipes --json RESULTS.json --markdown RESULTS.md [KEY VALUE ...]
+"""
+import argparse
+import logging
+import sys
+
+import d2kd  # noqa: F401
+from d2kd.benchmark.accuracy import run_accuracy_benchmark
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accuracy", help="train + evaluate configs over seeds")
+    acc.add_argument("--configs", nargs="+", required=True)
+    acc.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    acc.add_argument("--output", required=True, help="parent of the runs' OUTPUT_DIRs")
+    acc.add_argument("--json", required=True)
+    acc.add_argument("--markdown", required=True)
+    acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
+    if args.command == "accuracy":
+        run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
+                               args.opts, threads=args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,13 +4,16 @@
     # box AP of configs over seeds (each run a tools/train_net.py process; resumable)
     python tools/benchmark.py accuracy --configs A.yaml B.yaml --seeds 0 1 \
         --output output/bench/recipes --json RESULTS.json --markdown RESULTS.md [KEY VALUE ...]
+
+    # summarise finished train_net output directories (config, overrides, AP, step time)
+    python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
 import argparse
 import logging
 import sys
 
 import d2kd  # noqa: F401
-from d2kd.benchmark.accuracy import run_accuracy_benchmark
+from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
 
 
 def main(argv=None) -> None:
@@ -24,11 +27,17 @@ def main(argv=None) -> None:
     acc.add_argument("--markdown", required=True)
     acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
+    col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
+    col.add_argument("--json", required=True)
+    col.add_argument("--markdown", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
                                args.opts, threads=args.threads)
+    elif args.command == "collect":
+        collect_runs(args.runs, args.json, args.markdown)
 
 
 if __name__ == "__main__":

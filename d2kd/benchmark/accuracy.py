@@ -89,3 +89,51 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
             atomic_write_text(markdown_path, markdown_table(summary))
     logger.info("\n%s", markdown_table(summary))
     return summary
+
+
+def describe_run(output_dir: str) -> Dict:
+    """Config essentials, AP and measured step time of a finished ``train_net`` run."""
+    from detectron2.config import CfgNode
+
+    with open(os.path.join(output_dir, "config.yaml")) as f:
+        cfg = CfgNode.load_cfg(f)
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if "time" in r]
+    results_file = os.path.join(output_dir, "inference", "results.json")
+    results = {}
+    if os.path.isfile(results_file):
+        with open(results_file) as f:
+            results = json.load(f)
+    return {
+        "run": os.path.basename(os.path.normpath(output_dir)),
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "depth": cfg.MODEL.RESNETS.DEPTH,
+        "res2_channels": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS,
+        "fpn_channels": cfg.MODEL.FPN.OUT_CHANNELS,
+        "weights": cfg.MODEL.WEIGHTS,
+        "optimizer": cfg.SOLVER.get("OPTIMIZER", "SGD"),
+        "base_lr": cfg.SOLVER.BASE_LR,
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
+        "seed": cfg.SEED,
+        "median_step_seconds": round(statistics.median(r["time"] for r in train), 3),
+        "results": results,
+    }
+
+
+def collect_runs(output_dirs: Sequence[str], json_path: str, markdown_path: str) -> List[Dict]:
+    runs = [describe_run(d) for d in output_dirs]
+    headers = ["run", "arch", "R", "res2", "FPN", "weights", "opt", "lr", "iters", "s/step",
+               "box AP", "AP50", "APs", "APm", "APl"]
+    rows = []
+    for r in runs:
+        box = r["results"].get("bbox", {})
+        rows.append([r["run"], r["meta_architecture"], r["depth"], r["res2_channels"],
+                     r["fpn_channels"], os.path.basename(r["weights"]) or "-", r["optimizer"],
+                     r["base_lr"], r["max_iter"], r["median_step_seconds"],
+                     *[round(box[m], 1) if m in box else "-" for m in METRICS]])
+    atomic_write_json(json_path, {"runs": runs})
+    atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
+    return runs

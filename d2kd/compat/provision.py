@@ -1,6 +1,6 @@
 """Provision detectron2 into the current Python environment.
 
-detectron2 is not published on PyPI. Policy (see ENVIRONMENT notes in docs/install.md):
+detectron2 is not published on PyPI. Policy (README.md, "detectron2 provisioning"):
 
 1. If ``detectron2`` is importable (e.g. a user's official source build), use it as is: never
    replace or downgrade it.

@@ -52,7 +52,7 @@ class SegmentationPretext(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Training only: ``{"loss_pretext_l": cross-entropy}`` averaged over levels."""
+        """Training only: ``{"loss_pretext": per-cell cross-entropy averaged over levels}``."""
         if not self.training:
             raise RuntimeError("SegmentationPretext only trains; evaluate the detector instead.")
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
@@ -68,7 +68,8 @@ class SegmentationPretext(nn.Module):
             centres = labels[:, offset::shape.stride, offset::shape.stride]
             h, w = min(centres.shape[1], target.shape[1]), min(centres.shape[2], target.shape[2])
             target[:, :h, :w] = centres[:, :h, :w]
-            losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL))
+            if (target != IGNORE_LABEL).any():  # a level coarser than the image has no cell
+                losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL))
         return {"loss_pretext": torch.stack(losses).mean()}
 
     def _label_maps(self, batched_inputs: List[Dict], padded_size) -> torch.Tensor:

@@ -13,6 +13,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result should be as readable as a normal file
     try:
         yield tmp
         os.replace(tmp, path)

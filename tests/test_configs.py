@@ -36,4 +36,4 @@ def test_config_builds(config_file):
     model.eval()
     with torch.no_grad():
         outputs = model([{"image": torch.zeros(3, 64, 96), "height": 64, "width": 96}])
-    assert "instances" in outputs[0]
+    assert {"instances", "sem_seg"} & set(outputs[0]), "detections (or pretext segmentation)"

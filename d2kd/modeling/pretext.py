@@ -51,15 +51,19 @@ class SegmentationPretext(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Training only: ``{"loss_pretext": per-cell cross-entropy averaged over levels}``."""
-        if not self.training:
-            raise RuntimeError("SegmentationPretext only trains; evaluate the detector instead.")
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: ``{"loss_pretext": per-cell cross-entropy averaged over levels}``.
+
+        Inference: ``[{"sem_seg": (K + 1, H, W) class probabilities}]`` per image, from the
+        finest level, like detectron2's semantic segmentors.
+        """
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        labels = self._label_maps(batched_inputs, images.tensor.shape[-2:])  # (N, H, W)
         features = self.backbone(images.tensor)
+        if not self.training:
+            return self._inference(features, images)
+        labels = self._label_maps(batched_inputs, images.tensor.shape[-2:])  # (N, H, W)
         losses = []
         for name, shape in self.backbone.output_shape().items():
             logits = self.predictor(features[name])  # (N, K + 1, H / s, W / s)
@@ -71,6 +75,13 @@ class SegmentationPretext(nn.Module):
             if (target != IGNORE_LABEL).any():  # a level coarser than the image has no cell
                 losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL))
         return {"loss_pretext": torch.stack(losses).mean()}
+
+    def _inference(self, features: Dict[str, torch.Tensor], images: ImageList) -> List[Dict]:
+        finest = min(self.backbone.output_shape().items(), key=lambda kv: kv[1].stride)[0]
+        logits = F.interpolate(self.predictor(features[finest]), size=images.tensor.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        return [{"sem_seg": p[:, :h, :w]} for p, (h, w) in zip(probs, images.image_sizes)]
 
     def _label_maps(self, batched_inputs: List[Dict], padded_size) -> torch.Tensor:
         """(N, H, W) int64: 1 + class under each instance mask, 0 elsewhere, -1 on padding."""

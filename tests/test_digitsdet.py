@@ -164,3 +164,21 @@ def test_cli_writes_dataset(tmp_path):
     spec = json.loads((out / "spec.json").read_text())
     spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
     assert DigitsDetSpec(**spec) == DigitsDetSpec(seed=7, num_train=3, num_val=2)
+
+
+def test_registered_split_is_generated_on_first_use_by_one_process(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2kd.data import ensure_digitsdet, register_digitsdet
+
+    root = str(tmp_path / "digitsdet")
+    register_digitsdet(root, name_prefix="digitsdet_lazy")
+    assert not os.path.exists(root), "registration alone generates nothing"
+    spec = DigitsDetSpec(seed=0, num_train=6, num_val=4)
+    with ThreadPoolExecutor(2) as pool:  # concurrent first uses: one generates, one waits
+        list(pool.map(lambda _: ensure_digitsdet(root, spec), range(2)))
+    dicts = DatasetCatalog.get("digitsdet_lazy_val")
+    assert len(dicts) == 4 and all(d["annotations"] for d in dicts)
+    assert MetadataCatalog.get("digitsdet_lazy_val").thing_classes == THING_CLASSES

@@ -100,11 +100,11 @@ def describe_run(output_dir: str) -> Dict:
     with open(os.path.join(output_dir, "metrics.json")) as f:
         records = [json.loads(line) for line in f]
     train = [r for r in records if "time" in r]
-    results_file = os.path.join(output_dir, "inference", "results.json")
     results = {}
-    if os.path.isfile(results_file):
-        with open(results_file) as f:
-            results = json.load(f)
+    final_eval = [r for r in records if "bbox/AP" in r]
+    if final_eval:
+        results["bbox"] = {k.split("/", 1)[1]: v for k, v in final_eval[-1].items()
+                           if k.startswith("bbox/")}
     return {
         "run": os.path.basename(os.path.normpath(output_dir)),
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -123,6 +123,15 @@ def describe_run(output_dir: str) -> Dict:
     }
 
 
+def _weights_label(path: str) -> str:
+    """Short name of an initialisation: '-' (random), a pre-trained name, or parent/file."""
+    if not path:
+        return "-"
+    if "://" in path:
+        return path.split("://", 1)[1]
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
 def collect_runs(output_dirs: Sequence[str], json_path: str, markdown_path: str) -> List[Dict]:
     runs = [describe_run(d) for d in output_dirs]
     headers = ["run", "arch", "R", "res2", "FPN", "weights", "opt", "lr", "iters", "s/step",
@@ -131,7 +140,7 @@ def collect_runs(output_dirs: Sequence[str], json_path: str, markdown_path: str)
     for r in runs:
         box = r["results"].get("bbox", {})
         rows.append([r["run"], r["meta_architecture"], r["depth"], r["res2_channels"],
-                     r["fpn_channels"], os.path.basename(r["weights"]) or "-", r["optimizer"],
+                     r["fpn_channels"], _weights_label(r["weights"]), r["optimizer"],
                      r["base_lr"], r["max_iter"], r["median_step_seconds"],
                      *[round(box[m], 1) if m in box else "-" for m in METRICS]])
     atomic_write_json(json_path, {"runs": runs})

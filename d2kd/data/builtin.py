@@ -28,8 +28,8 @@ def digitsdet_root() -> str:
     return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "digitsdet")
 
 
-def ensure_digitsdet(root: str) -> None:
-    """Generate DigitsDet at ``root`` with the default spec unless it is already there."""
+def ensure_digitsdet(root: str, spec: DigitsDetSpec = DigitsDetSpec()) -> None:
+    """Generate DigitsDet at ``root`` (default spec) unless it is already there."""
     if os.path.isfile(os.path.join(root, "val.json")):
         return
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
@@ -42,7 +42,6 @@ def ensure_digitsdet(root: str) -> None:
                 f"--out {root}`)."
             )
         if not os.path.isdir(root):
-            spec = DigitsDetSpec()
             logger.info("Generating DigitsDet at %s with %s", root, asdict(spec))
             generate_digitsdet(root, spec)
 

@@ -10,6 +10,38 @@ def add_d2kd_config(cfg: CN) -> None:
     # Marker so that add_d2kd_config is idempotent; holds no option of its own yet.
     cfg.D2KD.VERSION = 1
 
+    # ---- distillation (d2kd/modeling/distillation_detector.py) ----
+    cfg.DISTILL = CN()
+    # Meta-architecture of the student (RetinaNet, FCOS, GeneralizedRCNN, ...) when
+    # MODEL.META_ARCHITECTURE is "DistillationDetector"; MODEL.* describes the student.
+    cfg.DISTILL.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    cfg.DISTILL.TEACHER = CN()
+    # One config file per teacher (a plain detectron2/d2kd detector config).
+    cfg.DISTILL.TEACHER.CONFIGS = []
+    # One weights file per teacher; "" keeps the teacher config's own MODEL.WEIGHTS.
+    cfg.DISTILL.TEACHER.WEIGHTS = []
+    # KEY VALUE overrides applied to every teacher config (e.g. ["MODEL.DEVICE", "cpu"]).
+    cfg.DISTILL.TEACHER.OPTS = []
+    # Distillation heads by name in DISTILL_HEAD_REGISTRY; they combine freely.
+    cfg.DISTILL.HEADS = []
+    # FPN levels that feature heads distil; each must exist in teacher and student.
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Learnable 1x1 adapters on student maps whose channels differ from the teacher's; when
+    # False, a channel mismatch is an error at build time.
+    cfg.DISTILL.ADAPTER = True
+
+    # FitNet: MSE between adapted student and teacher maps on every cell.
+    cfg.DISTILL.FITNET = CN()
+    # Loss weight (the loss is a mean over cells and channels, summed over levels).
+    cfg.DISTILL.FITNET.WEIGHT = 1.0
+
+    # MGD (masked generative distillation), see ../shared/methods/mtpd.md.
+    cfg.DISTILL.MGD = CN()
+    # alpha: the loss is (alpha / N) * sum over (n, c, h, w) of (G(S * M) - T)^2.
+    cfg.DISTILL.MGD.ALPHA = 2e-5
+    # lambda: probability that a spatial cell of the student map is masked (resampled per step).
+    cfg.DISTILL.MGD.MASK_RATIO = 0.65
+
     # ---- solver (d2kd/engine/optimizer.py) ----
     # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
     cfg.SOLVER.OPTIMIZER = "SGD"

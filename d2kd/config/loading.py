@@ -66,7 +66,20 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         if "Non-existent" in str(e):
             raise _unknown_key_error(cfg, _key_from_yacs_error(e), "command-line override") from None
         raise ConfigError(f"command-line override: {e}") from None
+    _resolve_teacher_configs(cfg, config_file)
     return cfg
+
+
+def _resolve_teacher_configs(cfg: CfgNode, config_file: str) -> None:
+    """Relative ``DISTILL.TEACHER.CONFIGS`` are relative to the working directory or, failing
+    that, to the directory of ``config_file`` (like ``_BASE_``)."""
+    resolved = []
+    for path in cfg.DISTILL.TEACHER.CONFIGS:
+        beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), path)
+        if not os.path.isabs(path) and not os.path.isfile(path) and os.path.isfile(beside):
+            path = beside
+        resolved.append(path)
+    cfg.DISTILL.TEACHER.CONFIGS = resolved
 
 
 def config_keys(cfg: CfgNode) -> List[str]:

@@ -1,10 +1,14 @@
 from .backbone import build_scalable_resnet_backbone, build_scalable_resnet_fpn_backbone
+from .distillation_detector import DistillationDetector
 from .fcos import FCOS
 from .pretext import SegmentationPretext
+from .teacher import FrozenTeacher
 
 __all__ = [
     "build_scalable_resnet_backbone",
     "build_scalable_resnet_fpn_backbone",
+    "DistillationDetector",
     "FCOS",
+    "FrozenTeacher",
     "SegmentationPretext",
 ]

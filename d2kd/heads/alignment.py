@@ -1,0 +1,58 @@
+"""Matching student FPN maps to teacher maps: learnable channel adapters and resizing."""
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+
+def check_levels(levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec]) -> None:
+    """Every distilled level exists on both sides (error names both sets of shapes)."""
+    for level in levels:
+        if level not in student_shapes or level not in teacher_shapes:
+            raise ValueError(
+                f"DISTILL.IN_FEATURES level {level!r} must exist in student and teacher; student "
+                f"levels {_describe(student_shapes)}, teacher levels {_describe(teacher_shapes)}."
+            )
+
+
+def _describe(shapes: Dict[str, ShapeSpec]) -> str:
+    return "{" + ", ".join(f"{k}: {s.channels}ch/stride {s.stride}"
+                           for k, s in sorted(shapes.items())) + "}"
+
+
+class FeatureAligner(nn.Module):
+    """Per level: a 1x1 conv adapter when channels differ, a resize when strides differ."""
+
+    def __init__(self, levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec], adapters: bool = True):
+        super().__init__()
+        check_levels(levels, student_shapes, teacher_shapes)
+        self.levels = list(levels)
+        self.adapters = nn.ModuleDict()
+        for level in self.levels:
+            s, t = student_shapes[level].channels, teacher_shapes[level].channels
+            if s == t:
+                continue
+            if not adapters:
+                raise ValueError(
+                    f"Level {level}: student has {s} channels, teacher {t}, and DISTILL.ADAPTER "
+                    "is False. Enable DISTILL.ADAPTER or distil levels with equal channels."
+                )
+            self.adapters[level] = nn.Conv2d(s, t, kernel_size=1)
+
+    def forward(self, student: Dict[str, torch.Tensor],
+                teacher: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Student maps (N, C_s, H_s, W_s) -> (N, C_t, H_t, W_t) like the teacher's."""
+        aligned = {}
+        for level in self.levels:
+            x = student[level]
+            if level in self.adapters:
+                x = self.adapters[level](x)
+            target = teacher[level].shape[-2:]
+            if x.shape[-2:] != target:
+                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+            aligned[level] = x
+        return aligned

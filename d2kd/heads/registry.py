@@ -1,0 +1,59 @@
+"""The distillation-head registry and the interface every head implements."""
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from detectron2.utils.events import get_event_storage
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from ..modeling.taps import StudentTaps
+
+DISTILL_HEAD_REGISTRY = Registry("DISTILL_HEAD")
+DISTILL_HEAD_REGISTRY.__doc__ = """
+Distillation heads, listed by name in ``DISTILL.HEADS``. A head is called as
+``head(cfg, student_shapes, teacher_shapes)`` with the backbone output shapes of both models,
+declares in ``teacher_needs`` what the teacher must compute, and returns named losses.
+"""
+
+
+@dataclass
+class TeacherOutputs:
+    """What the active teacher computed for one step (only what some head declared)."""
+
+    features: Optional[Dict[str, torch.Tensor]] = None
+    dense_predictions: Optional[List[List[torch.Tensor]]] = None
+
+
+class DistillHead(nn.Module):
+    """Base class: ``forward(student_taps, teacher_outputs) -> {"loss_kd_<name>_<term>": ...}``.
+
+    Subclasses set ``name`` (their registry name) and ``teacher_needs`` (subset of
+    ``{"features", "dense_predictions"}``), and log per-level scalars with :meth:`log`.
+    """
+
+    name: str = ""
+    teacher_needs: FrozenSet[str] = frozenset({"features"})
+
+    def log(self, term: str, values: Dict[str, torch.Tensor]) -> None:
+        """Per-level scalars ``kd/<name>/<term>/<level>`` into detectron2's EventStorage."""
+        storage = get_event_storage()
+        for level, value in values.items():
+            storage.put_scalar(f"kd/{self.name}/{term}/{level}", float(value.detach()))
+
+
+def build_distill_heads(cfg: CfgNode, student_shapes: Dict[str, ShapeSpec],
+                        teacher_shapes: Dict[str, ShapeSpec]) -> nn.ModuleDict:
+    """The heads named in ``cfg.DISTILL.HEADS``, in order."""
+    heads = nn.ModuleDict()
+    for name in cfg.DISTILL.HEADS:
+        if name in heads:
+            raise ValueError(f"DISTILL.HEADS lists {name!r} twice.")
+        if name not in DISTILL_HEAD_REGISTRY:
+            known = sorted(k for k, _ in DISTILL_HEAD_REGISTRY)
+            raise KeyError(f"Unknown distillation head {name!r} in DISTILL.HEADS; registered: "
+                           f"{known}. Register new heads with @DISTILL_HEAD_REGISTRY.register().")
+        heads[name] = DISTILL_HEAD_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
+    return heads

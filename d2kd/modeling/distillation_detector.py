@@ -1,0 +1,102 @@
+"""The one meta-architecture of d2kd: a student trained by frozen teachers through heads."""
+import logging
+from typing import Dict, List
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from ..config.loading import load_config
+from ..heads import TeacherOutputs, build_distill_heads
+from .taps import StudentTapper, StudentTaps
+from .teacher import FrozenTeacher
+
+logger = logging.getLogger(__name__)
+
+
+def student_config(cfg: CfgNode) -> CfgNode:
+    """``cfg`` with ``MODEL.META_ARCHITECTURE`` set to the student's own."""
+    student_cfg = cfg.clone()
+    student_cfg.defrost()
+    student_cfg.MODEL.META_ARCHITECTURE = cfg.DISTILL.STUDENT_META_ARCHITECTURE
+    return student_cfg
+
+
+def build_teachers(cfg: CfgNode) -> List[FrozenTeacher]:
+    """One :class:`FrozenTeacher` per entry of ``DISTILL.TEACHER.CONFIGS``."""
+    configs, weights = list(cfg.DISTILL.TEACHER.CONFIGS), list(cfg.DISTILL.TEACHER.WEIGHTS)
+    if not configs:
+        raise ValueError("DistillationDetector needs DISTILL.TEACHER.CONFIGS (one per teacher).")
+    if weights and len(weights) != len(configs):
+        raise ValueError(f"DISTILL.TEACHER.WEIGHTS has {len(weights)} entries for "
+                         f"{len(configs)} teacher configs; give one per teacher (or none).")
+    opts = list(cfg.DISTILL.TEACHER.OPTS) + ["MODEL.DEVICE", cfg.MODEL.DEVICE]
+    teachers = []
+    for i, config_file in enumerate(configs):
+        teacher_cfg = load_config(config_file, opts)
+        if weights and weights[i]:
+            teacher_cfg.MODEL.WEIGHTS = weights[i]
+        teacher_cfg.freeze()
+        teachers.append(FrozenTeacher(teacher_cfg))
+    return teachers
+
+
+@META_ARCH_REGISTRY.register()
+class DistillationDetector(nn.Module):
+    """Student + frozen teachers + distillation heads (``nn.ModuleDict``).
+
+    Training step: the student computes its own losses once while a :class:`StudentTapper`
+    records its intermediate outputs; the active teacher computes, under no-grad, only what
+    the heads declared (``teacher_needs``) on the same padded batch re-normalised with its own
+    pixel statistics; every head adds ``loss_kd_*`` terms. Inference is the student alone.
+
+    Teachers are plain attributes (not submodules): they are absent from ``state_dict()``,
+    from ``parameters()`` (so from the optimizer) and from DDP.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__()
+        self.student = META_ARCH_REGISTRY.get(cfg.DISTILL.STUDENT_META_ARCHITECTURE)(
+            student_config(cfg))
+        self.teachers = build_teachers(cfg)
+        self.active_teacher = 0
+        self.heads = build_distill_heads(cfg, self.student.backbone.output_shape(),
+                                         self.teachers[0].backbone_shapes)
+        self.teacher_needs = set().union(*(h.teacher_needs for h in self.heads.values()))
+        self.input_format = cfg.INPUT.FORMAT
+        for teacher in self.teachers:
+            teacher.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cpu()`` / ... move the teachers too (they are not submodules)."""
+        super()._apply(fn, *args, **kwargs)
+        for teacher in self.teachers:
+            teacher.model._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.student(batched_inputs)
+        with StudentTapper(self.student) as taps:
+            losses = self.student(batched_inputs)
+        teacher_outputs = self.run_teacher(self.teachers[self.active_teacher], taps)
+        for head in self.heads.values():
+            losses.update(head(taps, teacher_outputs))
+        return losses
+
+    def run_teacher(self, teacher: FrozenTeacher, taps: StudentTaps) -> TeacherOutputs:
+        """The teacher's outputs the heads need, on the student's batch."""
+        outputs = TeacherOutputs()
+        if not self.teacher_needs:
+            return outputs
+        images = teacher.normalize(taps.images, self.student.pixel_mean,
+                                   self.student.pixel_std, self.input_format)
+        outputs.features = teacher.features(images)
+        if "dense_predictions" in self.teacher_needs:
+            outputs.dense_predictions = teacher.dense_predictions(outputs.features)
+        return outputs

@@ -1,0 +1,99 @@
+"""Capture a student's intermediate outputs while it computes its own losses.
+
+Distillation must not run the student twice. :class:`StudentTapper` installs forward hooks and
+per-instance method wrappers for the duration of one student forward and records what the
+distillation heads read:
+
+- every detector: the normalised padded batch (``images``) and the backbone outputs
+  (``features``, name -> (N, C, H/s, W/s));
+- dense detectors (RetinaNet, FCOS): the head outputs per kind and level
+  (``dense_predictions``: [logits, deltas, ...], each a list of (N, A*K, H/s, W/s)), the anchors
+  and their assigned labels/boxes (``anchors``, ``anchor_labels``, ``anchor_gt_boxes``);
+- R-CNN: the RPN proposals, the RoI head's sampled proposals with ``gt_classes``
+  (``sampled_proposals``) and the box predictor's outputs on them (``roi_predictions``).
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+
+@dataclass
+class StudentTaps:
+    """What one student forward exposed (fields stay ``None`` when not applicable)."""
+
+    images: Optional[ImageList] = None
+    features: Optional[Dict[str, torch.Tensor]] = None
+    dense_predictions: Optional[List[List[torch.Tensor]]] = None
+    anchors: Optional[List[Boxes]] = None
+    anchor_labels: Optional[List[torch.Tensor]] = None
+    anchor_gt_boxes: Optional[List[torch.Tensor]] = None
+    proposals: Optional[List[Instances]] = None
+    sampled_proposals: Optional[List[Instances]] = None
+    roi_predictions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    backbone_calls: int = field(default=0)
+
+
+def _wrap_method(obj: object, name: str, on_result: Callable) -> Callable[[], None]:
+    """Make ``obj.name(...)`` report ``(args, result)`` to ``on_result``; returns the undo."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        on_result(args, result)
+        return result
+
+    setattr(obj, name, wrapper)
+    return lambda: delattr(obj, name)  # the class attribute shows through again
+
+
+class StudentTapper(contextlib.AbstractContextManager):
+    """``with StudentTapper(student) as taps: losses = student(batched_inputs)``."""
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+        self.taps = StudentTaps()
+        self._undo: List[Callable[[], None]] = []
+
+    def __enter__(self) -> StudentTaps:
+        taps, student = self.taps, self.student
+        self._undo.append(_wrap_method(student, "preprocess_image",
+                                       lambda args, out: setattr(taps, "images", out)))
+        self._undo.append(student.backbone.register_forward_hook(self._on_backbone).remove)
+        if isinstance(student, DenseDetector):
+            self._undo.append(_wrap_method(student, "forward_training", self._on_dense_training))
+            self._undo.append(_wrap_method(student, "label_anchors", self._on_label_anchors))
+        if getattr(student, "proposal_generator", None) is not None:
+            hook = student.proposal_generator.register_forward_hook(
+                lambda module, args, out: setattr(taps, "proposals", out[0]))
+            self._undo.append(hook.remove)
+        if getattr(student, "roi_heads", None) is not None:
+            roi_heads = student.roi_heads
+            self._undo.append(_wrap_method(
+                roi_heads, "label_and_sample_proposals",
+                lambda args, out: setattr(taps, "sampled_proposals", out)))
+            hook = roi_heads.box_predictor.register_forward_hook(
+                lambda module, args, out: setattr(taps, "roi_predictions", out))
+            self._undo.append(hook.remove)
+        return taps
+
+    def __exit__(self, *exc_info) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _on_backbone(self, module, args, output) -> None:
+        self.taps.features = output
+        self.taps.backbone_calls += 1
+
+    def _on_dense_training(self, args, result) -> None:
+        _, _, predictions, _ = args
+        self.taps.dense_predictions = list(predictions)
+
+    def _on_label_anchors(self, args, result) -> None:
+        anchors, _ = args
+        self.taps.anchors = anchors
+        self.taps.anchor_labels, self.taps.anchor_gt_boxes = result

@@ -1,0 +1,107 @@
+"""DistillationDetector: frozen teachers, one student forward, heads, build-time checks."""
+import os
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from d2kd.config import ConfigError, load_config
+from d2kd.engine import DistillTrainer
+
+from conftest import CONFIGS, tiny_training_cfg
+
+TEACHER = "DigitsDet/retinanet_R50_teacher.yaml"
+DISTILL = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory) -> str:
+    """A checkpoint that matches the teacher config (randomly initialised: enough here)."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = load_config(os.path.join(CONFIGS, TEACHER), ["MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(out)).save("model_final")
+    return str(out / "model_final.pth")
+
+
+def distill_cfg(output_dir, teacher_weights, heads=("MGDHead",), max_iter=2):
+    cfg = tiny_training_cfg(DISTILL, output_dir, max_iter=max_iter)
+    cfg.DISTILL.TEACHER.WEIGHTS = [teacher_weights]
+    cfg.DISTILL.HEADS = list(heads)
+    return cfg
+
+
+def test_teacher_is_frozen_locked_and_outside_the_state_dict(tiny_digitsdet, tmp_path,
+                                                             teacher_weights):
+    model = build_model(distill_cfg(str(tmp_path), teacher_weights))
+    teacher = model.teachers[0].model
+    model.train()
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert all(k.startswith(("student.", "heads.")) for k in model.state_dict())
+
+
+def test_training_runs_student_backbone_once_and_never_changes_the_teacher(
+        tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path), teacher_weights, heads=("MGDHead", "FitNetHead"),
+                      max_iter=3)
+    trainer = DistillTrainer(cfg)
+    model = trainer.model
+    before = {k: v.clone() for k, v in model.teachers[0].model.state_dict().items()}
+    calls = []
+    model.student.backbone.register_forward_hook(lambda *args: calls.append(1))
+    trainer.train()
+    assert len(calls) == cfg.SOLVER.MAX_ITER + len(trainer.build_test_loader(
+        cfg, cfg.DATASETS.TEST[0]).dataset), "one student backbone pass per step (+ evaluation)"
+    after = model.teachers[0].model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.teachers[0].model.parameters())
+    checkpoint = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["model"] and not any("teacher" in k for k in checkpoint["model"])
+    records = (tmp_path / "metrics.json").read_text()
+    assert "loss_kd_mgd_feat" in records and "kd/fitnet/loss/p3" in records
+
+
+def test_teacher_weights_that_do_not_match_are_a_hard_error(tiny_digitsdet, tmp_path):
+    student_cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R18_student.yaml"),
+                              ["MODEL.WEIGHTS", ""])
+    DetectionCheckpointer(build_model(student_cfg), save_dir=str(tmp_path)).save("wrong")
+    cfg = distill_cfg(str(tmp_path), str(tmp_path / "wrong.pth"))
+    with pytest.raises(ConfigError, match="do not match the teacher config: .*shape mismatches"):
+        build_model(cfg)
+    cfg.DISTILL.TEACHER.WEIGHTS = [str(tmp_path / "missing.pth")]
+    with pytest.raises(ConfigError, match="missing.pth do not exist"):
+        build_model(cfg)
+
+
+def test_impossible_pairings_fail_at_build_time_naming_both_shapes(tiny_digitsdet, tmp_path,
+                                                                  teacher_weights):
+    cfg = distill_cfg(str(tmp_path), teacher_weights)
+    cfg.DISTILL.ADAPTER = False
+    with pytest.raises(ValueError, match="student has 64 channels, teacher 128"):
+        build_model(cfg)
+    cfg = distill_cfg(str(tmp_path), teacher_weights)
+    cfg.DISTILL.IN_FEATURES = ["p2", "p3"]
+    with pytest.raises(ValueError, match=r"'p2' must exist in student and teacher.*p3: 64ch"):
+        build_model(cfg)
+
+
+def test_unknown_head_name_lists_registered_heads(tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path), teacher_weights, heads=("MDGHead",))
+    with pytest.raises(KeyError, match="Unknown distillation head 'MDGHead'.*MGDHead"):
+        build_model(cfg)
+
+
+def test_inference_is_the_student_alone(tiny_digitsdet, tmp_path, teacher_weights):
+    model = build_model(distill_cfg(str(tmp_path), teacher_weights))
+    model.eval()
+    image = {"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ours = model([image])[0]["instances"]
+        alone = model.student([image])[0]["instances"]
+    assert torch.equal(ours.pred_boxes.tensor, alone.pred_boxes.tensor)

@@ -1,0 +1,114 @@
+"""Feature-imitation heads against independent transcriptions of their formulas."""
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.structures import ImageList
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from d2kd.config import get_d2kd_cfg
+from d2kd.heads import FitNetHead, MGDHead, TeacherOutputs
+from d2kd.modeling.taps import StudentTaps
+from d2kd.modeling.teacher import FrozenTeacher
+
+LEVELS = ["p3", "p4"]
+
+
+def _cfg(**mgd):
+    cfg = get_d2kd_cfg()
+    cfg.DISTILL.IN_FEATURES = LEVELS
+    for key, value in mgd.items():
+        cfg.DISTILL.MGD[key] = value
+    return cfg
+
+
+def _shapes(channels):
+    return {"p3": ShapeSpec(channels=channels, stride=8), "p4": ShapeSpec(channels=channels, stride=16)}
+
+
+def _maps(channels, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"p3": torch.randn(2, channels, 6, 8, generator=g),
+            "p4": torch.randn(2, channels, 3, 4, generator=g)}
+
+
+def test_fitnet_is_mean_squared_error_summed_over_levels():
+    s, t = _maps(4, 0), _maps(4, 1)
+    head = FitNetHead(_cfg(), _shapes(4), _shapes(4))
+    with EventStorage():
+        loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_fitnet_feat"]
+    expected = 0.0
+    for level in LEVELS:  # written out element by element
+        diff = [(a - b) ** 2 for a, b in zip(s[level].flatten().tolist(), t[level].flatten().tolist())]
+        expected += sum(diff) / len(diff)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mgd_without_mask_and_identity_generator_is_alpha_sum_over_batch():
+    s, t = _maps(4, 2), _maps(4, 3)
+    head = MGDHead(_cfg(ALPHA=3e-3, MASK_RATIO=0.0), _shapes(4), _shapes(4))
+    head.generators = nn.ModuleDict({level: nn.Identity() for level in LEVELS})
+    with EventStorage():
+        loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_mgd_feat"]
+    batch = 2
+    expected = sum(3e-3 * ((s[l] - t[l]) ** 2).sum().item() / batch for l in LEVELS)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mgd_masks_the_requested_fraction_of_cells():
+    s = {"p3": torch.ones(4, 2, 50, 50), "p4": torch.ones(4, 2, 25, 25)}
+    t = {level: torch.zeros_like(x) for level, x in s.items()}
+    head = MGDHead(_cfg(ALPHA=1.0, MASK_RATIO=0.65), _shapes(2), _shapes(2))
+    head.generators = nn.ModuleDict({level: nn.Identity() for level in LEVELS})
+    torch.manual_seed(0)
+    with EventStorage():
+        loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_mgd_feat"]
+    kept = loss.item() * 4 / 2  # alpha=1, batch 4, 2 channels: loss = kept cells * 2 / 4
+    total_cells = 4 * (50 * 50 + 25 * 25)
+    assert kept / total_cells == pytest.approx(0.35, abs=0.02)
+
+
+@pytest.mark.parametrize("head_class", [FitNetHead, MGDHead])
+def test_identical_teacher_and_student_give_zero_loss(head_class):
+    maps = _maps(4, 4)
+    head = head_class(_cfg(MASK_RATIO=0.0), _shapes(4), _shapes(4))
+    if head_class is MGDHead:
+        head.generators = nn.ModuleDict({level: nn.Identity() for level in LEVELS})
+    with EventStorage():
+        losses = head(StudentTaps(features=maps), TeacherOutputs(features=maps))
+    assert all(v.item() == 0 for v in losses.values())
+
+
+def test_adapters_map_student_channels_and_resize_to_the_teacher():
+    s, t = _maps(3, 5), _maps(6, 6)
+    t = {level: torch.nn.functional.interpolate(x, scale_factor=2.0) for level, x in t.items()}
+    head = FitNetHead(_cfg(), _shapes(3), {"p3": ShapeSpec(channels=6, stride=4),
+                                            "p4": ShapeSpec(channels=6, stride=8)})
+    aligned = head.aligner(s, t)
+    assert {level: tuple(x.shape) for level, x in aligned.items()} == {
+        "p3": (2, 6, 12, 16), "p4": (2, 6, 6, 8)}
+    with EventStorage():
+        loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_fitnet_feat"]
+    loss.backward()
+    assert head.aligner.adapters["p3"].weight.grad.abs().sum() > 0
+
+
+def test_teacher_sees_the_student_batch_in_its_own_normalisation():
+    class Stub:  # the attributes FrozenTeacher.normalize reads
+        pixel_mean = torch.tensor([10.0, 20.0, 30.0]).view(3, 1, 1)
+        pixel_std = torch.tensor([2.0, 4.0, 8.0]).view(3, 1, 1)
+        backbone = type("B", (), {"size_divisibility": 8})()
+
+    teacher = FrozenTeacher.__new__(FrozenTeacher)
+    teacher.model = Stub()
+    teacher.cfg = type("C", (), {"INPUT": type("I", (), {"FORMAT": "BGR"})()})()
+    raw = torch.rand(2, 3, 5, 7) * 255
+    s_mean, s_std = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1), torch.tensor([5.0, 6.0, 7.0]).view(3, 1, 1)
+    student_batch = ImageList.from_tensors([(raw[0] - s_mean) / s_std, ((raw[1] - s_mean) / s_std)[:, :4, :6]])
+    out = teacher.normalize(student_batch, s_mean, s_std, "RGB")
+    assert out.shape == (2, 3, 8, 8)
+    expected0 = (raw[0].flip(0) - Stub.pixel_mean) / Stub.pixel_std
+    assert torch.allclose(out[0, :, :5, :7], expected0, atol=1e-4)
+    assert torch.allclose(out[1, :, :4, :6], expected0.new_tensor(
+        ((raw[1].flip(0) - Stub.pixel_mean) / Stub.pixel_std)[:, :4, :6]), atol=1e-4)
+    assert out[1, :, 4:, :].abs().sum() == 0 and out[1, :, :, 6:].abs().sum() == 0

@@ -105,3 +105,33 @@ def test_inference_is_the_student_alone(tiny_digitsdet, tmp_path, teacher_weight
         ours = model([image])[0]["instances"]
         alone = model.student([image])[0]["instances"]
     assert torch.equal(ours.pred_boxes.tensor, alone.pred_boxes.tensor)
+
+
+def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
+        tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path), teacher_weights, max_iter=2)
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    exported = tmp_path / "model_final_student.pth"
+    assert exported.is_file()
+    vanilla_cfg = tiny_training_cfg("DigitsDet/retinanet_R18_student.yaml", str(tmp_path))
+    vanilla = build_model(vanilla_cfg)
+    incompatible = DetectionCheckpointer(vanilla)._load_model(
+        torch.load(exported, map_location="cpu", weights_only=False))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    distilled = trainer.model
+    distilled.eval(), vanilla.eval()
+    distilled.student.test_score_thresh = vanilla.test_score_thresh = 0.0  # keep detections
+    image = {"image": torch.rand(3, 144, 192) * 255, "height": 144, "width": 192}
+    with torch.no_grad():
+        a = distilled([image])[0]["instances"]
+        b = vanilla([image])[0]["instances"]
+    assert len(a) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
+    # tools/export_student.py gives the same tensors from the training checkpoint
+    from d2kd.engine.export import export_student
+
+    again = export_student(str(tmp_path / "model_final.pth"), str(tmp_path / "again.pth"))
+    saved = torch.load(exported, map_location="cpu", weights_only=False)["model"]
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)

@@ -12,6 +12,7 @@ from detectron2.utils.logger import setup_logger
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model
 from ..utils.io import atomic_write_json
+from .export import StudentExportHook
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ class DistillTrainer(DefaultTrainer):
     AdamW, and evaluation is a
     :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
     C++ implementation only when detectron2's compiled extension exists. Every evaluation
-    also writes its results to ``OUTPUT_DIR/inference/results.json`` (machine-readable).
+    also writes its results to ``OUTPUT_DIR/inference/results.json`` (machine-readable); a
+    completed distillation run writes ``OUTPUT_DIR/model_final_student.pth``.
     """
 
     def __init__(self, cfg):
@@ -44,6 +46,13 @@ class DistillTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
+            export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
+            hooks.insert(-1, StudentExportHook(export))  # before the final writer
+        return hooks
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -15,18 +15,22 @@ TEACHER = "DigitsDet/retinanet_R50_teacher.yaml"
 DISTILL = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory) -> str:
-    """A checkpoint that matches the teacher config (randomly initialised: enough here)."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(os.path.join(CONFIGS, TEACHER), ["MODEL.WEIGHTS", ""])
+def save_untrained_teacher(teacher_config: str, out) -> str:
+    """A checkpoint that matches ``teacher_config`` (random weights: enough for these tests)."""
+    os.makedirs(out, exist_ok=True)
+    cfg = load_config(os.path.join(CONFIGS, teacher_config), ["MODEL.WEIGHTS", ""])
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(cfg), save_dir=str(out)).save("model_final")
     return str(out / "model_final.pth")
 
 
-def distill_cfg(output_dir, teacher_weights, heads=("MGDHead",), max_iter=2):
-    cfg = tiny_training_cfg(DISTILL, output_dir, max_iter=max_iter)
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory) -> str:
+    return save_untrained_teacher(TEACHER, tmp_path_factory.mktemp("teacher"))
+
+
+def distill_cfg(output_dir, teacher_weights, heads=("MGDHead",), max_iter=2, config=DISTILL):
+    cfg = tiny_training_cfg(config, output_dir, max_iter=max_iter)
     cfg.DISTILL.TEACHER.WEIGHTS = [teacher_weights]
     cfg.DISTILL.HEADS = list(heads)
     return cfg
@@ -135,3 +139,27 @@ def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
     again = export_student(str(tmp_path / "model_final.pth"), str(tmp_path / "again.pth"))
     saved = torch.load(exported, map_location="cpu", weights_only=False)["model"]
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("config, teacher, heads", [
+    (DISTILL, TEACHER, ("FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead")),
+    ("DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml",
+     ("MGDHead", "FitNetHead", "FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead")),
+])
+def test_every_baseline_head_trains_in_combination(tiny_digitsdet, tmp_path, config, teacher,
+                                                    heads):
+    weights = save_untrained_teacher(teacher, tmp_path / "teacher")
+    cfg = distill_cfg(str(tmp_path / "run"), weights, heads=heads, config=config)
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    records = (tmp_path / "run" / "metrics.json").read_text()
+    for name in ("fgfi_feat", "fgbg_fg", "fgbg_bg", "logit_cls", "loc_box"):
+        assert f"loss_kd_{name}" in records, name
+
+
+def test_dense_response_heads_need_the_same_head_layout(tiny_digitsdet, tmp_path):
+    weights = save_untrained_teacher("DigitsDet/fcos_R50_teacher.yaml", tmp_path / "teacher")
+    cfg = distill_cfg(str(tmp_path), weights, heads=("LogitKDHead",))
+    cfg.DISTILL.TEACHER.CONFIGS = [os.path.join(CONFIGS, "DigitsDet/fcos_R50_teacher.yaml")]
+    with pytest.raises(ValueError, match=r"student \('RetinaNet', 10.*teacher \('FCOS', 10"):
+        build_model(cfg)

@@ -112,3 +112,88 @@ def test_teacher_sees_the_student_batch_in_its_own_normalisation():
     assert torch.allclose(out[1, :, :4, :6], expected0.new_tensor(
         ((raw[1].flip(0) - Stub.pixel_mean) / Stub.pixel_std)[:, :4, :6]), atol=1e-4)
     assert out[1, :, 4:, :].abs().sum() == 0 and out[1, :, :, 6:].abs().sum() == 0
+
+
+def _gt(*boxes):
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
+    inst.gt_classes = torch.zeros(len(boxes), dtype=torch.long)
+    return inst
+
+
+def test_box_cell_masks_mark_cells_whose_centre_is_inside_a_box():
+    from d2kd.heads.masks import box_cell_masks
+
+    masks = box_cell_masks([_gt([8, 8, 24, 16]), _gt()], torch.Size((2, 1, 4, 4)), stride=8)
+    expected = torch.zeros(2, 1, 4, 4)
+    expected[0, 0, 1, 1:3] = 1  # centres 12 and 20 in x, 12 in y
+    assert torch.equal(masks, expected)
+
+
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def test_near_object_masks_match_a_brute_force_iou_threshold():
+    from detectron2.structures import Boxes
+
+    from d2kd.heads.masks import near_object_masks
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [torch.Size((1, 1, 4, 5)), torch.Size((1, 1, 2, 3))]
+    anchors, anchor_lists = [], []
+    for shape, stride in zip(shapes, (8, 16)):  # 2 anchors per cell, (H, W, A) order
+        boxes = []
+        for y in range(shape[2]):
+            for x in range(shape[3]):
+                for size in (stride * 1.5, stride * 3.0):
+                    cx, cy = (x + 0.5) * stride, (y + 0.5) * stride
+                    boxes.append([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2])
+        anchor_lists.append(boxes)
+        anchors.append(Boxes(torch.tensor(boxes)))
+    gt = [[float(v) for v in torch.rand(4, generator=g) * 20] for _ in range(2)]
+    gt = [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]) + 8, max(b[1], b[3]) + 8] for b in gt]
+    masks = near_object_masks([_gt(*gt)], anchors, shapes, num_anchors=2, psi=0.5)
+    for box in gt:
+        best = max(_iou(box, a) for boxes in anchor_lists for a in boxes)
+        for mask, boxes, shape in zip(masks, anchor_lists, shapes):
+            for k, a in enumerate(boxes):
+                if _iou(box, a) > 0.5 * best:
+                    cell = k // 2
+                    assert mask[0, 0, cell // shape[3], cell % shape[3]] == 1
+    expected_on = set()
+    for level, (boxes, shape) in enumerate(zip(anchor_lists, shapes)):
+        for k, a in enumerate(boxes):
+            for box in gt:
+                best = max(_iou(box, b) for bs in anchor_lists for b in bs)
+                if _iou(box, a) > 0.5 * best:
+                    expected_on.add((level, k // 2))
+    got_on = {(level, int(i)) for level, m in enumerate(masks) for i in m.flatten().nonzero()}
+    assert got_on == expected_on
+
+
+def test_fgbg_loss_matches_hand_computation():
+    from d2kd.heads import FgBgHead
+
+    cfg = _cfg()
+    cfg.DISTILL.IN_FEATURES = ["p3"]
+    cfg.DISTILL.FGBG.FG_WEIGHT, cfg.DISTILL.FGBG.BG_WEIGHT = 1.5, 3.0
+    shapes = {"p3": ShapeSpec(channels=2, stride=8)}
+    s = {"p3": torch.arange(32, dtype=torch.float32).view(1, 2, 4, 4) / 10}
+    t = {"p3": torch.zeros(1, 2, 4, 4)}
+    head = FgBgHead(cfg, shapes, shapes)
+    with EventStorage():
+        losses = head(StudentTaps(features=s, gt_instances=[_gt([8, 8, 24, 16])]),
+                      TeacherOutputs(features=t))
+    sq = (s["p3"] ** 2)[0]  # (2, 4, 4)
+    fg_cells = [(1, 1), (1, 2)]
+    fg_sum = sum(sq[c, y, x].item() for c in range(2) for y, x in fg_cells)
+    bg_sum = sq.sum().item() - fg_sum
+    assert losses["loss_kd_fgbg_fg"].item() == pytest.approx(1.5 * fg_sum / (2 * 2), rel=1e-5)
+    assert losses["loss_kd_fgbg_bg"].item() == pytest.approx(3.0 * bg_sum / (14 * 2), rel=1e-5)

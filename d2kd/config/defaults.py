@@ -42,6 +42,41 @@ def add_d2kd_config(cfg: CN) -> None:
     # lambda: probability that a spatial cell of the student map is masked (resampled per step).
     cfg.DISTILL.MGD.MASK_RATIO = 0.65
 
+    # FGFI (fine-grained feature imitation): imitation on cells near objects only.
+    cfg.DISTILL.FGFI = CN()
+    # Loss weight; the loss is sum(mask * (A(S) - T)^2) / (2 * masked cells).
+    cfg.DISTILL.FGFI.WEIGHT = 0.01
+    # psi: an anchor counts as near a GT box when IoU > psi * (best anchor IoU of that box).
+    cfg.DISTILL.FGFI.PSI = 0.5
+
+    # Decoupled foreground / background imitation (DeFeat-style).
+    cfg.DISTILL.FGBG = CN()
+    # Weight of the foreground term (cells inside GT boxes; mean over those cells x channels).
+    cfg.DISTILL.FGBG.FG_WEIGHT = 1.0
+    # Weight of the background term (the other cells); larger than the foreground's.
+    cfg.DISTILL.FGBG.BG_WEIGHT = 2.0
+
+    # Logit KD (Hinton): KL of temperature-softened class distributions, times T^2.
+    cfg.DISTILL.LOGIT = CN()
+    # Loss weight.
+    cfg.DISTILL.LOGIT.WEIGHT = 1.0
+    # Softmax/sigmoid temperature T.
+    cfg.DISTILL.LOGIT.TEMPERATURE = 2.0
+    # Dense students: distil at the student's "positive" anchors or where the teacher is
+    # confident ("teacher_confident": its top class score exceeds CONFIDENCE).
+    cfg.DISTILL.LOGIT.DENSE_LOCATIONS = "positive"
+    # Teacher score threshold for DENSE_LOCATIONS = "teacher_confident".
+    cfg.DISTILL.LOGIT.CONFIDENCE = 0.5
+
+    # Localization KD on box-regression deltas at positive locations.
+    cfg.DISTILL.LOC = CN()
+    # Loss weight.
+    cfg.DISTILL.LOC.WEIGHT = 1.0
+    # "l1" or "smooth_l1".
+    cfg.DISTILL.LOC.LOSS = "smooth_l1"
+    # Transition point of smooth-L1.
+    cfg.DISTILL.LOC.BETA = 0.1
+
     # ---- solver (d2kd/engine/optimizer.py) ----
     # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
     cfg.SOLVER.OPTIMIZER = "SGD"

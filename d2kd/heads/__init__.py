@@ -1,11 +1,16 @@
 """Distillation heads. Importing this package registers d2kd's heads."""
-from .feature_imitation import FitNetHead, MGDHead
+from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
+from .response import LocKDHead, LogitKDHead
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs, build_distill_heads
 
 __all__ = [
     "DISTILL_HEAD_REGISTRY",
     "DistillHead",
+    "FgBgHead",
+    "FGFIHead",
     "FitNetHead",
+    "LocKDHead",
+    "LogitKDHead",
     "MGDHead",
     "TeacherOutputs",
     "build_distill_heads",

@@ -1,13 +1,15 @@
-"""Feature-imitation heads on FPN levels: FitNet and MGD."""
+"""Feature-imitation heads on FPN levels: FitNet, MGD, FGFI and decoupled fg/bg."""
 from typing import Dict
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
 from ..modeling.taps import StudentTaps
 from .alignment import FeatureAligner
+from .masks import box_cell_masks, near_object_masks
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 
 
@@ -19,7 +21,8 @@ class _FeatureHead(DistillHead):
         super().__init__()
         self.levels = list(cfg.DISTILL.IN_FEATURES)
         self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
-                                      cfg.DISTILL.ADAPTER)
+                                      cfg.DISTILL.ADAPTER)  # checks the levels exist
+        self.strides = {level: teacher_shapes[level].stride for level in self.levels}
 
 
 @DISTILL_HEAD_REGISTRY.register()
@@ -74,3 +77,87 @@ class MGDHead(_FeatureHead):
             per_level[level] = self.alpha * (generated - t).pow(2).sum() / s.shape[0]
         self.log("loss", per_level)
         return {"loss_kd_mgd_feat": sum(per_level.values())}
+
+
+def _anchor_generator_for_levels(cfg: CfgNode, levels, student_shapes) -> DefaultAnchorGenerator:
+    """The student's anchors (MODEL.ANCHOR_GENERATOR) on the distilled levels."""
+    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
+    if arch == "FCOS":
+        raise ValueError("FGFIHead needs anchors; FCOS has none. Use FgBgHead for FCOS students.")
+    anchor_levels = list(cfg.MODEL.RETINANET.IN_FEATURES if arch == "RetinaNet"
+                         else cfg.MODEL.RPN.IN_FEATURES)
+    sizes = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    missing = [level for level in levels if level not in anchor_levels]
+    if missing:
+        raise ValueError(f"FGFIHead: levels {missing} carry no anchors (anchor levels: "
+                         f"{anchor_levels}); restrict DISTILL.IN_FEATURES to those.")
+    if len(sizes) > 1:
+        sizes = [sizes[anchor_levels.index(level)] for level in levels]
+    return DefaultAnchorGenerator(
+        sizes=sizes, aspect_ratios=cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
+        strides=[student_shapes[level].stride for level in levels],
+        offset=cfg.MODEL.ANCHOR_GENERATOR.OFFSET)
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class FGFIHead(_FeatureHead):
+    """Fine-grained feature imitation (Wang et al., CVPR 2019): imitation near objects only.
+
+    Mask: cells with an anchor whose IoU with a GT box exceeds ``PSI`` times that box's best
+    anchor IoU over all distilled levels. Loss:
+    ``weight * sum_l sum_{cells, channels} m (A(S) - T)^2 / (2 * Np)``, Np = masked cells.
+    """
+
+    name = "fgfi"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
+        self.weight = cfg.DISTILL.FGFI.WEIGHT
+        self.psi = cfg.DISTILL.FGFI.PSI
+        self.anchor_generator = _anchor_generator_for_levels(cfg, self.levels, student_shapes)
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        aligned = self.aligner(student.features, teacher.features)
+        anchors = self.anchor_generator([student.features[l] for l in self.levels])
+        shapes = [student.features[l].shape for l in self.levels]
+        masks = near_object_masks(student.gt_instances, anchors, shapes,
+                                  self.anchor_generator.num_anchors[0], self.psi)
+        sums = {l: (m * (aligned[l] - teacher.features[l]).pow(2)).sum()
+                for l, m in zip(self.levels, masks)}
+        num_masked = torch.stack([m.sum() for m in masks]).sum().clamp(min=1.0)
+        per_level = {l: self.weight * v / (2 * num_masked) for l, v in sums.items()}
+        self.log("loss", per_level)
+        self.log("masked_fraction", {l: m.mean() for l, m in zip(self.levels, masks)})
+        return {"loss_kd_fgfi_feat": sum(per_level.values())}
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class FgBgHead(_FeatureHead):
+    """Decoupled foreground/background imitation (DeFeat-style).
+
+    Per level, with F = cells whose centre lies in a GT box and B the rest:
+    ``FG_WEIGHT * sum_F (A(S) - T)^2 / (|F| C) + BG_WEIGHT * sum_B (A(S) - T)^2 / (|B| C)``,
+    summed over levels.
+    """
+
+    name = "fgbg"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
+        self.fg_weight = cfg.DISTILL.FGBG.FG_WEIGHT
+        self.bg_weight = cfg.DISTILL.FGBG.BG_WEIGHT
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        aligned = self.aligner(student.features, teacher.features)
+        fg_terms, bg_terms = {}, {}
+        for level in self.levels:
+            t = teacher.features[level]
+            squared = (aligned[level] - t).pow(2)  # (N, C, H, W)
+            fg = box_cell_masks(student.gt_instances, t.shape, self.strides[level])
+            bg = 1.0 - fg
+            channels = t.shape[1]
+            fg_terms[level] = self.fg_weight * (squared * fg).sum() / (fg.sum() * channels).clamp(min=1)
+            bg_terms[level] = self.bg_weight * (squared * bg).sum() / (bg.sum() * channels).clamp(min=1)
+        self.log("fg", fg_terms)
+        self.log("bg", bg_terms)
+        return {"loss_kd_fgbg_fg": sum(fg_terms.values()), "loss_kd_fgbg_bg": sum(bg_terms.values())}

@@ -1,6 +1,6 @@
 """The distillation-head registry and the interface every head implements."""
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -25,13 +25,15 @@ class TeacherOutputs:
 
     features: Optional[Dict[str, torch.Tensor]] = None
     dense_predictions: Optional[List[List[torch.Tensor]]] = None
+    roi_predictions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class DistillHead(nn.Module):
     """Base class: ``forward(student_taps, teacher_outputs) -> {"loss_kd_<name>_<term>": ...}``.
 
-    Subclasses set ``name`` (their registry name) and ``teacher_needs`` (subset of
-    ``{"features", "dense_predictions"}``), and log per-level scalars with :meth:`log`.
+    Subclasses set ``name`` (the short name in their loss keys and logs) and
+    ``teacher_needs`` (subset of ``{"features", "dense_predictions", "roi_predictions"}``), and
+    log per-level scalars with :meth:`log`.
     """
 
     name: str = ""

@@ -1,10 +1,11 @@
 """The one meta-architecture of d2kd: a student trained by frozen teachers through heads."""
 import logging
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from torch import nn
 
 from ..config.loading import load_config
@@ -42,6 +43,30 @@ def build_teachers(cfg: CfgNode) -> List[FrozenTeacher]:
     return teachers
 
 
+def dense_head_layout(model: nn.Module) -> Tuple:
+    """(family, classes, head levels, anchors per cell): equal layouts give comparable outputs."""
+    generator = getattr(model, "anchor_generator", None)
+    return (type(model).__name__, getattr(model, "num_classes", None),
+            tuple(getattr(model, "head_in_features", ())),
+            generator.num_anchors[0] if generator is not None else None)
+
+
+def check_response_compatible(student: nn.Module, teacher: nn.Module, needs) -> None:
+    """Response heads compare outputs one to one; fail at build time when they cannot."""
+    if "dense_predictions" in needs:
+        s, t = dense_head_layout(student), dense_head_layout(teacher)
+        if not (isinstance(student, DenseDetector) and s == t):
+            raise ValueError("Dense response distillation needs a teacher of the student's "
+                             "family and head layout (family, classes, levels, anchors/cell): "
+                             f"student {s}, teacher {t}.")
+    if "roi_predictions" in needs:
+        s_heads, t_heads = getattr(student, "roi_heads", None), getattr(teacher, "roi_heads", None)
+        if s_heads is None or t_heads is None or s_heads.num_classes != t_heads.num_classes:
+            raise ValueError("R-CNN response distillation needs R-CNN student and teacher with "
+                             f"the same classes: student {type(student).__name__}, teacher "
+                             f"{type(teacher).__name__}.")
+
+
 @META_ARCH_REGISTRY.register()
 class DistillationDetector(nn.Module):
     """Student + frozen teachers + distillation heads (``nn.ModuleDict``).
@@ -64,6 +89,8 @@ class DistillationDetector(nn.Module):
         self.heads = build_distill_heads(cfg, self.student.backbone.output_shape(),
                                          self.teachers[0].backbone_shapes)
         self.teacher_needs = set().union(*(h.teacher_needs for h in self.heads.values()))
+        for teacher in self.teachers:
+            check_response_compatible(self.student, teacher.model, self.teacher_needs)
         self.input_format = cfg.INPUT.FORMAT
         for teacher in self.teachers:
             teacher.to(self.device)
@@ -84,6 +111,7 @@ class DistillationDetector(nn.Module):
             return self.student(batched_inputs)
         with StudentTapper(self.student) as taps:
             losses = self.student(batched_inputs)
+        taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         teacher_outputs = self.run_teacher(self.teachers[self.active_teacher], taps)
         for head in self.heads.values():
             losses.update(head(taps, teacher_outputs))
@@ -99,4 +127,7 @@ class DistillationDetector(nn.Module):
         outputs.features = teacher.features(images)
         if "dense_predictions" in self.teacher_needs:
             outputs.dense_predictions = teacher.dense_predictions(outputs.features)
+        if "roi_predictions" in self.teacher_needs:
+            boxes = [p.proposal_boxes for p in taps.sampled_proposals]
+            outputs.roi_predictions = teacher.roi_predictions(outputs.features, boxes)
         return outputs

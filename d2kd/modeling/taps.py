@@ -4,8 +4,9 @@ Distillation must not run the student twice. :class:`StudentTapper` installs for
 per-instance method wrappers for the duration of one student forward and records what the
 distillation heads read:
 
-- every detector: the normalised padded batch (``images``) and the backbone outputs
-  (``features``, name -> (N, C, H/s, W/s));
+- every detector: the normalised padded batch (``images``), its ground truth
+  (``gt_instances``, boxes in the same pixels) and the backbone outputs (``features``,
+  name -> (N, C, H/s, W/s));
 - dense detectors (RetinaNet, FCOS): the head outputs per kind and level
   (``dense_predictions``: [logits, deltas, ...], each a list of (N, A*K, H/s, W/s)), the anchors
   and their assigned labels/boxes (``anchors``, ``anchor_labels``, ``anchor_gt_boxes``);
@@ -27,6 +28,7 @@ class StudentTaps:
     """What one student forward exposed (fields stay ``None`` when not applicable)."""
 
     images: Optional[ImageList] = None
+    gt_instances: Optional[List[Instances]] = None
     features: Optional[Dict[str, torch.Tensor]] = None
     dense_predictions: Optional[List[List[torch.Tensor]]] = None
     anchors: Optional[List[Boxes]] = None

@@ -8,14 +8,14 @@ checkpoint is missing or does not match its config is a hard error, never a warn
 """
 import logging
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from torch import nn
 
 from ..config.loading import ConfigError, load_config
@@ -114,3 +114,11 @@ class FrozenTeacher:
     def dense_predictions(self, features: Dict[str, torch.Tensor]) -> List[List[torch.Tensor]]:
         """A dense teacher's head outputs per kind (logits, deltas[, ctrness]) and level."""
         return list(self.model.head([features[f] for f in self.model.head_in_features]))
+
+    @torch.no_grad()
+    def roi_predictions(self, features: Dict[str, torch.Tensor],
+                        boxes: List[Boxes]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """An R-CNN teacher's box head on given boxes: (scores (R, K+1), deltas (R, 4K))."""
+        roi_heads = self.model.roi_heads
+        pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+        return roi_heads.box_predictor(roi_heads.box_head(pooled))

@@ -1,0 +1,45 @@
+"""Cell masks on FPN levels derived from ground-truth boxes."""
+from typing import List
+
+import torch
+from detectron2.structures import Boxes, Instances, pairwise_iou
+
+
+def box_cell_masks(gt_instances: List[Instances], shape: torch.Size, stride: int) -> torch.Tensor:
+    """(N, 1, H, W) float: 1 on cells whose centre lies inside some GT box of the image.
+
+    ``shape`` is the level's (N, C, H, W); boxes are in input-image pixels (XYXY).
+    """
+    n, _, h, w = shape
+    device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride
+    masks = torch.zeros(n, 1, h, w, device=device)
+    for i, instances in enumerate(gt_instances):
+        for x0, y0, x1, y1 in instances.gt_boxes.tensor:
+            inside_y = (ys >= y0) & (ys <= y1)
+            inside_x = (xs >= x0) & (xs <= x1)
+            masks[i, 0] = torch.maximum(masks[i, 0], (inside_y[:, None] & inside_x[None, :]).float())
+    return masks
+
+
+def near_object_masks(gt_instances: List[Instances], anchors: List[Boxes],
+                      shapes: List[torch.Size], num_anchors: int, psi: float) -> List[torch.Tensor]:
+    """FGFI's imitation masks, one (N, 1, H, W) float tensor per level.
+
+    For each GT box, its IoUs with the anchors of all given levels are thresholded at
+    ``psi * max IoU`` (max over all those anchors, as in the paper); a cell is on when any of
+    its ``num_anchors`` anchors passes for any GT box. Anchors are ordered (H, W, A) per
+    level, like detectron2's anchor generators.
+    """
+    device = anchors[0].tensor.device
+    masks = [torch.zeros(shape[0], 1, shape[2], shape[3], device=device) for shape in shapes]
+    for i, instances in enumerate(gt_instances):
+        if len(instances) == 0:
+            continue
+        ious = [pairwise_iou(instances.gt_boxes, level_anchors) for level_anchors in anchors]
+        best = torch.cat(ious, dim=1).max(dim=1, keepdim=True).values.clamp(min=1e-6)  # (G, 1)
+        for mask, iou, shape in zip(masks, ious, shapes):
+            keep = (iou > psi * best).any(dim=0)  # (H*W*A,)
+            mask[i, 0] = keep.view(shape[2], shape[3], num_anchors).any(dim=2).float()
+    return masks

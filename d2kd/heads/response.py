@@ -1,0 +1,143 @@
+"""Response-based heads: logit KD (Hinton) and localization KD on regression deltas.
+
+Dense students (RetinaNet, FCOS) are compared with the teacher's dense head at the same
+anchors (same levels, anchors per cell and classes, checked at build time); R-CNN students
+send their sampled RoIs through the teacher's box head, so both classify the same boxes.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+
+from ..modeling.taps import StudentTaps
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+
+DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
+
+
+def _flatten_dense(per_level: List[torch.Tensor], dim: int) -> torch.Tensor:
+    """Per-level (N, A*dim, H, W) -> (N, sum(H*W*A), dim), detectron2's anchor order."""
+    return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
+
+
+def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(Bernoulli(sigmoid(t)) || Bernoulli(sigmoid(s)))."""
+    p = torch.sigmoid(teacher_logits)
+    return (p * (F.logsigmoid(teacher_logits) - F.logsigmoid(student_logits))
+            + (1 - p) * (F.logsigmoid(-teacher_logits) - F.logsigmoid(-student_logits)))
+
+
+class _ResponseHead(DistillHead):
+    """Shared part: dense vs R-CNN mode and the matching teacher outputs."""
+
+    def __init__(self, cfg: CfgNode, student_shapes, teacher_shapes):
+        super().__init__()
+        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        need = "dense_predictions" if self.dense else "roi_predictions"
+        self.teacher_needs = frozenset({"features", need})
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class LogitKDHead(_ResponseHead):
+    """Temperature-softened class distributions, ``WEIGHT * T^2 * KL(teacher || student)``.
+
+    R-CNN: softmax over the K+1 classes of the student's sampled RoIs, mean over RoIs.
+    Dense: per-class sigmoid (binary KL averaged over classes) at the student's positive
+    anchors (``DENSE_LOCATIONS: "positive"``) or where the teacher's top score exceeds
+    ``CONFIDENCE`` (``"teacher_confident"``), mean over those anchors.
+    """
+
+    name = "logit"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
+        self.weight = cfg.DISTILL.LOGIT.WEIGHT
+        self.temperature = cfg.DISTILL.LOGIT.TEMPERATURE
+        self.locations = cfg.DISTILL.LOGIT.DENSE_LOCATIONS
+        self.confidence = cfg.DISTILL.LOGIT.CONFIDENCE
+        if self.locations not in ("positive", "teacher_confident"):
+            raise ValueError(f"DISTILL.LOGIT.DENSE_LOCATIONS={self.locations!r} is not one of "
+                             "'positive', 'teacher_confident'.")
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        t2 = self.temperature ** 2
+        if self.dense:
+            num_classes = student.dense_predictions[0][0].shape[1] // _anchors_per_cell(student)
+            s = _flatten_dense(student.dense_predictions[0], num_classes)
+            t = _flatten_dense(teacher.dense_predictions[0], num_classes)
+            if self.locations == "positive":
+                labels = torch.stack(student.anchor_labels)
+                selected = (labels >= 0) & (labels < num_classes)
+            else:
+                selected = torch.sigmoid(t).amax(dim=-1) > self.confidence
+            kl = binary_kl(t[selected] / self.temperature, s[selected] / self.temperature)
+            loss = kl.mean() * t2 if selected.any() else s.sum() * 0.0
+            self.log("selected_locations", {"all": selected.float().sum()})
+        else:
+            s_scores, _ = student.roi_predictions
+            t_scores, _ = teacher.roi_predictions
+            log_p_s = F.log_softmax(s_scores / self.temperature, dim=1)
+            log_p_t = F.log_softmax(t_scores / self.temperature, dim=1)
+            loss = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean() * t2
+        return {"loss_kd_logit_cls": self.weight * loss}
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class LocKDHead(_ResponseHead):
+    """Localization distillation for delta regression heads: L1 or smooth-L1 between student
+    and teacher deltas at positive locations (dense: positive anchors; R-CNN: positive sampled
+    RoIs, the deltas of their GT class), mean over positives x 4 coordinates."""
+
+    name = "loc"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
+        self.weight = cfg.DISTILL.LOC.WEIGHT
+        self.loss_type = cfg.DISTILL.LOC.LOSS
+        self.beta = cfg.DISTILL.LOC.BETA
+        if self.loss_type not in ("l1", "smooth_l1"):
+            raise ValueError(f"DISTILL.LOC.LOSS={self.loss_type!r} is not 'l1' or 'smooth_l1'.")
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        if self.dense:
+            s = _flatten_dense(student.dense_predictions[1], 4)
+            t = _flatten_dense(teacher.dense_predictions[1], 4)
+            num_classes = student.dense_predictions[0][0].shape[1] // _anchors_per_cell(student)
+            labels = torch.stack(student.anchor_labels)
+            positive = (labels >= 0) & (labels < num_classes)
+            s, t = s[positive], t[positive]
+        else:
+            s, t = _rcnn_gt_class_deltas(student, teacher)
+        if s.numel() == 0:
+            return {"loss_kd_loc_box": student.features[next(iter(student.features))].sum() * 0.0}
+        if self.loss_type == "l1":
+            loss = F.l1_loss(s, t)
+        else:
+            loss = F.smooth_l1_loss(s, t, beta=self.beta)
+        return {"loss_kd_loc_box": self.weight * loss}
+
+
+def _anchors_per_cell(student: StudentTaps) -> int:
+    """Anchors per cell of a dense student, from the deltas' channel count (4 per anchor)."""
+    return student.dense_predictions[1][0].shape[1] // 4
+
+
+def _rcnn_gt_class_deltas(student: StudentTaps,
+                          teacher: TeacherOutputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, 4) student and teacher deltas of the positive sampled RoIs, for their GT class."""
+    _, s_deltas = student.roi_predictions
+    _, t_deltas = teacher.roi_predictions
+    gt_classes = torch.cat([p.gt_classes for p in student.sampled_proposals])
+    num_classes = student.roi_predictions[0].shape[1] - 1
+    positive = (gt_classes >= 0) & (gt_classes < num_classes)
+    rows = positive.nonzero().squeeze(1)
+
+    def pick(deltas: torch.Tensor) -> torch.Tensor:
+        if deltas.shape[1] == 4:  # class-agnostic regression
+            return deltas[rows]
+        cols = gt_classes[rows, None] * 4 + torch.arange(4, device=deltas.device)
+        return deltas[rows[:, None], cols]
+
+    return pick(s_deltas), pick(t_deltas)

@@ -29,6 +29,9 @@ def add_d2kd_config(cfg: CN) -> None:
     # Learnable 1x1 adapters on student maps whose channels differ from the teacher's; when
     # False, a channel mismatch is an error at build time.
     cfg.DISTILL.ADAPTER = True
+    # Initialise the student's neck and heads from teacher 0 at the start of a fresh run
+    # (tensors whose name and shape match; the rest is logged as skipped).
+    cfg.DISTILL.INIT_FROM_TEACHER = False
 
     # FitNet: MSE between adapted student and teacher maps on every cell.
     cfg.DISTILL.FITNET = CN()

@@ -8,9 +8,11 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model
+from ..modeling import DistillationDetector
 from ..utils.io import atomic_write_json
 from .export import StudentExportHook
 from .optimizer import build_optimizer
@@ -46,6 +48,17 @@ class DistillTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """As detectron2's, except that a fresh distillation run loads ``MODEL.WEIGHTS`` into
+        the student (plain detector keys) and applies ``DISTILL.INIT_FROM_TEACHER``."""
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        if not isinstance(model, DistillationDetector) or (resume and
+                                                          self.checkpointer.has_checkpoint()):
+            super().resume_or_load(resume=resume)
+            return
+        model.initialize(self.cfg.MODEL.WEIGHTS, self.cfg.DISTILL.INIT_FROM_TEACHER)
+        self.start_iter = 0
 
     def build_hooks(self):
         hooks = super().build_hooks()

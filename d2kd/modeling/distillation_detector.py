@@ -3,6 +3,7 @@ import logging
 from typing import Dict, List, Tuple
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -41,6 +42,25 @@ def build_teachers(cfg: CfgNode) -> List[FrozenTeacher]:
         teacher_cfg.freeze()
         teachers.append(FrozenTeacher(teacher_cfg))
     return teachers
+
+
+def copy_neck_and_heads(teacher: nn.Module, student: nn.Module) -> List[str]:
+    """Copy every teacher tensor outside the bottom-up backbone whose name and shape match a
+    student tensor (FPN, dense head, RPN, RoI heads); log what was skipped. Returns the copied
+    names."""
+    student_state = student.state_dict()
+    copied, skipped = [], []
+    for name, value in teacher.state_dict().items():
+        if ".bottom_up." in name or name.startswith("pixel_"):
+            continue
+        if name in student_state and student_state[name].shape == value.shape:
+            student_state[name].copy_(value)
+            copied.append(name)
+        else:
+            skipped.append(name)
+    logger.info("Initialised %d student neck/head tensors from the teacher; skipped (no "
+                "student tensor of that name and shape): %s", len(copied), skipped or "none")
+    return copied
 
 
 def dense_head_layout(model: nn.Module) -> Tuple:
@@ -105,6 +125,14 @@ class DistillationDetector(nn.Module):
         for teacher in self.teachers:
             teacher.model._apply(fn, *args, **kwargs)
         return self
+
+    def initialize(self, student_weights: str, init_from_teacher: bool) -> None:
+        """Fresh-run initialisation: the student's ``MODEL.WEIGHTS`` (plain detector keys, e.g.
+        a pre-trained backbone), then optionally its neck and heads from teacher 0."""
+        if student_weights:
+            DetectionCheckpointer(self.student).load(student_weights)
+        if init_from_teacher:
+            copy_neck_and_heads(self.teachers[0].model, self.student)
 
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:

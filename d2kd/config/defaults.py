@@ -1,14 +1,36 @@
 """Every config key d2kd adds to detectron2's, with its default and meaning."""
+from typing import Callable, List
+
 from detectron2.config import CfgNode as CN
+
+_CONFIG_EXTENSIONS: List[Callable[[CN], None]] = []
+
+
+def register_config_extension(add_keys: Callable[[CN], None]) -> Callable[[CN], None]:
+    """Register ``add_keys(cfg)`` (e.g. a third-party head's options), applied by
+    :func:`add_d2kd_config` from now on. Usable as a decorator; idempotent."""
+    if add_keys not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(add_keys)
+    return add_keys
 
 
 def add_d2kd_config(cfg: CN) -> None:
-    """Add d2kd's keys to a detectron2 config in place (idempotent)."""
-    if "D2KD" in cfg:
-        return
+    """Add d2kd's keys, then those of registered extensions, to a config in place."""
+    if "D2KD" not in cfg:
+        _add_own_keys(cfg)
+    for add_keys in _CONFIG_EXTENSIONS:
+        add_keys(cfg)
+
+
+def _add_own_keys(cfg: CN) -> None:
     cfg.D2KD = CN()
-    # Marker so that add_d2kd_config is idempotent; holds no option of its own yet.
+    # Marker so that add_d2kd_config is idempotent.
     cfg.D2KD.VERSION = 1
+    # Python modules (dotted names) or files (*.py, relative to the config file that lists
+    # them) imported before the config is merged, so that the heads, backbones, meta-
+    # architectures and config keys (register_config_extension) they register work with
+    # tools/train_net.py unchanged.
+    cfg.D2KD.IMPORTS = []
 
     # ---- distillation (d2kd/modeling/distillation_detector.py) ----
     cfg.DISTILL = CN()

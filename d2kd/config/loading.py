@@ -5,9 +5,14 @@ deep in a traceback; :func:`load_config` turns this and other bad input into one
 :class:`ConfigError` with the closest valid keys, raised before anything is built.
 """
 import difflib
+import importlib
+import importlib.util
 import os
 import re
-from typing import Iterator, List, Sequence
+import sys
+from typing import Iterator, List, Sequence, Tuple
+
+import yaml
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -45,10 +50,17 @@ def _key_from_yacs_error(error: Exception) -> str:
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    """Merge ``config_file`` (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides."""
-    cfg = get_d2kd_cfg()
+    """Merge ``config_file`` (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides.
+
+    Modules in ``D2KD.IMPORTS`` are imported first, so their registrations and config keys
+    exist when the file is merged.
+    """
     if not os.path.isfile(config_file):
         raise ConfigError(f"Config file {config_file} does not exist; check --config-file.")
+    chain = _yaml_chain(config_file)
+    import_extensions([(entry, directory) for data, directory in chain
+                       for entry in _lookup(data, "D2KD.IMPORTS") or []])
+    cfg = get_d2kd_cfg()
     try:
         cfg.merge_from_file(config_file)
     except KeyError as e:
@@ -66,18 +78,72 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         if "Non-existent" in str(e):
             raise _unknown_key_error(cfg, _key_from_yacs_error(e), "command-line override") from None
         raise ConfigError(f"command-line override: {e}") from None
-    _resolve_teacher_configs(cfg, config_file)
+    _resolve_teacher_configs(cfg, chain)
     return cfg
 
 
-def _resolve_teacher_configs(cfg: CfgNode, config_file: str) -> None:
-    """Relative ``DISTILL.TEACHER.CONFIGS`` are relative to the working directory or, failing
-    that, to the directory of ``config_file`` (like ``_BASE_``)."""
+class _PeekLoader(yaml.SafeLoader):
+    """Safe YAML that reads tagged values (``!!python/...`` in some detectron2 configs) as
+    None: only ``_BASE_`` and ``D2KD.IMPORTS`` are read from it."""
+
+
+_PeekLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def _yaml_chain(config_file: str) -> List[Tuple[dict, str]]:
+    """``(content, directory)`` of every file of the ``_BASE_`` chain, the base first."""
+    with open(config_file) as f:
+        data = yaml.load(f, Loader=_PeekLoader) or {}
+    directory = os.path.dirname(os.path.abspath(config_file))
+    chain = []
+    base = data.get("_BASE_")
+    if base:
+        base_path = base if os.path.isabs(base) else os.path.join(directory, base)
+        if os.path.isfile(base_path):
+            chain = _yaml_chain(base_path)
+    return chain + [(data, directory)]
+
+
+def _lookup(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def import_extensions(declared: Sequence[Tuple[str, str]]) -> None:
+    """Import dotted module names, or ``.py`` files relative to the declaring config."""
+    for entry, directory in declared:
+        if entry.endswith(".py"):
+            path = os.path.normpath(entry if os.path.isabs(entry) else os.path.join(directory, entry))
+            if not os.path.isfile(path):
+                raise ConfigError(f"D2KD.IMPORTS: {entry} not found (looked at {path}).")
+            name = "d2kd_ext_" + re.sub(r"\W", "_", os.path.splitext(path)[0].lstrip(os.sep))
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(entry)
+            except ImportError as e:
+                raise ConfigError(f"D2KD.IMPORTS: cannot import {entry}: {e}") from None
+
+
+def _resolve_teacher_configs(cfg: CfgNode, chain: List[Tuple[dict, str]]) -> None:
+    """Relative ``DISTILL.TEACHER.CONFIGS`` are relative to the config file that declares
+    them (like ``_BASE_``); paths given on the command line, to the working directory."""
+    declaring_dir = None
+    for data, directory in chain:
+        if _lookup(data, "DISTILL.TEACHER.CONFIGS") is not None:
+            declaring_dir = directory  # the last (most derived) declaration wins
     resolved = []
     for path in cfg.DISTILL.TEACHER.CONFIGS:
-        beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), path)
-        if not os.path.isabs(path) and not os.path.isfile(path) and os.path.isfile(beside):
-            path = beside
+        if declaring_dir and not os.path.isabs(path) and not os.path.isfile(path):
+            path = os.path.normpath(os.path.join(declaring_dir, path))
         resolved.append(path)
     cfg.DISTILL.TEACHER.CONFIGS = resolved
 

@@ -189,3 +189,23 @@ def test_fresh_run_loads_student_weights_and_optionally_teacher_neck_and_heads(
     copied = [n for n in student if n in teacher and teacher[n].shape == student[n].shape
               and ".bottom_up." not in n and not n.startswith("pixel")]
     assert copied, "some neck/head tensors match in shape (e.g. the class-score bias)"
+
+
+def test_resume_restores_student_heads_optimizer_scheduler_and_iteration(
+        tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path), teacher_weights, max_iter=2)
+    first = DistillTrainer(cfg)
+    first.resume_or_load(resume=False)
+    first.train()
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    cfg.SOLVER.MAX_ITER = 3
+    second = DistillTrainer(cfg)
+    second.resume_or_load(resume=True)
+    assert second.start_iter == 2
+    state = second.model.state_dict()
+    assert any(k.startswith("heads.MGDHead.generators") for k in saved["model"])
+    assert all(torch.equal(state[k], v) for k, v in saved["model"].items())
+    assert second.optimizer.state_dict()["state"], "AdamW moments restored"
+    assert second.scheduler.last_epoch == first.scheduler.last_epoch == 2
+    second.train()
+    assert second.iter == cfg.SOLVER.MAX_ITER  # detectron2: iter == max_iter after success

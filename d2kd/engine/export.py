@@ -43,8 +43,8 @@ class StudentExportHook(HookBase):
         self.output_path = output_path
 
     def after_train(self) -> None:
-        if self.trainer.iter + 1 < self.trainer.max_iter or not comm.is_main_process():
-            return  # an interrupted run exports nothing
+        if self.trainer.iter < self.trainer.max_iter or not comm.is_main_process():
+            return  # detectron2 sets iter = max_iter only after the last step succeeded
         model = self.trainer.model
         if isinstance(model, (DistributedDataParallel, DataParallel)):
             model = model.module

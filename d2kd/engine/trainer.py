@@ -24,7 +24,8 @@ class DistillTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` for d2kd models.
 
     Differences from the parent: DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
-    AdamW, and evaluation is a
+    AdamW, checkpoints hold the optimizer state on every detectron2 version, fresh
+    distillation runs initialise the student from ``MODEL.WEIGHTS``, and evaluation is a
     :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
     C++ implementation only when detectron2's compiled extension exists. Every evaluation
     also writes its results to ``OUTPUT_DIR/inference/results.json`` (machine-readable); a
@@ -48,6 +49,18 @@ class DistillTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def state_dict(self):
+        """Also the optimizer state (detectron2 v0.6 checkpoints omit it; upstream main does
+        the same as this)."""
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
         """As detectron2's, except that a fresh distillation run loads ``MODEL.WEIGHTS`` into

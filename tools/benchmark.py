@@ -5,6 +5,9 @@
     python tools/benchmark.py accuracy --configs A.yaml B.yaml --seeds 0 1 \
         --output output/bench/recipes --json RESULTS.json --markdown RESULTS.md [KEY VALUE ...]
 
+    # per-step cost of distillation vs student alone + teacher forward (JSON)
+    python tools/benchmark.py overhead --config-file CFG --json OUT [--iters N] [--random-teacher]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -14,6 +17,7 @@ import sys
 
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
+from d2kd.benchmark.overhead import run_overhead_benchmark
 
 
 def main(argv=None) -> None:
@@ -27,6 +31,14 @@ def main(argv=None) -> None:
     acc.add_argument("--markdown", required=True)
     acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")
+    ovh.add_argument("--config-file", required=True)
+    ovh.add_argument("--json", required=True)
+    ovh.add_argument("--iters", type=int, default=20)
+    ovh.add_argument("--warmup", type=int, default=3)
+    ovh.add_argument("--random-teacher", action="store_true",
+                     help="use untrained teacher weights (step times do not depend on them)")
+    ovh.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -36,6 +48,10 @@ def main(argv=None) -> None:
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
                                args.opts, threads=args.threads)
+    elif args.command == "overhead":
+        result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
+                                        args.opts, args.random_teacher)
+        logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

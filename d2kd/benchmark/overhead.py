@@ -1,0 +1,122 @@
+"""Training-step overhead of distillation: student alone vs teacher forward vs distillation.
+
+Each measurement runs in a fresh process (so that peak RSS is its own) on the same pre-loaded
+batches: ``student`` times a full student training step (forward, backward, optimizer step);
+``distill`` times the teacher's no-grad forward on those batches and a full distillation step.
+Reported: medians over ``iters`` steps after ``warmup`` steps, and
+``ratio = t_distill / (t_student + t_teacher_forward)``.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from ..config import load_config
+from ..engine.optimizer import build_optimizer
+from ..modeling.distillation_detector import student_config
+from ..modeling.taps import StudentTapper
+from ..utils.io import atomic_write_json
+
+
+def _batches(cfg, count: int) -> List:
+    loader = iter(build_detection_train_loader(cfg))
+    return [next(loader) for _ in range(count)]
+
+
+def _time_steps(step, batches, warmup: int) -> List[float]:
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        step(batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _train_step(model, optimizer):
+    def step(batch):
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    return step
+
+
+def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
+    """One process's measurement (``mode``: "student" or "distill")."""
+    cfg = load_config(config_file, opts)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    torch.manual_seed(cfg.SEED)
+    batches = _batches(cfg, iters + warmup)
+    result = {}
+    with EventStorage():
+        if mode == "student":
+            model = build_model(student_config(cfg))
+            model.train()
+            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
+            result["t_student"] = statistics.median(times)
+        else:
+            model = build_model(cfg)
+            model.train()
+            teacher = model.teachers[model.active_teacher]
+
+            def teacher_forward(batch):
+                with StudentTapper(model.student) as taps, torch.no_grad():
+                    taps.images = model.student.preprocess_image(batch)
+                model.run_teacher(teacher, taps)
+
+            with torch.no_grad():
+                times = _time_steps(teacher_forward, batches, warmup)
+            result["t_teacher_forward"] = statistics.median(times)
+            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
+            result["t_distill"] = statistics.median(times)
+    result[f"peak_rss_{mode}_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _random_teacher_weights(cfg_file: str, opts: Sequence[str], directory: str) -> List[str]:
+    """Untrained checkpoints matching the teachers (step times do not depend on weights)."""
+    cfg = load_config(cfg_file, opts)
+    paths = []
+    for i, teacher_config in enumerate(cfg.DISTILL.TEACHER.CONFIGS):
+        teacher_cfg = load_config(teacher_config, ["MODEL.WEIGHTS", ""])
+        DetectionCheckpointer(build_model(teacher_cfg), save_dir=directory).save(f"teacher{i}")
+        paths.append(os.path.join(directory, f"teacher{i}.pth"))
+    return paths
+
+
+def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, warmup: int = 3,
+                           opts: Sequence[str] = (), random_teacher: bool = False) -> Dict:
+    opts = list(opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        if random_teacher:
+            weights = _random_teacher_weights(config_file, opts, tmp)
+            opts += ["DISTILL.TEACHER.WEIGHTS", repr(weights)]
+        result = {"config": config_file, "iters": iters, "warmup": warmup, "opts": opts,
+                  "random_teacher": random_teacher, "threads": torch.get_num_threads()}
+        for mode in ("student", "distill"):
+            cmd = [sys.executable, "-m", "d2kd.benchmark.overhead", mode, config_file,
+                   str(iters), str(warmup), json.dumps(opts)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            result.update(json.loads(out.strip().splitlines()[-1]))
+    result["ratio"] = result["t_distill"] / (result["t_student"] + result["t_teacher_forward"])
+    atomic_write_json(json_path, result)
+    return result
+
+
+if __name__ == "__main__":
+    import d2kd  # noqa: F401  (registrations in the measuring process)
+
+    mode, config, n, w, extra = sys.argv[1:6]
+    print(json.dumps(measure(config, mode, int(n), int(w), json.loads(extra))))

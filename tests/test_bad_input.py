@@ -93,3 +93,11 @@ def test_train_net_prints_one_error_line_before_training(tmp_path):
         "Did you mean SOLVER.BASE_LR?"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_teacher_weights_name_the_command_that_trains_the_teacher(tiny_digitsdet, tmp_path):
+    cfg = tiny_training_cfg("DigitsDet/retinanet_R18_from_R50_mgd.yaml", str(tmp_path))
+    cfg.DISTILL.TEACHER.WEIGHTS = [str(tmp_path / "nope.pth")]
+    with pytest.raises(ConfigError, match=r"Teacher 0 \(.*retinanet_R50_teacher\.yaml\) weights "
+                                          r".*nope\.pth do not exist\. Train the teacher first"):
+        check_inputs(cfg)

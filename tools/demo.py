@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """The main job on the embedded benchmark (``make demo``).
 
-Generates DigitsDet if needed, trains the DigitsDet RetinaNet teacher unless a finished run
-exists (then it is reused), evaluates it with COCOEvaluator and prints the AP table.
+Generates DigitsDet if needed; trains the DigitsDet RetinaNet teacher, the student alone and
+the student distilled from the teacher (MGD), each unless a finished run exists (then it is
+reused); evaluates them with COCOEvaluator; prints the AP table and saves a bar chart
+(``output/digitsdet/demo_ap.png``).
 Each training is a ``tools/train_net.py`` run, so its output directory is a normal
 detectron2 output directory (log.txt, metrics.json, TensorBoard events, checkpoints).
 """
@@ -24,7 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("d2kd.demo")
 
 # (row name, config file): the runs of the demo, in order.
-RUNS = [("RetinaNet teacher (R-50/2, FPN 128)", "configs/DigitsDet/retinanet_R50_teacher.yaml")]
+RUNS = [
+    ("teacher RetinaNet R-50/2", "configs/DigitsDet/retinanet_R50_teacher.yaml"),
+    ("student RetinaNet R-18/2", "configs/DigitsDet/retinanet_R18_student.yaml"),
+    ("student + MGD from the teacher", "configs/DigitsDet/retinanet_R18_from_R50_mgd.yaml"),
+]
+CHART = "output/digitsdet/demo_ap.png"
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
@@ -55,12 +62,36 @@ def main() -> None:
     parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     ensure_digitsdet(digitsdet_root())
-    rows = []
-    for name, config_file in RUNS:
-        box = train_or_reuse(os.path.join(REPO, config_file))
-        rows.append([name] + [f"{box[m]:.1f}" for m in METRICS])
+    results = {name: train_or_reuse(os.path.join(REPO, config)) for name, config in RUNS}
+    rows = [[name] + [f"{box[m]:.1f}" for m in METRICS] for name, box in results.items()]
     print("\nDigitsDet val, box AP (COCOEvaluator):")
     print(tabulate(rows, headers=["model"] + METRICS, tablefmt="github"))
+    save_chart(results, CHART)
+    print(f"\nChart: {CHART}")
+
+
+def save_chart(results: Dict[str, Dict[str, float]], path: str) -> None:
+    """Grouped bars: AP, AP50, APs, APm, APl per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["AP", "AP50", "APs", "APm", "APl"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(results)
+    for i, (name, box) in enumerate(results.items()):
+        xs = [m + i * width for m in range(len(metrics))]
+        bars = ax.bar(xs, [box[m] for m in metrics], width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([m + width * (len(results) - 1) / 2 for m in range(len(metrics))], metrics)
+    ax.set_ylabel("COCO box AP on digitsdet_val")
+    ax.set_title("DigitsDet: teacher, student, distilled student")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

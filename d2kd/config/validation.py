@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .. import model_zoo
 from ..data import ensure_digitsdet
-from .loading import ConfigError
+from .loading import ConfigError, load_config
 
 # Annotation files up to this size are parsed up front to catch corrupt files early.
 _MAX_PARSED_ANNOTATION_BYTES = 64 * 2**20
@@ -74,9 +74,30 @@ def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
         )
 
 
+def check_teachers(cfg: CfgNode) -> None:
+    """Every teacher config loads and its weights file exists."""
+    configs, weights = cfg.DISTILL.TEACHER.CONFIGS, cfg.DISTILL.TEACHER.WEIGHTS
+    if not configs:
+        raise ConfigError("MODEL.META_ARCHITECTURE is DistillationDetector but "
+                          "DISTILL.TEACHER.CONFIGS is empty; list the teacher config files.")
+    if weights and len(weights) != len(configs):
+        raise ConfigError(f"DISTILL.TEACHER.WEIGHTS has {len(weights)} entries for "
+                          f"{len(configs)} teacher configs; give one per teacher.")
+    for i, config_file in enumerate(configs):
+        teacher_cfg = load_config(config_file, cfg.DISTILL.TEACHER.OPTS)
+        path = weights[i] if weights and weights[i] else teacher_cfg.MODEL.WEIGHTS
+        if not path or ("://" not in path and not os.path.isfile(path)):
+            raise ConfigError(
+                f"Teacher {i} ({config_file}) weights {path or '(none)'} do not exist. Train the "
+                f"teacher first: tools/train_net.py --config-file {config_file}"
+            )
+
+
 def check_inputs(cfg: CfgNode, resume: bool = False) -> None:
     """Raise :class:`ConfigError` for the first bad input of ``cfg``."""
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
+        check_teachers(cfg)
     has_checkpoint = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not (resume and has_checkpoint):
         check_weights(cfg.MODEL.WEIGHTS)

@@ -209,3 +209,28 @@ def test_resume_restores_student_heads_optimizer_scheduler_and_iteration(
     assert second.scheduler.last_epoch == first.scheduler.last_epoch == 2
     second.train()
     assert second.iter == cfg.SOLVER.MAX_ITER  # detectron2: iter == max_iter after success
+
+
+def test_teacher_of_another_family_and_normalisation_for_feature_heads(tiny_digitsdet, tmp_path):
+    """Faster R-CNN teacher (P2-P6, 128 channels, BGR with other pixel statistics) for a
+    RetinaNet student (P3-P7, 64 channels) on the shared levels."""
+    weights = save_untrained_teacher("DigitsDet/faster_rcnn_R50_teacher.yaml", tmp_path / "t")
+    cfg = distill_cfg(str(tmp_path / "run"), weights, heads=("FitNetHead", "MGDHead"))
+    cfg.DISTILL.TEACHER.CONFIGS = [os.path.join(CONFIGS, "DigitsDet/faster_rcnn_R50_teacher.yaml")]
+    cfg.DISTILL.TEACHER.OPTS = ["INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", "[103.5, 116.3, 123.7]",
+                                "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"]
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6"]
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    assert type(trainer.model.teachers[0].model).__name__ == "GeneralizedRCNN"
+    assert "kd/fitnet/loss/p6" in (tmp_path / "run" / "metrics.json").read_text()
+
+
+@pytest.mark.parametrize("family, arch", [("fcos", "FCOS"), ("mask_rcnn", "GeneralizedRCNN")])
+def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, arch):
+    weights = save_untrained_teacher(f"DigitsDet/{family}_R50_teacher.yaml", tmp_path / "t")
+    cfg = distill_cfg(str(tmp_path / "run"), weights,
+                      config=f"DigitsDet/{family}_R18_from_R50_mgd.yaml")
+    assert cfg.DISTILL.STUDENT_META_ARCHITECTURE == arch
+    DistillTrainer(cfg).train()
+    assert (tmp_path / "run" / "model_final_student.pth").is_file()

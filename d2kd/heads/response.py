@@ -64,12 +64,11 @@ class LogitKDHead(_ResponseHead):
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         t2 = self.temperature ** 2
         if self.dense:
-            num_classes = student.dense_predictions[0][0].shape[1] // _anchors_per_cell(student)
+            num_classes = _dense_num_classes(student)
             s = _flatten_dense(student.dense_predictions[0], num_classes)
             t = _flatten_dense(teacher.dense_predictions[0], num_classes)
             if self.locations == "positive":
-                labels = torch.stack(student.anchor_labels)
-                selected = (labels >= 0) & (labels < num_classes)
+                selected = _positive_anchors(student)
             else:
                 selected = torch.sigmoid(t).amax(dim=-1) > self.confidence
             kl = binary_kl(t[selected] / self.temperature, s[selected] / self.temperature)
@@ -102,12 +101,9 @@ class LocKDHead(_ResponseHead):
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         if self.dense:
-            s = _flatten_dense(student.dense_predictions[1], 4)
-            t = _flatten_dense(teacher.dense_predictions[1], 4)
-            num_classes = student.dense_predictions[0][0].shape[1] // _anchors_per_cell(student)
-            labels = torch.stack(student.anchor_labels)
-            positive = (labels >= 0) & (labels < num_classes)
-            s, t = s[positive], t[positive]
+            positive = _positive_anchors(student)
+            s = _flatten_dense(student.dense_predictions[1], 4)[positive]
+            t = _flatten_dense(teacher.dense_predictions[1], 4)[positive]
         else:
             s, t = _rcnn_gt_class_deltas(student, teacher)
         if s.numel() == 0:
@@ -119,9 +115,16 @@ class LocKDHead(_ResponseHead):
         return {"loss_kd_loc_box": self.weight * loss}
 
 
-def _anchors_per_cell(student: StudentTaps) -> int:
-    """Anchors per cell of a dense student, from the deltas' channel count (4 per anchor)."""
-    return student.dense_predictions[1][0].shape[1] // 4
+def _dense_num_classes(student: StudentTaps) -> int:
+    """K of a dense student: logits have A*K channels, deltas A*4."""
+    anchors_per_cell = student.dense_predictions[1][0].shape[1] // 4
+    return student.dense_predictions[0][0].shape[1] // anchors_per_cell
+
+
+def _positive_anchors(student: StudentTaps) -> torch.Tensor:
+    """(N, R) bool: anchors the student's own loss labelled with a foreground class."""
+    labels = torch.stack(student.anchor_labels)  # class, K = background, -1 = ignored
+    return (labels >= 0) & (labels < _dense_num_classes(student))
 
 
 def _rcnn_gt_class_deltas(student: StudentTaps,

@@ -8,6 +8,9 @@
     # per-step cost of distillation vs student alone + teacher forward (JSON)
     python tools/benchmark.py overhead --config-file CFG --json OUT [--iters N] [--random-teacher]
 
+    # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
+    python tools/benchmark.py pgm --json OUT [--n 4000 --d 256 --k 10]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -18,6 +21,7 @@ import sys
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
 from d2kd.benchmark.overhead import run_overhead_benchmark
+from d2kd.benchmark.pgm import run_pgm_benchmark
 
 
 def main(argv=None) -> None:
@@ -39,6 +43,11 @@ def main(argv=None) -> None:
     ovh.add_argument("--random-teacher", action="store_true",
                      help="use untrained teacher weights (step times do not depend on them)")
     ovh.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    pgm = sub.add_parser("pgm", help="PGM selection time vs brute-force objective evaluation")
+    pgm.add_argument("--json", required=True)
+    pgm.add_argument("--n", type=int, default=4000)
+    pgm.add_argument("--d", type=int, default=256)
+    pgm.add_argument("--k", type=int, default=10)
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -52,6 +61,8 @@ def main(argv=None) -> None:
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)
         logging.getLogger("d2kd.benchmark").info("%s", result)
+    elif args.command == "pgm":
+        logging.getLogger("d2kd.benchmark").info("%s", run_pgm_benchmark(args.json, args.n, args.d, args.k))
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

@@ -1,0 +1,6 @@
+"""Prototype machinery of global-knowledge distillation (PGM)."""
+from .pooling import box_cells, box_pool
+from .selection import coupled_coefficients, density_candidates, select_prototypes
+
+__all__ = ["box_cells", "box_pool", "coupled_coefficients", "density_candidates",
+           "select_prototypes"]

@@ -150,3 +150,48 @@ def test_duplicates_are_allowed_by_default_and_excluded_by_the_switch():
     with pytest.raises(ValueError, match="distinct prototypes requested"):
         select_prototypes(torch.randn(3, 2), torch.randn(3, 2), 4, 1.0, density_filter=False,
                           allow_duplicates=False)
+
+
+def _cos(a, b):
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+def test_bank_robustness_weight_and_relations_follow_eq_8():
+    from d2kd.prototypes import PrototypeBank
+
+    g = torch.Generator().manual_seed(5)
+    bank = PrototypeBank(["p3", "p4"], num_classes=3, k=2, teacher_dim=4, student_dim=3)
+    for cls in (0, 2):  # class 1 has no prototypes on level 1
+        bank.set_prototypes(1, cls, torch.randn(2, 4, generator=g), torch.randn(2, 3, generator=g))
+    f_t, f_s = torch.randn(3, 4, generator=g), torch.randn(3, 3, generator=g)
+    classes = torch.tensor([0, 1, 2])
+    w = bank.robustness_weight(f_s, f_t, classes, level=1)
+    for m, c in enumerate(classes.tolist()):
+        if c == 1:
+            assert w[m].item() == 1.0
+            continue
+        best_s = max(_cos(f_s[m], bank.student[1, c, k]) for k in range(2))
+        best_t = max(_cos(f_t[m], bank.teacher[1, c, k]) for k in range(2))
+        assert w[m].item() == pytest.approx(1 - abs(best_s - best_t), abs=1e-6)
+    rel = bank.relations(f_t, level=1, space="teacher")
+    assert rel.shape == (3, 2 * 2)  # two valid classes x K
+    assert rel[0, 3].item() == pytest.approx(_cos(f_t[0], bank.teacher[1, 2, 1]), abs=1e-6)
+    # identical spaces give w == 1
+    same = PrototypeBank(["p3"], 1, 2, 3, 3)
+    protos = torch.randn(2, 3, generator=g)
+    same.set_prototypes(0, 0, protos, protos)
+    f = torch.randn(4, 3, generator=g)
+    assert torch.allclose(same.robustness_weight(f, f, torch.zeros(4, dtype=torch.long), 0),
+                          torch.ones(4))
+
+
+def test_bank_lives_in_the_state_dict():
+    from d2kd.prototypes import PrototypeBank
+
+    bank = PrototypeBank(["p3"], 2, 3, 4, 5)
+    bank.set_prototypes(0, 1, torch.ones(3, 4), torch.ones(3, 5))
+    bank.version += 1
+    restored = PrototypeBank(["p3"], 2, 3, 4, 5)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.valid.tolist() == [[False, True]] and int(restored.version) == 1
+    assert torch.equal(restored.teacher, bank.teacher)

@@ -142,7 +142,7 @@ def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
 
 
 @pytest.mark.parametrize("config, teacher, heads", [
-    (DISTILL, TEACHER, ("FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead")),
+    (DISTILL, TEACHER, ("FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead", "DFDHead")),
     ("DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml",
      ("MGDHead", "FitNetHead", "FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead")),
 ])

@@ -102,6 +102,34 @@ def _add_own_keys(cfg: CN) -> None:
     # Transition point of smooth-L1.
     cfg.DISTILL.LOC.BETA = 0.1
 
+    # DFD: disparity-aware feature distillation (d2kd/heads/dfd.py, ../shared/methods/dfd.md).
+    cfg.DISTILL.DFD = CN()
+    # alpha: the loss is (alpha / N) * sum over cells of the per-cell constraint (MGD-like scale;
+    # 2e-5 for one-stage, 5e-7 for two-stage detectors as starting points).
+    cfg.DISTILL.DFD.ALPHA = 2e-5
+    # rho: fraction of valid cells per image and level treated as hard (largest disparity).
+    cfg.DISTILL.DFD.HARD_FRACTION = 0.3
+    # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel" (mse / teacher energy).
+    cfg.DISTILL.DFD.DISPARITY = "mse"
+    # Constraint on hard cells: "pseudo_huber", "downweight", "cosine" or "generative".
+    cfg.DISTILL.DFD.LENIENT = "pseudo_huber"
+    # Ablation: lenient on easy cells and strict on hard ones.
+    cfg.DISTILL.DFD.REVERSED = False
+    # kappa = KAPPA_SCALE * e_theta, the pseudo-Huber scale (larger: closer to plain MSE).
+    cfg.DISTILL.DFD.KAPPA_SCALE = 1.0
+    # Factor on hard cells for LENIENT = "downweight".
+    cfg.DISTILL.DFD.DOWNWEIGHT = 0.5
+    # beta_E, beta_H: weights of the easy-cell and hard-cell terms.
+    cfg.DISTILL.DFD.BETA_EASY = 1.0
+    cfg.DISTILL.DFD.BETA_HARD = 1.0
+    # Separate thresholds (and weights below) on GT-box cells and on the other cells.
+    cfg.DISTILL.DFD.FG_BG_STRATIFIED = False
+    # omega on GT-box cells and on the other cells when FG_BG_STRATIFIED (FGD's 2 : 1).
+    cfg.DISTILL.DFD.FG_WEIGHT = 2.0
+    cfg.DISTILL.DFD.BG_WEIGHT = 1.0
+    # Log hard fraction, mean disparity on easy/hard cells and theta every N iterations.
+    cfg.DISTILL.DFD.STATS_PERIOD = 20
+
     # ---- solver (d2kd/engine/optimizer.py) ----
     # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
     cfg.SOLVER.OPTIMIZER = "SGD"

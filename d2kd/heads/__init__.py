@@ -1,9 +1,11 @@
 """Distillation heads. Importing this package registers d2kd's heads."""
+from .dfd import DFDHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
 from .response import LocKDHead, LogitKDHead
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs, build_distill_heads
 
 __all__ = [
+    "DFDHead",
     "DISTILL_HEAD_REGISTRY",
     "DistillHead",
     "FgBgHead",

@@ -1,5 +1,5 @@
 """Cell masks on FPN levels derived from ground-truth boxes."""
-from typing import List
+from typing import List, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
@@ -42,4 +42,16 @@ def near_object_masks(gt_instances: List[Instances], anchors: List[Boxes],
         for mask, iou, shape in zip(masks, ious, shapes):
             keep = (iou > psi * best).any(dim=0)  # (H*W*A,)
             mask[i, 0] = keep.view(shape[2], shape[3], num_anchors).any(dim=2).float()
+    return masks
+
+
+def valid_cell_masks(image_sizes: List[Tuple[int, int]], shape: torch.Size, stride: int,
+                     device=None) -> torch.Tensor:
+    """(N, 1, H, W) bool: cells whose top-left pixel lies inside the image (not padding)."""
+    n, _, h, w = shape
+    ys = torch.arange(h, device=device) * stride
+    xs = torch.arange(w, device=device) * stride
+    masks = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
+    for i, (height, width) in enumerate(image_sizes):
+        masks[i, 0] = (ys[:, None] < height) & (xs[None, :] < width)
     return masks

@@ -1,0 +1,179 @@
+"""DFD: disparity-aware feature distillation (Liu et al., ICML 2024), as reconstructed in
+../shared/methods/dfd.md (the paper's method section is not available; every choice below is
+a config switch under ``DISTILL.DFD``).
+
+Per level and image, over valid (unpadded) cells:
+
+1. disparity d per cell, detached: ``mse`` (1/C sum_c (T - S~)^2), ``cos`` (1 - cosine) or
+   ``rel`` (mse divided by the teacher's mean energy 1/C sum_c T^2);
+2. threshold theta = the (1 - rho) quantile of d (optionally separately on GT-box cells and
+   the rest); hard cells H = {d > theta}, easy E = the rest;
+3. e = sum_c (T - S~)^2 per cell; strict on E: ``e``; lenient on H (``LENIENT``):
+   - ``pseudo_huber``: ``e_theta + 2 kappa (sqrt(1 + (e - e_theta) / kappa) - 1)``, with
+     e_theta the (1 - rho) quantile of e (= C theta for ``mse``) and kappa =
+     ``KAPPA_SCALE * e_theta``, detached. Decision: the pseudo-Huber is shifted to the
+     threshold so that the per-cell loss has the same value and slope on both sides of it
+     (the spec's un-shifted 2 kappa (sqrt(1 + e / kappa) - 1) jumps there); its gradient
+     stays bounded for large gaps, and kappa -> infinity recovers plain imitation;
+   - ``downweight``: ``DOWNWEIGHT * e``; ``cosine``: ``||T||^2 (1 - cos(S~, T))``;
+   - ``generative``: MGD-style: ``(G(S~ * M) - T)^2`` summed over channels on hard cells;
+   ``REVERSED`` swaps the roles (lenient on easy cells, strict on hard ones);
+4. ``L = ALPHA / N * sum_cells valid * omega * (beta_E 1_E strict + beta_H 1_H lenient)``,
+   summed over levels; omega = FG_WEIGHT / BG_WEIGHT on GT-box / other cells when stratified.
+"""
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..modeling.taps import StudentTaps
+from .feature_imitation import _FeatureHead
+from .masks import box_cell_masks, valid_cell_masks
+from .registry import DISTILL_HEAD_REGISTRY, TeacherOutputs
+
+DISPARITIES = ("mse", "cos", "rel")
+LENIENT_TYPES = ("pseudo_huber", "downweight", "cosine", "generative")
+
+
+def disparity(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N, H, W) per-cell disparity of (N, C, H, W) maps, detached."""
+    with torch.no_grad():
+        mse = (teacher - student).pow(2).mean(dim=1)
+        if kind == "mse":
+            return mse
+        if kind == "cos":
+            return 1.0 - F.cosine_similarity(student, teacher, dim=1)
+        if kind == "rel":
+            return mse / teacher.pow(2).mean(dim=1).clamp(min=1e-12)
+    raise ValueError(f"DISTILL.DFD.DISPARITY={kind!r} is not one of {DISPARITIES}.")
+
+
+def upper_quantile(values: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
+    """Per image: the value above which the top ``rho`` fraction of ``values[mask]`` lies.
+
+    ``values``, ``mask``: (N, H, W). Exactly round(rho * count) masked cells are strictly
+    above it when values are distinct (k-th smallest, no interpolation). Images without masked
+    cells get +inf.
+    """
+    thresholds = []
+    for v, m in zip(values, mask):
+        selected = v[m]
+        count = selected.numel()
+        keep = count - int(round(rho * count))
+        if count == 0:
+            thresholds.append(values.new_tensor(float("inf")))
+        elif keep == 0:
+            thresholds.append(selected.min() - 1.0)
+        else:
+            thresholds.append(torch.kthvalue(selected, keep).values)
+    return torch.stack(thresholds)  # (N,)
+
+
+def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """``e_theta + 2 kappa (sqrt(1 + (e - e_theta) / kappa) - 1)``: value e_theta and slope 1
+    at e = e_theta, sqrt growth beyond. Evaluated as ``e_theta + 2 x / (sqrt(1 + x / kappa) + 1)``
+    (x = e - e_theta), which is exact for any kappa, including huge ones."""
+    x = e - e_theta
+    return e_theta + 2.0 * x / (torch.sqrt((1.0 + x / kappa).clamp(min=0.0)) + 1.0)
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class DFDHead(_FeatureHead):
+    name = "dfd"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
+        dfd = cfg.DISTILL.DFD
+        self.alpha = dfd.ALPHA
+        self.rho = dfd.HARD_FRACTION
+        self.kind = dfd.DISPARITY
+        self.lenient = dfd.LENIENT
+        self.reversed = dfd.REVERSED
+        self.kappa_scale = dfd.KAPPA_SCALE
+        self.downweight = dfd.DOWNWEIGHT
+        self.beta_easy, self.beta_hard = dfd.BETA_EASY, dfd.BETA_HARD
+        self.stratified = dfd.FG_BG_STRATIFIED
+        self.fg_weight, self.bg_weight = dfd.FG_WEIGHT, dfd.BG_WEIGHT
+        self.stats_period = dfd.STATS_PERIOD
+        if self.kind not in DISPARITIES:
+            raise ValueError(f"DISTILL.DFD.DISPARITY={self.kind!r} is not one of {DISPARITIES}.")
+        if self.lenient not in LENIENT_TYPES:
+            raise ValueError(f"DISTILL.DFD.LENIENT={self.lenient!r} is not one of {LENIENT_TYPES}.")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.rho} must lie in [0, 1].")
+        self.generators = nn.ModuleDict()
+        if self.lenient == "generative":
+            for level in self.levels:
+                c = teacher_shapes[level].channels
+                self.generators[level] = nn.Sequential(
+                    nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1))
+
+    def partition(self, d: torch.Tensor, valid: torch.Tensor,
+                  fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Hard-cell mask (N, H, W) and per-cell threshold theta (N, H, W)."""
+        strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
+        hard = torch.zeros_like(valid)
+        theta = torch.zeros_like(d)
+        for stratum in strata:
+            t = upper_quantile(d, stratum, self.rho)[:, None, None].expand_as(d)
+            hard |= stratum & (d > t)
+            theta = torch.where(stratum, t, theta)
+        return hard, theta
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        aligned = self.aligner(student.features, teacher.features)
+        per_level, stats = {}, {}
+        for level in self.levels:
+            s, t = aligned[level], teacher.features[level]
+            stride = self.strides[level]
+            valid = valid_cell_masks(student.images.image_sizes, t.shape, stride, t.device)[:, 0]
+            fg = box_cell_masks(student.gt_instances, t.shape, stride)[:, 0].bool()
+            d = disparity(s, t, self.kind)
+            hard, theta = self.partition(d, valid, fg)
+            easy = valid & ~hard
+            e = (t - s).pow(2).sum(dim=1)  # (N, H, W)
+            strict_cells, lenient_cells = (hard, easy) if self.reversed else (easy, hard)
+            omega = torch.where(fg, self.fg_weight, self.bg_weight) if self.stratified else 1.0
+            strict = e * strict_cells
+            lenient = self.lenient_loss(level, s, t, e, valid, fg) * lenient_cells
+            beta_strict = self.beta_hard if self.reversed else self.beta_easy
+            beta_lenient = self.beta_easy if self.reversed else self.beta_hard
+            total = (omega * (beta_strict * strict + beta_lenient * lenient)).sum()
+            per_level[level] = self.alpha * total / s.shape[0]
+            stats[level] = (hard, easy, valid, d, theta)
+        self.log("loss", per_level)
+        self._log_stats(stats)
+        return {"loss_kd_dfd_feat": sum(per_level.values())}
+
+    def lenient_loss(self, level: str, s: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+                     valid: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) lenient per-cell loss (see module docstring)."""
+        if self.lenient == "pseudo_huber":
+            with torch.no_grad():
+                strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
+                e_theta = torch.zeros_like(e)
+                for stratum in strata:
+                    q = upper_quantile(e, stratum, self.rho)[:, None, None].expand_as(e)
+                    e_theta = torch.where(stratum, q, e_theta)
+                e_theta = torch.nan_to_num(e_theta, posinf=0.0).clamp(min=1e-12)
+                kappa = self.kappa_scale * e_theta
+            return shifted_pseudo_huber(e, e_theta, kappa)
+        if self.lenient == "downweight":
+            return self.downweight * e
+        if self.lenient == "cosine":
+            return t.pow(2).sum(dim=1) * (1.0 - F.cosine_similarity(s, t, dim=1))
+        keep = (torch.rand_like(s[:, :1]) >= 0.5).to(s.dtype)  # generative: MGD-style
+        return (self.generators[level](s * keep) - t).pow(2).sum(dim=1)
+
+    def _log_stats(self, stats) -> None:
+        storage = get_event_storage()
+        if self.stats_period <= 0 or storage.iter % self.stats_period:
+            return
+        for level, (hard, easy, valid, d, theta) in stats.items():
+            n_valid = valid.sum().clamp(min=1)
+            storage.put_scalar(f"kd/dfd/hard_fraction/{level}", float(hard.sum() / n_valid))
+            storage.put_scalar(f"kd/dfd/d_easy/{level}", float(d[easy].mean()) if easy.any() else 0.0)
+            storage.put_scalar(f"kd/dfd/d_hard/{level}", float(d[hard].mean()) if hard.any() else 0.0)
+            storage.put_scalar(f"kd/dfd/theta/{level}", float(theta[valid].mean()))

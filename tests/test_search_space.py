@@ -1,0 +1,142 @@
+"""DetKDS search space: ops, distances and genomes against independent references."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from d2kd.search import (DISTANCES, SLOT_OPS, GenomeError, apply_formula, dry_run, format_genome,
+                         parse_genome)
+from d2kd.search.genome import Formula
+
+X = torch.randn(4, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_space_has_the_papers_size():
+    sizes = [len(SLOT_OPS[s].names()) for s in (1, 2, 3)] + [len(DISTANCES.names())]
+    assert sizes == [5, 8, 14, 7] and math.prod(sizes) == 3920
+
+
+@pytest.mark.parametrize("slot, name, shape", [
+    (1, "satt", (4, 3, 6, 5)), (1, "catt", (4, 3, 6, 5)), (1, "natt", (4, 3, 6, 5)),
+    (2, "scale_r2", (4, 3, 3, 3)), (2, "scale_r4", (4, 3, 2, 2)), (2, "local_s2", (4, 12, 3, 3)),
+    (2, "local_s4", (4, 48, 2, 2)), (2, "affine", (4, 3, 6, 5)),
+    (3, "batch", (4, 90)), (3, "channel", (4, 3, 30)), (3, "norm_HW", (4, 3, 6, 5)),
+    (3, "softmax_N", (4, 3, 6, 5)), (3, "min_max", (4, 3, 6, 5)), (3, "batchnorm", (4, 3, 6, 5)),
+])
+def test_op_output_shapes(slot, name, shape):
+    assert tuple(SLOT_OPS[slot].get(name)(X).shape) == shape
+
+
+def test_attention_ops_match_their_formulas():
+    x = X
+    a = x.abs().mean(dim=1)  # (N, H, W)
+    for n in range(2):
+        weights = torch.softmax(a[n].flatten() / 0.5, dim=0).view(6, 5)
+        expected = x[n] * torch.sqrt(30 * weights)
+        assert torch.allclose(SLOT_OPS[1].get("satt")(x)[n], expected, atol=1e-6)
+    g = torch.softmax(x.abs().mean(dim=(2, 3)) / 0.5, dim=1)
+    assert torch.allclose(SLOT_OPS[1].get("catt")(x), x * torch.sqrt(3 * g)[:, :, None, None], atol=1e-6)
+
+
+def test_local_moves_patches_into_channels():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    y = SLOT_OPS[2].get("local_s2")(x)
+    # patch (0, 0) of the 2x2 grid holds x[0:2, 0:2] = [0, 1, 4, 5] across the 4 channels
+    assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    assert y[0, :, 1, 1].tolist() == [10.0, 11.0, 14.0, 15.0]
+
+
+def test_normalisations_and_distributions():
+    assert torch.allclose(SLOT_OPS[3].get("norm_C")(X).norm(dim=1), torch.ones(4, 6, 5), atol=1e-5)
+    assert torch.allclose(SLOT_OPS[3].get("norm_N")(X).norm(dim=0), torch.ones(3, 6, 5), atol=1e-5)
+    sm = SLOT_OPS[3].get("softmax_HW")(X)
+    assert torch.allclose(sm.flatten(2).sum(-1), torch.ones(4, 3), atol=1e-5)
+    mm = SLOT_OPS[3].get("min_max")(X).flatten(1)
+    assert torch.allclose(mm.min(1).values, torch.zeros(4)) and torch.allclose(mm.max(1).values, torch.ones(4))
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "smooth_l1", "cos", "pearson", "kl"])
+def test_identical_inputs_give_zero(name):
+    p = torch.softmax(X, dim=1)
+    assert DISTANCES.get(name)(p, p.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_is_a_true_kl_and_cos_is_one_minus_cosine():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.softmax(torch.randn(2, 3, generator=g), 1), torch.softmax(torch.randn(2, 3, generator=g), 1)
+    expected = sum(sum(t[i, c] * math.log(t[i, c] / s[i, c]) for c in range(3)) for i in range(2)) / 2
+    assert DISTANCES.get("kl")(s, t, axis="C").item() == pytest.approx(float(expected), rel=1e-5)
+    a, b = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    cos = [float(a[i] @ b[i]) / float(a[i].norm() * b[i].norm()) for i in range(3)]
+    assert DISTANCES.get("cos")(a, b).item() == pytest.approx(sum(1 - c for c in cos) / 3, rel=1e-5)
+    assert DISTANCES.get("kl")(s, t, axis="C").item() > 0
+
+
+def test_l1_l2_smooth_l1_references():
+    a, b = torch.tensor([0.0, 2.0, -0.5]), torch.tensor([0.5, 0.0, -0.5])
+    assert DISTANCES.get("l1")(a, b).item() == pytest.approx((0.5 + 2 + 0) / 3)
+    assert DISTANCES.get("l2")(a, b).item() == pytest.approx((0.25 + 4 + 0) / 3)
+    assert DISTANCES.get("smooth_l1")(a, b).item() == pytest.approx((0.125 + 1.5 + 0) / 3)
+
+
+CANONICAL = [
+    "global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2",
+    "instance:catt|scale_r1|norm_C|l1|w=50",
+    "global:mask|scale_r1|softmax_C|kl|w=0.5;logit:no|no|no|l2|w=1",
+]
+
+
+@pytest.mark.parametrize("text", CANONICAL)
+def test_genome_round_trip_and_dry_run(text):
+    genome = parse_genome(text)
+    assert format_genome(genome) == text
+    dry_run(genome, batch_size=4)
+
+
+def test_non_canonical_order_is_canonicalised():
+    text = "fgbg:no|local_s4|norm_HW|l1|w=2.0;global:catt|scale_r2|norm_N|l1|w=6"
+    assert format_genome(parse_genome(text)) == CANONICAL[0]
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("global:catt|scale_r3|norm_N|l1|w=6", "'scale_r3'"),
+    ("global:catt|scale_r2|norm_N|l7|w=6", "'l7'"),
+    ("globl:catt|scale_r2|norm_N|l1|w=6", "'globl'"),
+    ("global:catt|scale_r2|norm_N|l1|x=6", "'x=6'"),
+    ("global:catt|scale_r2|norm_N|l1|w=abc", "'w=abc'"),
+    ("global:catt|scale_r2|norm_N|l1", "expected slot1|slot2|slot3|distance|w=<weight>"),
+    ("global:catt|scale_r2|norm_N|kl|w=1", "'kl' needs a distribution slot 3"),
+    ("global:natt|no|norm_N|l1|w=1", "'natt' with slot 3 'norm_N' is degenerate"),
+    ("instance:catt|scale_r2|norm_C|l1|w=1", "'scale_r2' changes the spatial size"),
+    ("instance:catt|no|batch|l1|w=1", "'batch' reshapes"),
+    ("logit:catt|no|no|l1|w=1", "only slot 3 applies"),
+    ("global:no|no|no|l1|w=1;global:no|no|no|l2|w=1", "more than once"),
+])
+def test_invalid_genomes_name_the_bad_token(text, bad):
+    with pytest.raises(GenomeError, match=bad.replace("|", r"\|").replace("(", r"\(")):
+        parse_genome(text)
+
+
+def test_correlation_needs_a_batch_of_four():
+    genome = parse_genome("global:no|no|no|correlation|w=1")
+    dry_run(genome, batch_size=4)
+    with pytest.raises(GenomeError, match="at least 4"):
+        dry_run(genome, batch_size=2)
+
+
+def test_every_valid_formula_of_the_space_dry_runs():
+    """Exhaustive over slots and distances for the global input (3,920 formulas)."""
+    count = 0
+    s, t = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    for s1, s2, s3, d in itertools.product(SLOT_OPS[1].names(), SLOT_OPS[2].names(),
+                                           SLOT_OPS[3].names(), DISTANCES.names()):
+        try:
+            formula = parse_genome(f"global:{s1}|{s2}|{s3}|{d}|w=1").formulas[0]
+        except GenomeError:
+            continue
+        value = apply_formula(formula, s, t)
+        assert value.dim() == 0 and torch.isfinite(value), str(formula)
+        count += 1
+    assert count > 3000
+    assert isinstance(formula, Formula)

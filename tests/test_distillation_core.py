@@ -234,3 +234,25 @@ def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, ar
     assert cfg.DISTILL.STUDENT_META_ARCHITECTURE == arch
     DistillTrainer(cfg).train()
     assert (tmp_path / "run" / "model_final_student.pth").is_file()
+
+
+def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(tiny_digitsdet), OMP_NUM_THREADS="1")
+    out = tmp_path / "overhead.json"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "overhead",
+                    "--config-file", os.path.join(CONFIGS, DISTILL), "--json", str(out),
+                    "--iters", "2", "--warmup", "1", "--random-teacher", "MODEL.WEIGHTS", "",
+                    "SOLVER.IMS_PER_BATCH", "2"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    for key in ("t_student", "t_teacher_forward", "t_distill", "peak_rss_student_mb",
+                "peak_rss_distill_mb"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(
+        result["t_distill"] / (result["t_student"] + result["t_teacher_forward"]))

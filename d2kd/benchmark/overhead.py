@@ -106,17 +106,19 @@ def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, wa
         result = {"config": config_file, "iters": iters, "warmup": warmup, "opts": opts,
                   "random_teacher": random_teacher, "threads": torch.get_num_threads()}
         for mode in ("student", "distill"):
+            out = os.path.join(tmp, f"{mode}.json")
             cmd = [sys.executable, "-m", "d2kd.benchmark.overhead", mode, config_file,
-                   str(iters), str(warmup), json.dumps(opts)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            result.update(json.loads(out.strip().splitlines()[-1]))
+                   str(iters), str(warmup), json.dumps(opts), out]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            with open(out) as f:
+                result.update(json.load(f))
     result["ratio"] = result["t_distill"] / (result["t_student"] + result["t_teacher_forward"])
     atomic_write_json(json_path, result)
     return result
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # one measuring process: MODE CONFIG ITERS WARMUP OPTS_JSON OUT_JSON
     import d2kd  # noqa: F401  (registrations in the measuring process)
 
-    mode, config, n, w, extra = sys.argv[1:6]
-    print(json.dumps(measure(config, mode, int(n), int(w), json.loads(extra))))
+    mode, config, n, w, extra, out_path = sys.argv[1:7]
+    atomic_write_json(out_path, measure(config, mode, int(n), int(w), json.loads(extra)))

@@ -157,6 +157,30 @@ def test_every_baseline_head_trains_in_combination(tiny_digitsdet, tmp_path, con
         assert f"loss_kd_{name}" in records, name
 
 
+GENOME_ALL_INPUTS = ("global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2;"
+                     "instance:catt|scale_r1|norm_C|l1|w=50;logit:no|no|softmax_C|kl|w=1;"
+                     "loc:no|no|no|smooth_l1|w=1")
+
+
+@pytest.mark.parametrize("config, teacher", [
+    (DISTILL, TEACHER),
+    ("DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml"),
+    ("DigitsDet/fcos_R18_from_R50_mgd.yaml", "DigitsDet/fcos_R50_teacher.yaml"),
+])
+def test_searched_distiller_trains_with_every_knowledge_input(tiny_digitsdet, tmp_path, config,
+                                                              teacher):
+    weights = save_untrained_teacher(teacher, tmp_path / "teacher")
+    cfg = distill_cfg(str(tmp_path / "run"), weights, heads=("DetKDSHead",), config=config)
+    cfg.DISTILL.DETKDS.GENOME = GENOME_ALL_INPUTS
+    cfg.DISTILL.INIT_FROM_TEACHER = True
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    records = (tmp_path / "run" / "metrics.json").read_text()
+    for name in ("global", "fgbg", "instance", "logit", "loc"):
+        assert f"loss_kd_detkds_{name}" in records, name
+
+
 def test_dense_response_heads_need_the_same_head_layout(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/fcos_R50_teacher.yaml", tmp_path / "teacher")
     cfg = distill_cfg(str(tmp_path), weights, heads=("LogitKDHead",))

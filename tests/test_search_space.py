@@ -140,3 +140,43 @@ def test_every_valid_formula_of_the_space_dry_runs():
         count += 1
     assert count > 3000
     assert isinstance(formula, Formula)
+
+
+def test_bad_genome_in_a_config_fails_at_build_time():
+    from detectron2.layers import ShapeSpec
+
+    from d2kd.config import get_d2kd_cfg
+    from d2kd.heads import DetKDSHead
+
+    cfg = get_d2kd_cfg()
+    cfg.DISTILL.IN_FEATURES = ["p3"]
+    cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_Q|l1|w=6"
+    shapes = {"p3": ShapeSpec(channels=4, stride=8)}
+    with pytest.raises(ValueError, match="DISTILL.DETKDS.GENOME: global: unknown slot-3 op 'norm_Q'"):
+        DetKDSHead(cfg, shapes, shapes)
+
+
+def test_global_input_is_the_formula_on_the_aligned_maps():
+    from detectron2.layers import ShapeSpec
+
+    from d2kd.config import get_d2kd_cfg
+    from d2kd.heads import DetKDSHead, TeacherOutputs
+    from d2kd.modeling.taps import StudentTaps
+
+    cfg = get_d2kd_cfg()
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4"]
+    cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_N|l1|w=6"
+    shapes = {"p3": ShapeSpec(channels=4, stride=8), "p4": ShapeSpec(channels=4, stride=16)}
+    head = DetKDSHead(cfg, shapes, shapes)
+    g = torch.Generator().manual_seed(7)
+    s = {l: torch.randn(2, 4, 6, 6, generator=g) for l in ("p3", "p4")}
+    t = {l: torch.randn(2, 4, 6, 6, generator=g) for l in ("p3", "p4")}
+    loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_detkds_global"]
+    expected = 0.0
+    for l in ("p3", "p4"):  # catt -> 2x2 max-pool -> L2 over the batch axis -> mean |.| x 6
+        cs = s[l] * torch.sqrt(4 * torch.softmax(s[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
+        ct = t[l] * torch.sqrt(4 * torch.softmax(t[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
+        ps, pt = torch.nn.functional.max_pool2d(cs, 2), torch.nn.functional.max_pool2d(ct, 2)
+        ns, nt = ps / ps.norm(dim=0, keepdim=True), pt / pt.norm(dim=0, keepdim=True)
+        expected += 6 * (ns - nt).abs().mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

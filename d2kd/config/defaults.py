@@ -130,6 +130,13 @@ def _add_own_keys(cfg: CN) -> None:
     # Log hard fraction, mean disparity on easy/hard cells and theta every N iterations.
     cfg.DISTILL.DFD.STATS_PERIOD = 20
 
+    # DetKDS: a searched distiller given as a genome string (d2kd/search/genome.py).
+    cfg.DISTILL.DETKDS = CN()
+    # e.g. "global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2".
+    cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_N|l1|w=6"
+    # "loc" input: positions where the teacher's top (sigmoid) score exceeds this.
+    cfg.DISTILL.DETKDS.LOC_SCORE_THRESH = 0.05
+
     # ---- solver (d2kd/engine/optimizer.py) ----
     # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
     cfg.SOLVER.OPTIMIZER = "SGD"

@@ -1,10 +1,12 @@
 """Distillation heads. Importing this package registers d2kd's heads."""
+from .detkds import DetKDSHead
 from .dfd import DFDHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
 from .response import LocKDHead, LogitKDHead
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs, build_distill_heads
 
 __all__ = [
+    "DetKDSHead",
     "DFDHead",
     "DISTILL_HEAD_REGISTRY",
     "DistillHead",

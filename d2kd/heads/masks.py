@@ -10,6 +10,12 @@ def box_cell_masks(gt_instances: List[Instances], shape: torch.Size, stride: int
 
     ``shape`` is the level's (N, C, H, W); boxes are in input-image pixels (XYXY).
     """
+    return (box_area_masks(gt_instances, shape, stride) > 0).float()
+
+
+def box_area_masks(gt_instances: List[Instances], shape: torch.Size, stride: int) -> torch.Tensor:
+    """(N, 1, H, W): on the cells of each GT box (centre rule of :func:`box_cell_masks`),
+    1 / (number of cells of that box), max over overlapping boxes; 0 elsewhere."""
     n, _, h, w = shape
     device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride
@@ -17,9 +23,9 @@ def box_cell_masks(gt_instances: List[Instances], shape: torch.Size, stride: int
     masks = torch.zeros(n, 1, h, w, device=device)
     for i, instances in enumerate(gt_instances):
         for x0, y0, x1, y1 in instances.gt_boxes.tensor:
-            inside_y = (ys >= y0) & (ys <= y1)
-            inside_x = (xs >= x0) & (xs <= x1)
-            masks[i, 0] = torch.maximum(masks[i, 0], (inside_y[:, None] & inside_x[None, :]).float())
+            cells = (((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]).float()
+            if cells.sum() > 0:
+                masks[i, 0] = torch.maximum(masks[i, 0], cells / cells.sum())
     return masks
 
 

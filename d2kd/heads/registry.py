@@ -26,13 +26,15 @@ class TeacherOutputs:
     features: Optional[Dict[str, torch.Tensor]] = None
     dense_predictions: Optional[List[List[torch.Tensor]]] = None
     roi_predictions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    rpn_predictions: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
 
 
 class DistillHead(nn.Module):
     """Base class: ``forward(student_taps, teacher_outputs) -> {"loss_kd_<name>_<term>": ...}``.
 
     Subclasses set ``name`` (the short name in their loss keys and logs) and
-    ``teacher_needs`` (subset of ``{"features", "dense_predictions", "roi_predictions"}``), and
+    ``teacher_needs`` (subset of ``{"features", "dense_predictions", "roi_predictions",
+    "rpn_predictions"}``), and
     log per-level scalars with :meth:`log`.
     """
 

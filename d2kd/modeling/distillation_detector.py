@@ -79,6 +79,16 @@ def check_response_compatible(student: nn.Module, teacher: nn.Module, needs) -> 
             raise ValueError("Dense response distillation needs a teacher of the student's "
                              "family and head layout (family, classes, levels, anchors/cell): "
                              f"student {s}, teacher {t}.")
+    if "rpn_predictions" in needs:
+        s_rpn, t_rpn = (getattr(getattr(m, "proposal_generator", None), "in_features", None)
+                        for m in (student, teacher))
+        s_anchors, t_anchors = (m.proposal_generator.anchor_generator.num_anchors
+                                if getattr(m, "proposal_generator", None) is not None else None
+                                for m in (student, teacher))
+        if s_rpn is None or (s_rpn, s_anchors) != (t_rpn, t_anchors):
+            raise ValueError("RPN response distillation needs R-CNN student and teacher with "
+                             f"the same RPN levels and anchors: student {s_rpn} {s_anchors}, "
+                             f"teacher {t_rpn} {t_anchors}.")
     if "roi_predictions" in needs:
         s_heads, t_heads = getattr(student, "roi_heads", None), getattr(teacher, "roi_heads", None)
         if s_heads is None or t_heads is None or s_heads.num_classes != t_heads.num_classes:
@@ -155,6 +165,8 @@ class DistillationDetector(nn.Module):
         outputs.features = teacher.features(images)
         if "dense_predictions" in self.teacher_needs:
             outputs.dense_predictions = teacher.dense_predictions(outputs.features)
+        if "rpn_predictions" in self.teacher_needs:
+            outputs.rpn_predictions = teacher.rpn_predictions(outputs.features)
         if "roi_predictions" in self.teacher_needs:
             boxes = [p.proposal_boxes for p in taps.sampled_proposals]
             outputs.roi_predictions = teacher.roi_predictions(outputs.features, boxes)

@@ -10,7 +10,9 @@ distillation heads read:
 - dense detectors (RetinaNet, FCOS): the head outputs per kind and level
   (``dense_predictions``: [logits, deltas, ...], each a list of (N, A*K, H/s, W/s)), the anchors
   and their assigned labels/boxes (``anchors``, ``anchor_labels``, ``anchor_gt_boxes``);
-- R-CNN: the RPN proposals, the RoI head's sampled proposals with ``gt_classes``
+- R-CNN: the RPN head's outputs (``rpn_predictions``: objectness logits (N, A, H/s, W/s) and
+  deltas (N, A*4, H/s, W/s) per level), the RPN proposals, the RoI head's sampled proposals
+  with ``gt_classes``
   (``sampled_proposals``) and the box predictor's outputs on them (``roi_predictions``).
 """
 import contextlib
@@ -34,6 +36,7 @@ class StudentTaps:
     anchors: Optional[List[Boxes]] = None
     anchor_labels: Optional[List[torch.Tensor]] = None
     anchor_gt_boxes: Optional[List[torch.Tensor]] = None
+    rpn_predictions: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
     proposals: Optional[List[Instances]] = None
     sampled_proposals: Optional[List[Instances]] = None
     roi_predictions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -70,8 +73,12 @@ class StudentTapper(contextlib.AbstractContextManager):
             self._undo.append(_wrap_method(student, "forward_training", self._on_dense_training))
             self._undo.append(_wrap_method(student, "label_anchors", self._on_label_anchors))
         if getattr(student, "proposal_generator", None) is not None:
-            hook = student.proposal_generator.register_forward_hook(
+            generator = student.proposal_generator
+            hook = generator.register_forward_hook(
                 lambda module, args, out: setattr(taps, "proposals", out[0]))
+            self._undo.append(hook.remove)
+            hook = generator.rpn_head.register_forward_hook(
+                lambda module, args, out: setattr(taps, "rpn_predictions", out))
             self._undo.append(hook.remove)
         if getattr(student, "roi_heads", None) is not None:
             roi_heads = student.roi_heads

@@ -122,3 +122,9 @@ class FrozenTeacher:
         roi_heads = self.model.roi_heads
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
         return roi_heads.box_predictor(roi_heads.box_head(pooled))
+
+    @torch.no_grad()
+    def rpn_predictions(self, features: Dict[str, torch.Tensor]):
+        """An R-CNN teacher's RPN head: objectness logits and deltas, lists over its levels."""
+        generator = self.model.proposal_generator
+        return generator.rpn_head([features[f] for f in generator.in_features])

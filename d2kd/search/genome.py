@@ -115,19 +115,30 @@ def format_genome(genome: Genome) -> str:
     return ";".join(str(f) for f in ordered)
 
 
-def apply_formula(formula: Formula, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``weight * distance(T(student), T(teacher))`` with T the slot cascade; a random mask of
-    slot 1 is shared by both sides."""
-    mask = draw_mask(teacher) if formula.slot1 == "mask" else None
-    s, t = student, teacher
-    for slot, name in ((1, formula.slot1), (2, formula.slot2), (3, formula.slot3)):
-        op = SLOT_OPS[slot].get(name)
-        s, t = op(s, mask=mask), op(t, mask=mask)
+def transform(formula: Formula, student: torch.Tensor, teacher: torch.Tensor,
+              slots=(1, 2, 3)) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The slot cascade applied identically and independently to both tensors; a random mask
+    of slot 1 is shared by both sides."""
+    mask = draw_mask(teacher) if formula.slot1 == "mask" and 1 in slots else None
+    names = {1: formula.slot1, 2: formula.slot2, 3: formula.slot3}
+    for slot in slots:
+        op = SLOT_OPS[slot].get(names[slot])
+        student, teacher = op(student, mask=mask), op(teacher, mask=mask)
+    return student, teacher
+
+
+def distance(formula: Formula, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``weight * distance(student, teacher)`` of already transformed tensors."""
     kwargs = {}
     if formula.slot3 in DISTRIBUTION_OPS:
         kwargs = {"axis": DISTRIBUTION_OPS[formula.slot3],
                   "log_inputs": formula.slot3.startswith("log")}
-    return formula.weight * DISTANCES.get(formula.distance)(s, t, **kwargs)
+    return formula.weight * DISTANCES.get(formula.distance)(student, teacher, **kwargs)
+
+
+def apply_formula(formula: Formula, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``weight * distance(T(student), T(teacher))`` with T the whole slot cascade."""
+    return distance(formula, *transform(formula, student, teacher))
 
 
 def dry_run(genome: Genome, batch_size: int, channels: int = 8, size: int = 8) -> None:

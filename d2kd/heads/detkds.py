@@ -1,0 +1,108 @@
+"""The searched-distiller head of DetKDS: a genome string turned into a loss
+(d2kd/search/genome.py; ../shared/methods/detkds.md).
+
+Knowledge inputs, per distilled level, summed over levels:
+
+- ``global``: the adapted student map and the teacher map (N, C, H, W);
+- ``fgbg``: maps times a foreground mask (1 / box area in cells on GT-box cells, max over
+  boxes) and times a background mask (uniform on the other cells, summing to 1 per image);
+  the background term counts half;
+- ``instance``: the cascade on the maps, then RoIAlign of every GT box at 14 x 14 on the level;
+- ``logit``: sigmoid of the classification maps (dense students) or of the RPN objectness
+  (R-CNN students); only slot 3 applies;
+- ``loc``: the regression maps (dense deltas or RPN deltas) at positions where the teacher's
+  top score exceeds ``LOC_SCORE_THRESH`` (our definition: the authors left it out).
+"""
+from typing import Dict, List
+
+import torch
+from torchvision.ops import roi_align
+
+from ..search.genome import GenomeError, distance, dry_run, parse_genome, transform
+from ..modeling.taps import StudentTaps
+from .alignment import FeatureAligner
+from .masks import box_area_masks
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from .response import DENSE_ARCHITECTURES
+
+INSTANCE_SIZE = 14
+BACKGROUND_WEIGHT = 0.5
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class DetKDSHead(DistillHead):
+    name = "detkds"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__()
+        try:
+            self.genome = parse_genome(cfg.DISTILL.DETKDS.GENOME)
+            dry_run(self.genome, batch_size=max(cfg.SOLVER.IMS_PER_BATCH, 1))
+        except GenomeError as e:
+            raise ValueError(f"DISTILL.DETKDS.GENOME: {e}") from None
+        self.levels = list(cfg.DISTILL.IN_FEATURES)
+        self.strides = {level: student_shapes[level].stride for level in self.levels
+                        if level in student_shapes}
+        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
+                                      cfg.DISTILL.ADAPTER)
+        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        self.loc_score_thresh = cfg.DISTILL.DETKDS.LOC_SCORE_THRESH
+        needs = {"features"}
+        if any(f.input in ("logit", "loc") for f in self.genome.formulas):
+            needs.add("dense_predictions" if self.dense else "rpn_predictions")
+        self.teacher_needs = frozenset(needs)
+
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        aligned = self.aligner(student.features, teacher.features)
+        losses = {}
+        for formula in self.genome.formulas:
+            term = getattr(self, f"_{formula.input}")
+            losses[f"loss_kd_detkds_{formula.input}"] = term(formula, student, teacher, aligned)
+        return losses
+
+    def _global(self, formula, student, teacher, aligned) -> torch.Tensor:
+        return sum(distance(formula, *transform(formula, aligned[l], teacher.features[l]))
+                   for l in self.levels)
+
+    def _fgbg(self, formula, student, teacher, aligned) -> torch.Tensor:
+        total = 0.0
+        for level in self.levels:
+            s, t = aligned[level], teacher.features[level]
+            fg = box_area_masks(student.gt_instances, t.shape, self.strides[level])
+            bg = (fg == 0).to(t.dtype)
+            bg = bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
+            total = total + distance(formula, *transform(formula, s * fg, t * fg))
+            total = total + BACKGROUND_WEIGHT * distance(formula, *transform(formula, s * bg, t * bg))
+        return total
+
+    def _instance(self, formula, student, teacher, aligned) -> torch.Tensor:
+        boxes = [inst.gt_boxes.tensor for inst in student.gt_instances]
+        if sum(len(b) for b in boxes) == 0:
+            return aligned[self.levels[0]].sum() * 0.0
+        total = 0.0
+        for level in self.levels:
+            s, t = transform(formula, aligned[level], teacher.features[level])
+            scale = 1.0 / self.strides[level]
+            s_roi = roi_align(s, boxes, INSTANCE_SIZE, spatial_scale=scale, aligned=True)
+            t_roi = roi_align(t, boxes, INSTANCE_SIZE, spatial_scale=scale, aligned=True)
+            total = total + distance(formula, s_roi, t_roi)
+        return total
+
+    def _response_maps(self, student: StudentTaps, teacher: TeacherOutputs, kind: int):
+        """Per-level (student, teacher) maps: kind 0 = scores, 1 = box regression."""
+        if self.dense:
+            return list(zip(student.dense_predictions[kind], teacher.dense_predictions[kind]))
+        return list(zip(student.rpn_predictions[kind], teacher.rpn_predictions[kind]))
+
+    def _logit(self, formula, student, teacher, aligned) -> torch.Tensor:
+        return sum(distance(formula, *transform(formula, s.sigmoid(), t.sigmoid(), slots=(3,)))
+                   for s, t in self._response_maps(student, teacher, 0))
+
+    def _loc(self, formula, student, teacher, aligned) -> torch.Tensor:
+        total = 0.0
+        scores = self._response_maps(student, teacher, 0)
+        for (_, t_scores), (s, t) in zip(scores, self._response_maps(student, teacher, 1)):
+            keep = (t_scores.sigmoid().amax(dim=1, keepdim=True) > self.loc_score_thresh)
+            keep = keep.to(s.dtype)
+            total = total + distance(formula, *transform(formula, s * keep, t * keep, slots=(3,)))
+        return total

@@ -280,3 +280,38 @@ def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(
         result["t_distill"] / (result["t_student"] + result["t_teacher_forward"]))
+
+
+@pytest.mark.parametrize("config, teacher", [
+    ("DigitsDet/retinanet_R18_from_R50_gk.yaml", TEACHER),
+    ("DigitsDet/faster_rcnn_R18_from_R50_gk.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml"),
+])
+def test_global_knowledge_head_trains_and_weights_instances_with_the_bank(
+        tiny_digitsdet, tmp_path, config, teacher):
+    from detectron2.utils.events import EventStorage
+
+    weights = save_untrained_teacher(teacher, tmp_path / "teacher")
+    cfg = distill_cfg(str(tmp_path / "run"), weights, heads=("GlobalKnowledgeHead",),
+                      config=config)
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    records = (tmp_path / "run" / "metrics.json").read_text()
+    assert '"kd/gk/weight_mean": 1.0' in records, "an empty bank weighs every instance 1"
+    model = trainer.model
+    head = model.heads["GlobalKnowledgeHead"]
+    assert any(k.startswith("heads.GlobalKnowledgeHead.bank.") for k in model.state_dict())
+    # fill the bank with random prototypes: weights leave 1 and the global loss turns on
+    g = torch.Generator().manual_seed(0)
+    bank = head.bank
+    for level in range(len(bank.levels)):
+        for cls in range(bank.num_classes):
+            bank.set_prototypes(level, cls, torch.randn(bank.teacher.shape[2:], generator=g),
+                                torch.randn(bank.student.shape[2:], generator=g))
+    from detectron2.data import build_detection_train_loader
+
+    batch = next(iter(build_detection_train_loader(cfg)))
+    model.train()
+    with EventStorage(0) as storage:
+        losses = model(batch)
+        assert losses["loss_kd_gk_global"].item() > 0
+        assert storage.latest()["kd/gk/weight_mean"][0] < 1.0

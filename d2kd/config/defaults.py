@@ -130,6 +130,26 @@ def _add_own_keys(cfg: CN) -> None:
     # Log hard fraction, mean disparity on easy/hard cells and theta every N iterations.
     cfg.DISTILL.DFD.STATS_PERIOD = 20
 
+    # Global-knowledge distillation, RDM losses (d2kd/heads/global_knowledge.py).
+    cfg.DISTILL.GK = CN()
+    # Weights of the global (Eq. 6), local feature (Eq. 7) and local response losses.
+    cfg.DISTILL.GK.GLOBAL_WEIGHT = 5.0
+    cfg.DISTILL.GK.FEATURE_WEIGHT = 1.0
+    cfg.DISTILL.GK.RESPONSE_WEIGHT = 1.0
+    # Softmax temperature of the response loss.
+    cfg.DISTILL.GK.TEMPERATURE = 2.0
+    # lambda_fg, lambda_bg of the local feature loss.
+    cfg.DISTILL.GK.FG_LAMBDA = 1.0
+    cfg.DISTILL.GK.BG_LAMBDA = 4.0
+    # Prototypes per class and level (K).
+    cfg.DISTILL.GK.NUM_PROTOTYPES = 10
+    # Feature-loss reduction over levels: "mean" (released Faster R-CNN) or "sum" (RetinaNet).
+    cfg.DISTILL.GK.LEVEL_REDUCTION = "mean"
+    # Attenuate the global and feature losses by a = 1 - iter / ATTENUATION_ITERS (released).
+    cfg.DISTILL.GK.ATTENUATION = True
+    # Iterations over which the attenuation decays to 0 (normally SOLVER.MAX_ITER).
+    cfg.DISTILL.GK.ATTENUATION_ITERS = 600
+
     # DetKDS: a searched distiller given as a genome string (d2kd/search/genome.py).
     cfg.DISTILL.DETKDS = CN()
     # e.g. "global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2".

@@ -1,6 +1,7 @@
 """Distillation heads. Importing this package registers d2kd's heads."""
 from .detkds import DetKDSHead
 from .dfd import DFDHead
+from .global_knowledge import GlobalKnowledgeHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
 from .response import LocKDHead, LogitKDHead
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs, build_distill_heads
@@ -13,6 +14,7 @@ __all__ = [
     "FgBgHead",
     "FGFIHead",
     "FitNetHead",
+    "GlobalKnowledgeHead",
     "LocKDHead",
     "LogitKDHead",
     "MGDHead",

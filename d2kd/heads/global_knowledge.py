@@ -1,0 +1,200 @@
+"""RDM: robust distillation with global knowledge (Tang et al., ECCV 2022).
+
+Spec: ../shared/methods/global_knowledge.md. KD instances are the positives the student's
+own loss used: positive sampled proposals (R-CNN; labels from their matched GT, each on the
+FPN level detectron2's ``assign_boxes_to_levels`` picks) or positive anchors (RetinaNet; the
+anchor box on its own level). Their features are box-pooled from the raw FPN maps of both
+models (the space of the prototypes). Per instance the robustness weight (Eq. 8) scales:
+
+- the global loss (Eq. 6): relations to every prototype of the level, smooth-L1;
+- the local feature loss (Eq. 7): a 3x3 adapter, foreground cells of the KD boxes filled with
+  their weight, background cells, normalised separately;
+- the local response loss: weighted T^2 KL of softened class distributions at the KD
+  instances (R-CNN: both box heads on the student's positive RoIs; RetinaNet: both dense
+  heads at the positive anchors, aligned per image and anchor).
+
+``L = GLOBAL_WEIGHT * a * L_glob + FEATURE_WEIGHT * a * L_feat + RESPONSE_WEIGHT * L_resp``
+with the attenuation ``a = 1 - iter / ATTENUATION_ITERS`` (as released; switchable). The
+prototype bank (``self.bank``) is rebuilt by the prototype refresh; with an empty bank every
+weight is 1 and the global loss is 0.
+"""
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..modeling.taps import StudentTaps
+from ..prototypes import PrototypeBank, box_cells, box_pool
+from .alignment import check_levels
+from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from .response import DENSE_ARCHITECTURES, _dense_num_classes, _flatten_dense
+
+
+@dataclass
+class KDInstances:
+    """Positive instances of one level: boxes (M, 4), classes (M,), image index (M,), and for
+    the response loss their row in the flattened predictions (M,)."""
+
+    boxes: torch.Tensor
+    classes: torch.Tensor
+    images: torch.Tensor
+    rows: torch.Tensor
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class GlobalKnowledgeHead(DistillHead):
+    name = "gk"
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__()
+        gk = cfg.DISTILL.GK
+        self.levels = list(cfg.DISTILL.IN_FEATURES)
+        check_levels(self.levels, student_shapes, teacher_shapes)
+        self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
+        self.student_strides = {l: student_shapes[l].stride for l in self.levels}
+        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        self.teacher_needs = frozenset(
+            {"features", "dense_predictions" if self.dense else "roi_predictions"})
+        num_classes = (cfg.MODEL.RETINANET.NUM_CLASSES if self.dense
+                       else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        self.bank = PrototypeBank(self.levels, num_classes, gk.NUM_PROTOTYPES,
+                                  teacher_shapes[self.levels[0]].channels,
+                                  student_shapes[self.levels[0]].channels)
+        self.adapters = nn.ModuleDict({
+            l: nn.Conv2d(student_shapes[l].channels, teacher_shapes[l].channels, 3, padding=1)
+            for l in self.levels})
+        self.weights = (gk.GLOBAL_WEIGHT, gk.FEATURE_WEIGHT, gk.RESPONSE_WEIGHT)
+        self.temperature = gk.TEMPERATURE
+        self.fg_lambda, self.bg_lambda = gk.FG_LAMBDA, gk.BG_LAMBDA
+        self.level_mean = gk.LEVEL_REDUCTION == "mean"
+        self.attenuation_iters = gk.ATTENUATION_ITERS if gk.ATTENUATION else 0
+        self.level_ids = [int(l[1:]) for l in self.levels]  # "p3" -> 3
+        if self.dense:  # positive anchors come per head level
+            head_levels = list(cfg.MODEL.RETINANET.IN_FEATURES)
+            missing = [l for l in self.levels if l not in head_levels]
+            if missing or cfg.DISTILL.STUDENT_META_ARCHITECTURE != "RetinaNet":
+                raise ValueError("GlobalKnowledgeHead on a dense student needs a RetinaNet whose "
+                                 f"head levels {head_levels} include DISTILL.IN_FEATURES "
+                                 f"{self.levels}.")
+            self.anchor_level_index = {l: head_levels.index(l) for l in self.levels}
+
+    # ---- KD instances --------------------------------------------------------------------
+    def kd_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
+        return self._dense_instances(student) if self.dense else self._rcnn_instances(student)
+
+    def _rcnn_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
+        num_classes = student.roi_predictions[0].shape[1] - 1
+        boxes, classes, images, rows, offset = [], [], [], [], 0
+        for i, proposals in enumerate(student.sampled_proposals):
+            positive = (proposals.gt_classes >= 0) & (proposals.gt_classes < num_classes)
+            index = positive.nonzero().squeeze(1)
+            boxes.append(proposals.proposal_boxes.tensor[index])
+            classes.append(proposals.gt_classes[index])
+            images.append(torch.full_like(index, i))
+            rows.append(index + offset)
+            offset += len(proposals)
+        boxes, classes = torch.cat(boxes), torch.cat(classes)
+        images, rows = torch.cat(images), torch.cat(rows)
+        level = assign_boxes_to_levels([Boxes(boxes)], min(self.level_ids), max(self.level_ids),
+                                       224, 4)
+        return {l: KDInstances(boxes[level == k], classes[level == k], images[level == k],
+                               rows[level == k]) for k, l in enumerate(self.levels)}
+
+    def _dense_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
+        labels = torch.stack(student.anchor_labels)  # (N, R over all head levels)
+        num_classes = _dense_num_classes(student)
+        sizes = [len(a) for a in student.anchors]
+        starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        out = {}
+        for level in self.levels:
+            level_index = self.anchor_level_index[level]
+            lo, hi = starts[level_index], starts[level_index + 1]
+            level_labels = labels[:, lo:hi]
+            images, anchor = ((level_labels >= 0) & (level_labels < num_classes)).nonzero(as_tuple=True)
+            out[level] = KDInstances(student.anchors[level_index].tensor[anchor],
+                                     level_labels[images, anchor], images,
+                                     images * labels.shape[1] + lo + anchor)
+        return out
+
+    # ---- losses --------------------------------------------------------------------------
+    def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
+        instances = self.kd_instances(student)
+        glob, feat, weights, per_level = [], [], [], {}
+        for level_index, level in enumerate(self.levels):
+            kd = instances[level]
+            s_map, t_map = student.features[level], teacher.features[level]
+            f_s = self._pool(s_map, kd, self.student_strides[level])
+            f_t = self._pool(t_map, kd, self.teacher_strides[level])
+            w = self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
+            weights.append(w)
+            glob.append(global_relation_loss(f_s, f_t, w, self.bank, level_index)
+                        if len(kd.boxes) else s_map.sum() * 0.0)
+            mask = self._foreground(kd, w, t_map, self.teacher_strides[level])
+            adapted = self.adapters[level](s_map)
+            if adapted.shape[-2:] != t_map.shape[-2:]:
+                adapted = torch.nn.functional.interpolate(adapted, size=t_map.shape[-2:],
+                                                          mode="bilinear", align_corners=False)
+            feat.append(local_feature_loss(adapted, t_map, mask, self.fg_lambda,
+                                           self.bg_lambda))
+            per_level[level] = feat[-1].detach()
+        feat_loss = torch.stack(feat).mean() if self.level_mean else torch.stack(feat).sum()
+        glob_loss = torch.stack(glob).sum()
+        resp_loss = self._response(student, teacher, instances, weights)
+        a = self._attenuation()
+        w_glob, w_feat, w_resp = self.weights
+        all_w = torch.cat(weights)
+        storage = get_event_storage()
+        if len(all_w):
+            storage.put_scalar("kd/gk/weight_mean", float(all_w.mean()))
+            storage.put_scalar("kd/gk/weight_min", float(all_w.min()))
+        self.log("feat", per_level)
+        return {"loss_kd_gk_global": w_glob * a * glob_loss,
+                "loss_kd_gk_feat": w_feat * a * feat_loss,
+                "loss_kd_gk_resp": w_resp * resp_loss}
+
+    @staticmethod
+    def _pool(feature: torch.Tensor, kd: KDInstances, stride: int) -> torch.Tensor:
+        """(M, C): box-pooled features of the instances, each from its own image."""
+        pooled = [feature.new_zeros(0, feature.shape[1])]
+        order = [kd.images.new_zeros(0)]
+        for i in kd.images.unique().tolist():
+            index = (kd.images == i).nonzero().squeeze(1)
+            pooled.append(box_pool(feature[i], kd.boxes[index], stride))
+            order.append(index)
+        result = torch.cat(pooled)
+        return result[torch.argsort(torch.cat(order))]
+
+    @staticmethod
+    def _foreground(kd: KDInstances, w: torch.Tensor, t_map: torch.Tensor,
+                    stride: int) -> torch.Tensor:
+        """(N, 1, H, W): each KD box's cells filled with its weight (max over boxes)."""
+        n, _, h, width = t_map.shape
+        mask = t_map.new_zeros(n, 1, h, width)
+        x0, y0, x1, y1 = box_cells(kd.boxes, stride, h, width)
+        for m in range(len(kd.boxes)):
+            region = mask[kd.images[m], 0, y0[m]:y1[m] + 1, x0[m]:x1[m] + 1]
+            torch.maximum(region, w[m].expand_as(region), out=region)
+        return mask
+
+    def _response(self, student, teacher, instances, weights) -> torch.Tensor:
+        rows = torch.cat([instances[l].rows for l in self.levels])
+        w = torch.cat(weights)
+        if self.dense:
+            num_classes = _dense_num_classes(student)
+            s = _flatten_dense(student.dense_predictions[0], num_classes).flatten(0, 1)
+            t = _flatten_dense(teacher.dense_predictions[0], num_classes).flatten(0, 1)
+        else:
+            s, t = student.roi_predictions[0], teacher.roi_predictions[0]
+        if len(rows) == 0:
+            return s.sum() * 0.0
+        return weighted_response_kl(s[rows], t[rows], w, self.temperature)
+
+    def _attenuation(self) -> float:
+        if self.attenuation_iters <= 0:
+            return 1.0
+        return max(0.0, 1.0 - get_event_storage().iter / self.attenuation_iters)

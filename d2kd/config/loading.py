@@ -147,7 +147,3 @@ def _resolve_teacher_configs(cfg: CfgNode, chain: List[Tuple[dict, str]]) -> Non
         resolved.append(path)
     cfg.DISTILL.TEACHER.CONFIGS = resolved
 
-
-def config_keys(cfg: CfgNode) -> List[str]:
-    """All dotted keys of ``cfg`` (used for suggestions and docs checks)."""
-    return list(_all_keys(cfg))

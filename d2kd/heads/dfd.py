@@ -29,8 +29,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..modeling.taps import StudentTaps
-from .feature_imitation import _FeatureHead
-from .masks import box_cell_masks, valid_cell_masks
+from .feature_imitation import _FeatureHead, generation_block
+from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
 from .registry import DISTILL_HEAD_REGISTRY, TeacherOutputs
 
 DISPARITIES = ("mse", "cos", "rel")
@@ -105,22 +105,25 @@ class DFDHead(_FeatureHead):
             raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.rho} must lie in [0, 1].")
         self.generators = nn.ModuleDict()
         if self.lenient == "generative":
-            for level in self.levels:
-                c = teacher_shapes[level].channels
-                self.generators[level] = nn.Sequential(
-                    nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1))
+            self.generators.update(
+                {l: generation_block(teacher_shapes[l].channels) for l in self.levels})
+
+    def threshold(self, values: torch.Tensor, valid: torch.Tensor,
+                  fg: torch.Tensor) -> torch.Tensor:
+        """(N, H, W): each valid cell's (1 - rho) quantile of ``values`` over its image (and
+        stratum, when stratified); 0 on padded cells."""
+        strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
+        theta = torch.zeros_like(values)
+        for stratum in strata:
+            q = upper_quantile(values, stratum, self.rho)[:, None, None].expand_as(values)
+            theta = torch.where(stratum, q, theta)
+        return theta
 
     def partition(self, d: torch.Tensor, valid: torch.Tensor,
                   fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Hard-cell mask (N, H, W) and per-cell threshold theta (N, H, W)."""
-        strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
-        hard = torch.zeros_like(valid)
-        theta = torch.zeros_like(d)
-        for stratum in strata:
-            t = upper_quantile(d, stratum, self.rho)[:, None, None].expand_as(d)
-            hard |= stratum & (d > t)
-            theta = torch.where(stratum, t, theta)
-        return hard, theta
+        theta = self.threshold(d, valid, fg)
+        return valid & (d > theta), theta
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
@@ -152,11 +155,7 @@ class DFDHead(_FeatureHead):
         """(N, H, W) lenient per-cell loss (see module docstring)."""
         if self.lenient == "pseudo_huber":
             with torch.no_grad():
-                strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
-                e_theta = torch.zeros_like(e)
-                for stratum in strata:
-                    q = upper_quantile(e, stratum, self.rho)[:, None, None].expand_as(e)
-                    e_theta = torch.where(stratum, q, e_theta)
+                e_theta = self.threshold(e, valid, fg)
                 e_theta = torch.nan_to_num(e_theta, posinf=0.0).clamp(min=1e-12)
                 kappa = self.kappa_scale * e_theta
             return shifted_pseudo_huber(e, e_theta, kappa)
@@ -164,8 +163,8 @@ class DFDHead(_FeatureHead):
             return self.downweight * e
         if self.lenient == "cosine":
             return t.pow(2).sum(dim=1) * (1.0 - F.cosine_similarity(s, t, dim=1))
-        keep = (torch.rand_like(s[:, :1]) >= 0.5).to(s.dtype)  # generative: MGD-style
-        return (self.generators[level](s * keep) - t).pow(2).sum(dim=1)
+        generated = self.generators[level](s * random_keep_mask(s, 0.5))  # MGD-style
+        return (generated - t).pow(2).sum(dim=1)
 
     def _log_stats(self, stats) -> None:
         storage = get_event_storage()

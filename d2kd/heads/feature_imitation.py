@@ -9,8 +9,14 @@ from torch import nn
 
 from ..modeling.taps import StudentTaps
 from .alignment import FeatureAligner
-from .masks import box_cell_masks, near_object_masks
+from .masks import box_cell_masks, near_object_masks, random_keep_mask
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+
+
+def generation_block(channels: int) -> nn.Sequential:
+    """MGD's generator: conv3x3 -> ReLU -> conv3x3, channels -> channels."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(channels, channels, 3, padding=1))
 
 
 class _FeatureHead(DistillHead):
@@ -58,22 +64,15 @@ class MGDHead(_FeatureHead):
         super().__init__(cfg, student_shapes, teacher_shapes)
         self.alpha = cfg.DISTILL.MGD.ALPHA
         self.mask_ratio = cfg.DISTILL.MGD.MASK_RATIO
-        self.generators = nn.ModuleDict()
-        for level in self.levels:
-            channels = teacher_shapes[level].channels
-            self.generators[level] = nn.Sequential(
-                nn.Conv2d(channels, channels, 3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(channels, channels, 3, padding=1),
-            )
+        self.generators = nn.ModuleDict(
+            {level: generation_block(teacher_shapes[level].channels) for level in self.levels})
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
         per_level = {}
         for level in self.levels:
             s, t = aligned[level], teacher.features[level]
-            keep = (torch.rand_like(s[:, :1]) >= self.mask_ratio).to(s.dtype)  # (N, 1, H, W)
-            generated = self.generators[level](s * keep)
+            generated = self.generators[level](s * random_keep_mask(s, self.mask_ratio))
             per_level[level] = self.alpha * (generated - t).pow(2).sum() / s.shape[0]
         self.log("loss", per_level)
         return {"loss_kd_mgd_feat": sum(per_level.values())}

@@ -51,6 +51,12 @@ def near_object_masks(gt_instances: List[Instances], anchors: List[Boxes],
     return masks
 
 
+def random_keep_mask(x: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """(N, 1, H, W) 0/1 mask of x (N, C, H, W): each cell dropped with probability
+    ``drop_ratio``, shared over channels (MGD's mask)."""
+    return (torch.rand_like(x[:, :1]) >= drop_ratio).to(x.dtype)
+
+
 def valid_cell_masks(image_sizes: List[Tuple[int, int]], shape: torch.Size, stride: int,
                      device=None) -> torch.Tensor:
     """(N, 1, H, W) bool: cells whose top-left pixel lies inside the image (not padding)."""

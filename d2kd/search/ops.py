@@ -9,6 +9,7 @@ with ``SLOT_OPS[slot].register(name)`` / ``DISTANCES.register(name)`` (d2kd.sear
 import torch
 import torch.nn.functional as F
 
+from ..heads.masks import random_keep_mask
 from .registry import DISTANCES, SLOT_OPS
 
 TAU = 0.5  # attention temperature of slot 1
@@ -55,7 +56,7 @@ def random_mask(x: torch.Tensor, mask: torch.Tensor = None, **_) -> torch.Tensor
 
 
 def draw_mask(x: torch.Tensor) -> torch.Tensor:
-    return (torch.rand_like(x[:, :1]) >= MASK_RATIO).to(x.dtype)
+    return random_keep_mask(x, MASK_RATIO)
 
 
 # ---- slot 2: scale / locality ----------------------------------------------------------

@@ -55,6 +55,32 @@ def _add_own_keys(cfg: CN) -> None:
     # (tensors whose name and shape match; the rest is logged as skipped).
     cfg.DISTILL.INIT_FROM_TEACHER = False
 
+    # Teacher schedule (MTPD, docs/mtpd.md; d2kd/config/schedule.py, d2kd/engine/stages.py).
+    cfg.DISTILL.SCHEDULE = CN()
+    # "single": the first teacher of DISTILL.TEACHER.CONFIGS for the whole run. "progressive":
+    # stage k distils from the k-th teacher of the order; at a stage boundary the previous
+    # teacher is freed, the heads are re-initialised, the optimizer is rebuilt and the LR
+    # schedule (warm-up + SOLVER.STEPS, read as stage-local iterations) restarts; the student
+    # carries over. "joint": every teacher every step, losses weighted by JOINT_WEIGHTS.
+    cfg.DISTILL.SCHEDULE.MODE = "single"
+    # progressive: iterations of each stage, one per teacher; they must sum to SOLVER.MAX_ITER.
+    cfg.DISTILL.SCHEDULE.STAGE_ITERS = []
+    # progressive: [] or one KEY VALUE list per stage overriding DISTILL.* head options when
+    # that stage's heads are built, e.g. [["DISTILL.MGD.ALPHA", "4e-5"], []].
+    cfg.DISTILL.SCHEDULE.STAGE_OPTS = []
+    # progressive: "given" (DISTILL.TEACHER.CONFIGS order) or "adaptation_cost" (a probe fits
+    # 1x1 least-squares adapters from the initial student's features to each teacher's and
+    # orders the teachers by normalised residual; the last-listed teacher, the target, stays
+    # last). The order and costs go to OUTPUT_DIR/teacher_order.json.
+    cfg.DISTILL.SCHEDULE.ORDER = "given"
+    # adaptation_cost: training images per process whose features the probe fits.
+    cfg.DISTILL.SCHEDULE.PROBE_IMAGES = 16
+    # joint: one loss weight per teacher; [] averages (1/K each).
+    cfg.DISTILL.SCHEDULE.JOINT_WEIGHTS = []
+    # With a schedule, --resume is bit-exact: every step reseeds the RNGs from (SEED,
+    # iteration, rank) and a resumed run replays the data stream up to its start iteration.
+    cfg.DISTILL.SCHEDULE.EXACT_RESUME = True
+
     # FitNet: MSE between adapted student and teacher maps on every cell.
     cfg.DISTILL.FITNET = CN()
     # Loss weight (the loss is a mean over cells and channels, summed over levels).
@@ -141,14 +167,39 @@ def _add_own_keys(cfg: CN) -> None:
     # lambda_fg, lambda_bg of the local feature loss.
     cfg.DISTILL.GK.FG_LAMBDA = 1.0
     cfg.DISTILL.GK.BG_LAMBDA = 4.0
-    # Prototypes per class and level (K).
-    cfg.DISTILL.GK.NUM_PROTOTYPES = 10
     # Feature-loss reduction over levels: "mean" (released Faster R-CNN) or "sum" (RetinaNet).
     cfg.DISTILL.GK.LEVEL_REDUCTION = "mean"
     # Attenuate the global and feature losses by a = 1 - iter / ATTENUATION_ITERS (released).
     cfg.DISTILL.GK.ATTENUATION = True
     # Iterations over which the attenuation decays to 0 (normally SOLVER.MAX_ITER).
     cfg.DISTILL.GK.ATTENUATION_ITERS = 600
+
+    # Prototypes (PGM) shared by every head that owns a PrototypeBank (GlobalKnowledgeHead,
+    # prototype-weighted FitNet / fg-bg heads), refreshed by d2kd/engine/prototype_hook.py.
+    cfg.DISTILL.PROTOTYPES = CN()
+    # K: prototypes per class and level.
+    cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES = 10
+    # "pgm" (Tang et al.'s selection of real instances) or "kmeans" (ablation: scikit-learn
+    # K-means centres of both normalised spaces).
+    cfg.DISTILL.PROTOTYPES.SELECTION = "pgm"
+    # alpha: coupling of the teacher- and student-space coefficients in PGM.
+    cfg.DISTILL.PROTOTYPES.ALPHA = 10.0
+    # PGM's density pre-filter (candidates dense in both spaces), from the released code.
+    cfg.DISTILL.PROTOTYPES.DENSITY_FILTER = True
+    # PGM may pick an instance twice (as released); False excludes repeats.
+    cfg.DISTILL.PROTOTYPES.ALLOW_DUPLICATES = True
+    # Instance index: GT boxes wider and taller than this (pixels, original resolution) ...
+    cfg.DISTILL.PROTOTYPES.MIN_BOX_SIZE = 30.0
+    # ... from at most this many images per class (<= 0: all), drawn with INDEX_SEED.
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS = 800
+    cfg.DISTILL.PROTOTYPES.INDEX_SEED = 0
+    # Rebuild the bank from the live student every this many iterations (0: one epoch of
+    # DATASETS.TRAIN at SOLVER.IMS_PER_BATCH); the bank is always built before the first step.
+    cfg.DISTILL.PROTOTYPES.REFRESH_PERIOD = 0
+    # False: build the bank once before the first step and never refresh it (ablation).
+    cfg.DISTILL.PROTOTYPES.REFRESH = True
+    # Images per forward during extraction (images of equal size only).
+    cfg.DISTILL.PROTOTYPES.EXTRACT_BATCH_SIZE = 16
 
     # DetKDS: a searched distiller given as a genome string (d2kd/search/genome.py).
     cfg.DISTILL.DETKDS = CN()

@@ -5,6 +5,7 @@ import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.hooks import LRScheduler
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -13,9 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model
 from ..modeling import DistillationDetector
+from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json
 from .export import StudentExportHook
 from .optimizer import build_optimizer
+from .prototype_hook import PrototypeRefreshHook
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ class DistillTrainer(DefaultTrainer):
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
             hooks.insert(-1, StudentExportHook(export))  # before the final writer
+            if prototype_banks(self.model):  # before the checkpointer, which saves the banks
+                scheduler = next(i for i, h in enumerate(hooks) if isinstance(h, LRScheduler))
+                hooks.insert(scheduler + 1, PrototypeRefreshHook(self.cfg))
         return hooks
 
     @classmethod

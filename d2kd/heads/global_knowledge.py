@@ -62,7 +62,7 @@ class GlobalKnowledgeHead(DistillHead):
             {"features", "dense_predictions" if self.dense else "roi_predictions"})
         num_classes = (cfg.MODEL.RETINANET.NUM_CLASSES if self.dense
                        else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        self.bank = PrototypeBank(self.levels, num_classes, gk.NUM_PROTOTYPES,
+        self.bank = PrototypeBank(self.levels, num_classes, cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)
         self.adapters = nn.ModuleDict({

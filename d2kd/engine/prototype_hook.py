@@ -1,0 +1,50 @@
+"""``PrototypeRefreshHook``: when :class:`DistillTrainer` (re)builds the prototype banks.
+
+Schedule (a pure function of the iteration, so a resumed run refreshes at the same times):
+
+- before the first step of a run whose banks were never built (``version == 0``; a resumed
+  run restores its banks from the checkpoint instead);
+- after step ``t`` whenever ``t + 1`` is a multiple of the period and another step follows.
+  The hook runs before detectron2's ``PeriodicCheckpointer``, so the checkpoint written after
+  step ``t`` holds the bank step ``t + 1`` uses.
+
+Refresh statistics go to the event storage (``prototypes/refresh_seconds``,
+``prototypes/unique_fraction``, ``prototypes/total_seconds``) and to the log.
+"""
+from detectron2.engine import HookBase
+from detectron2.utils.events import get_event_storage
+from torch.nn.parallel import DistributedDataParallel
+
+from ..prototypes.refresh import PrototypeRefresher, refresh_period, training_dicts
+
+
+class PrototypeRefreshHook(HookBase):
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.refresher = None
+        self.period = 0
+
+    def before_train(self) -> None:
+        model = self.trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        dicts = training_dicts(self.cfg)
+        self.refresher = PrototypeRefresher(self.cfg, model, dicts)
+        self.period = refresh_period(self.cfg, len(dicts))
+        if any(int(bank.version) == 0 for bank in self.refresher.banks):
+            self._refresh()
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if (self.cfg.DISTILL.PROTOTYPES.REFRESH and next_iter < self.trainer.max_iter
+                and next_iter % self.period == 0):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        stats = self.refresher.refresh()
+        storage = get_event_storage()
+        storage.put_scalar("prototypes/refresh_seconds", stats["seconds"], smoothing_hint=False)
+        storage.put_scalar("prototypes/unique_fraction", stats["unique_fraction"],
+                           smoothing_hint=False)
+        storage.put_scalar("prototypes/total_seconds", self.refresher.total_seconds,
+                           smoothing_hint=False)

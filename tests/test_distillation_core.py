@@ -290,27 +290,30 @@ def test_global_knowledge_head_trains_and_weights_instances_with_the_bank(
         tiny_digitsdet, tmp_path, config, teacher):
     from detectron2.utils.events import EventStorage
 
+    from detectron2.data import build_detection_train_loader
+
     weights = save_untrained_teacher(teacher, tmp_path / "teacher")
     cfg = distill_cfg(str(tmp_path / "run"), weights, heads=("GlobalKnowledgeHead",),
                       config=config)
-    trainer = DistillTrainer(cfg)
-    trainer.train()
-    records = (tmp_path / "run" / "metrics.json").read_text()
-    assert '"kd/gk/weight_mean": 1.0' in records, "an empty bank weighs every instance 1"
-    model = trainer.model
-    head = model.heads["GlobalKnowledgeHead"]
+    batch = next(iter(build_detection_train_loader(cfg)))
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0) as storage:  # an empty bank: every weight 1, no global loss
+        losses = model(batch)
+        assert storage.latest()["kd/gk/weight_mean"][0] == 1.0
+        assert losses["loss_kd_gk_global"].item() == 0.0
     assert any(k.startswith("heads.GlobalKnowledgeHead.bank.") for k in model.state_dict())
+    trainer = DistillTrainer(cfg)
+    trainer.train()  # the refresh hook builds the bank before the first step
+    records = (tmp_path / "run" / "metrics.json").read_text()
+    assert "prototypes/refresh_seconds" in records and "loss_kd_gk_global" in records
     # fill the bank with random prototypes: weights leave 1 and the global loss turns on
     g = torch.Generator().manual_seed(0)
-    bank = head.bank
+    bank = model.heads["GlobalKnowledgeHead"].bank
     for level in range(len(bank.levels)):
         for cls in range(bank.num_classes):
             bank.set_prototypes(level, cls, torch.randn(bank.teacher.shape[2:], generator=g),
                                 torch.randn(bank.student.shape[2:], generator=g))
-    from detectron2.data import build_detection_train_loader
-
-    batch = next(iter(build_detection_train_loader(cfg)))
-    model.train()
     with EventStorage(0) as storage:
         losses = model(batch)
         assert losses["loss_kd_gk_global"].item() > 0

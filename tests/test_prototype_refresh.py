@@ -14,7 +14,7 @@ from d2kd.engine import DistillTrainer
 from d2kd.engine.prototype_hook import PrototypeRefreshHook
 from d2kd.prototypes.extraction import extract_features
 from d2kd.prototypes.index import build_instance_index
-from d2kd.prototypes.refresh import PrototypeRefresher
+from d2kd.prototypes.refresh import PrototypeRefresher, prototype_banks
 from test_distillation_core import distill_cfg, save_untrained_teacher
 
 GK = "DigitsDet/retinanet_R18_from_R50_gk.yaml"
@@ -179,3 +179,49 @@ if __name__ == "__main__":
     banks = [torch.load(tmp_path / f"bank{r}.pth") for r in (0, 1)]
     assert int(banks[0]["version"]) == 2 and banks[0]["valid"].any()
     assert all(torch.equal(banks[0][k], banks[1][k]) for k in banks[0])
+
+
+def test_box_weight_maps_match_a_loop_over_boxes():
+    from d2kd.heads.masks import box_weight_maps
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(9, 2, generator=g) * 60
+    boxes = torch.cat([xy, xy + torch.rand(9, 2, generator=g) * 40 + 1], 1)
+    weights, images = torch.rand(9, generator=g), torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, 0])
+    maps = box_weight_maps(boxes, weights, images, (3, 4, 10, 12), stride=8)
+    expected = torch.zeros(3, 1, 10, 12)
+    for box, w, i in zip(boxes.tolist(), weights.tolist(), images.tolist()):
+        for y in range(10):
+            for x in range(12):  # cell (x, y) spans [8x, 8x + 8): covered by floor rule
+                if int(box[0]) // 8 <= x <= int(box[2]) // 8 and int(box[1]) // 8 <= y <= int(box[3]) // 8:
+                    expected[i, 0, y, x] = max(expected[i, 0, y, x], w)
+    assert torch.equal(maps, expected)
+
+
+def test_prototype_weighting_fills_gt_cells_with_the_hand_computed_weight(tiny_digitsdet,
+                                                                         tmp_path):
+    from detectron2.structures import Boxes, Instances
+
+    from d2kd.heads.registry import TeacherOutputs
+    from d2kd.modeling.taps import StudentTaps
+
+    weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
+    cfg = distill_cfg(str(tmp_path), weights, heads=("FitNetHead",))
+    cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED = True
+    cfg.DISTILL.IN_FEATURES = ["p3"]
+    model = build_model(cfg)
+    weighting = model.heads["FitNetHead"].weighting
+    bank = weighting.bank
+    assert len(prototype_banks(model)) == 1, "the head's bank is refreshed like GK's"
+    e = torch.eye(128)
+    bank.set_prototypes(0, 3, e[0].expand(10, 128), torch.ones(10, 64))
+    gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 16.0, 31.0, 31.0]])),
+                   gt_classes=torch.tensor([3]))
+    s_map = torch.ones(1, 64, 8, 8)  # student: cosine 1 with its prototypes
+    t_map = torch.zeros(1, 128, 8, 8)
+    t_map[0, :2] = 1.0  # teacher: e0 + e1, cosine 1/sqrt(2) with its prototypes
+    cells = weighting.cell_weights(StudentTaps(gt_instances=[gt], features={"p3": s_map}),
+                                   TeacherOutputs(features={"p3": t_map}), "p3")
+    expected = torch.ones(1, 1, 8, 8)
+    expected[0, 0, 2:4, 1:4] = 1 - (1 - 2 ** -0.5)  # cells x 1..3, y 2..3 (stride 8)
+    torch.testing.assert_close(cells, expected)

@@ -10,6 +10,7 @@ from torch import nn
 from ..modeling.taps import StudentTaps
 from .alignment import FeatureAligner
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
+from .prototype_weighting import PrototypeWeighting
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 
 
@@ -20,15 +21,26 @@ def generation_block(channels: int) -> nn.Sequential:
 
 
 class _FeatureHead(DistillHead):
-    """Shared part: the distilled levels and their aligner."""
+    """Shared part: the distilled levels, their aligner and, when ``prototype_weighted``, the
+    RDM robustness weights of GT instances as per-cell weights (global-knowledge Table 4)."""
 
     def __init__(self, cfg: CfgNode, student_shapes: Dict[str, ShapeSpec],
-                 teacher_shapes: Dict[str, ShapeSpec]):
+                 teacher_shapes: Dict[str, ShapeSpec], prototype_weighted: bool = False):
         super().__init__()
         self.levels = list(cfg.DISTILL.IN_FEATURES)
         self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
                                       cfg.DISTILL.ADAPTER)  # checks the levels exist
         self.strides = {level: teacher_shapes[level].stride for level in self.levels}
+        self.weighting = (PrototypeWeighting(cfg, self.levels, student_shapes, teacher_shapes)
+                          if prototype_weighted else None)
+
+    def squared_error(self, aligned: torch.Tensor, student: StudentTaps, teacher: TeacherOutputs,
+                      level: str) -> torch.Tensor:
+        """(N, C, H, W) ``(A(S) - T)^2`` on ``level``, times the prototype cell weights if any."""
+        squared = (aligned - teacher.features[level]).pow(2)
+        if self.weighting is not None:
+            squared = squared * self.weighting.cell_weights(student, teacher, level)
+        return squared
 
 
 @DISTILL_HEAD_REGISTRY.register()
@@ -38,12 +50,13 @@ class FitNetHead(_FeatureHead):
     name = "fitnet"
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
+        super().__init__(cfg, student_shapes, teacher_shapes,
+                         cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED)
         self.weight = cfg.DISTILL.FITNET.WEIGHT
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
-        per_level = {l: self.weight * (aligned[l] - teacher.features[l]).pow(2).mean()
+        per_level = {l: self.weight * self.squared_error(aligned[l], student, teacher, l).mean()
                      for l in self.levels}
         self.log("loss", per_level)
         return {"loss_kd_fitnet_feat": sum(per_level.values())}
@@ -142,7 +155,7 @@ class FgBgHead(_FeatureHead):
     name = "fgbg"
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
+        super().__init__(cfg, student_shapes, teacher_shapes, cfg.DISTILL.FGBG.PROTOTYPE_WEIGHTED)
         self.fg_weight = cfg.DISTILL.FGBG.FG_WEIGHT
         self.bg_weight = cfg.DISTILL.FGBG.BG_WEIGHT
 
@@ -151,7 +164,7 @@ class FgBgHead(_FeatureHead):
         fg_terms, bg_terms = {}, {}
         for level in self.levels:
             t = teacher.features[level]
-            squared = (aligned[level] - t).pow(2)  # (N, C, H, W)
+            squared = self.squared_error(aligned[level], student, teacher, level)
             fg = box_cell_masks(student.gt_instances, t.shape, self.strides[level])
             bg = 1.0 - fg
             channels = t.shape[1]

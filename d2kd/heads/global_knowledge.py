@@ -28,8 +28,10 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..modeling.taps import StudentTaps
-from ..prototypes import PrototypeBank, box_cells, box_pool
+from ..prototypes import PrototypeBank
 from .alignment import check_levels
+from .masks import box_weight_maps
+from .prototype_weighting import detector_num_classes, pool_instances
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 from .response import DENSE_ARCHITECTURES, _dense_num_classes, _flatten_dense
@@ -60,9 +62,8 @@ class GlobalKnowledgeHead(DistillHead):
         self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
         self.teacher_needs = frozenset(
             {"features", "dense_predictions" if self.dense else "roi_predictions"})
-        num_classes = (cfg.MODEL.RETINANET.NUM_CLASSES if self.dense
-                       else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        self.bank = PrototypeBank(self.levels, num_classes, cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
+        self.bank = PrototypeBank(self.levels, detector_num_classes(cfg),
+                                  cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)
         self.adapters = nn.ModuleDict({
@@ -128,8 +129,8 @@ class GlobalKnowledgeHead(DistillHead):
         for level_index, level in enumerate(self.levels):
             kd = instances[level]
             s_map, t_map = student.features[level], teacher.features[level]
-            f_s = self._pool(s_map, kd, self.student_strides[level])
-            f_t = self._pool(t_map, kd, self.teacher_strides[level])
+            f_s = pool_instances(s_map, kd.boxes, kd.images, self.student_strides[level])
+            f_t = pool_instances(t_map, kd.boxes, kd.images, self.teacher_strides[level])
             w = self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
             weights.append(w)
             glob.append(global_relation_loss(f_s, f_t, w, self.bank, level_index)
@@ -158,28 +159,10 @@ class GlobalKnowledgeHead(DistillHead):
                 "loss_kd_gk_resp": w_resp * resp_loss}
 
     @staticmethod
-    def _pool(feature: torch.Tensor, kd: KDInstances, stride: int) -> torch.Tensor:
-        """(M, C): box-pooled features of the instances, each from its own image."""
-        pooled = [feature.new_zeros(0, feature.shape[1])]
-        order = [kd.images.new_zeros(0)]
-        for i in kd.images.unique().tolist():
-            index = (kd.images == i).nonzero().squeeze(1)
-            pooled.append(box_pool(feature[i], kd.boxes[index], stride))
-            order.append(index)
-        result = torch.cat(pooled)
-        return result[torch.argsort(torch.cat(order))]
-
-    @staticmethod
     def _foreground(kd: KDInstances, w: torch.Tensor, t_map: torch.Tensor,
                     stride: int) -> torch.Tensor:
         """(N, 1, H, W): each KD box's cells filled with its weight (max over boxes)."""
-        n, _, h, width = t_map.shape
-        mask = t_map.new_zeros(n, 1, h, width)
-        x0, y0, x1, y1 = box_cells(kd.boxes, stride, h, width)
-        for m in range(len(kd.boxes)):
-            region = mask[kd.images[m], 0, y0[m]:y1[m] + 1, x0[m]:x1[m] + 1]
-            torch.maximum(region, w[m].expand_as(region), out=region)
-        return mask
+        return box_weight_maps(kd.boxes, w, kd.images, t_map.shape, stride)
 
     def _response(self, student, teacher, instances, weights) -> torch.Tensor:
         rows = torch.cat([instances[l].rows for l in self.levels])

@@ -4,6 +4,8 @@ from typing import List, Tuple
 import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
+from ..prototypes.pooling import box_cells
+
 
 def box_cell_masks(gt_instances: List[Instances], shape: torch.Size, stride: int) -> torch.Tensor:
     """(N, 1, H, W) float: 1 on cells whose centre lies inside some GT box of the image.
@@ -67,3 +69,25 @@ def valid_cell_masks(image_sizes: List[Tuple[int, int]], shape: torch.Size, stri
     for i, (height, width) in enumerate(image_sizes):
         masks[i, 0] = (ys[:, None] < height) & (xs[None, :] < width)
     return masks
+
+
+def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,
+                    shape: torch.Size, stride: int) -> torch.Tensor:
+    """(N, 1, H, W): the cells each box covers (``box_cells``' floor rule) filled with its
+    weight, max over overlapping boxes of the same image; 0 elsewhere.
+
+    Args:
+        boxes: (M, 4) XYXY in input-image pixels; weights: (M,); images: (M,) image of each box.
+        shape: the level's (N, C, H, W).
+    """
+    n, _, h, w = shape
+    maps = weights.new_zeros(n, h * w)
+    if len(boxes):
+        x0, y0, x1, y1 = box_cells(boxes, stride, h, w)
+        ys = torch.arange(h, device=boxes.device)
+        xs = torch.arange(w, device=boxes.device)
+        inside = (((ys >= y0[:, None]) & (ys <= y1[:, None]))[:, :, None]
+                  & ((xs >= x0[:, None]) & (xs <= x1[:, None]))[:, None, :])  # (M, H, W)
+        values = torch.where(inside, weights[:, None, None], weights.new_zeros(()))
+        maps.scatter_reduce_(0, images[:, None].expand(-1, h * w), values.flatten(1), "amax")
+    return maps.view(n, 1, h, w)

@@ -1,0 +1,73 @@
+"""Prototype weighting for other heads: the RDM robustness weight as a per-cell weight map.
+
+The global-knowledge paper's Table 4 applies its robustness weight to baseline feature
+distillers. A head built with ``PROTOTYPE_WEIGHTED = True`` owns a :class:`PrototypeWeighting`:
+its :class:`PrototypeBank` is refreshed like the global-knowledge head's (by
+``PrototypeRefreshHook``), every GT box of the batch is an instance, its weight (Eq. 8, from
+box-pooled raw FPN features of both models) fills the cells it covers (max over overlapping
+boxes), and every other cell weighs 1.
+"""
+from typing import Dict
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from ..modeling.taps import StudentTaps
+from ..prototypes import PrototypeBank, box_pool
+from .masks import box_weight_maps
+from .registry import TeacherOutputs
+
+
+def detector_num_classes(cfg: CfgNode) -> int:
+    """Foreground classes of the student described by ``cfg``."""
+    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
+    if arch == "RetinaNet":
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    if arch == "FCOS":
+        return cfg.MODEL.FCOS.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def pool_instances(feature: torch.Tensor, boxes: torch.Tensor, images: torch.Tensor,
+                   stride: int) -> torch.Tensor:
+    """(M, C) box-pooled features of boxes (M, 4), each from its own image of ``feature``
+    (N, C, H, W); ``images`` (M,) gives the image of each box."""
+    pooled = torch.zeros(len(boxes), feature.shape[1], dtype=feature.dtype,
+                         device=feature.device)
+    for i in images.unique().tolist():
+        index = (images == i).nonzero().squeeze(1)
+        pooled[index] = box_pool(feature[i], boxes[index], stride)
+    return pooled
+
+
+class PrototypeWeighting(nn.Module):
+    def __init__(self, cfg: CfgNode, levels, student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec]):
+        super().__init__()
+        self.levels = list(levels)
+        self.student_strides = {l: student_shapes[l].stride for l in self.levels}
+        self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
+        self.bank = PrototypeBank(self.levels, detector_num_classes(cfg),
+                                  cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
+                                  teacher_shapes[self.levels[0]].channels,
+                                  student_shapes[self.levels[0]].channels)
+
+    def cell_weights(self, student: StudentTaps, teacher: TeacherOutputs,
+                     level: str) -> torch.Tensor:
+        """(N, 1, H, W) on the teacher's grid of ``level``: GT cells carry their box's
+        robustness weight, the other cells 1. Detached."""
+        gt = student.gt_instances
+        boxes = torch.cat([x.gt_boxes.tensor for x in gt])
+        classes = torch.cat([x.gt_classes for x in gt])
+        images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=boxes.device)
+                            for i, x in enumerate(gt)])
+        s_map, t_map = student.features[level].detach(), teacher.features[level]
+        f_s = pool_instances(s_map, boxes, images, self.student_strides[level])
+        f_t = pool_instances(t_map, boxes, images, self.teacher_strides[level])
+        w = self.bank.robustness_weight(f_s, f_t, classes, self.levels.index(level))
+        covered = box_weight_maps(boxes, torch.ones_like(w), images, t_map.shape,
+                                  self.teacher_strides[level])
+        weights = box_weight_maps(boxes, w, images, t_map.shape, self.teacher_strides[level])
+        return torch.where(covered > 0, weights, torch.ones_like(weights))

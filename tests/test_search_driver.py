@@ -1,0 +1,315 @@
+"""DetKDS search: GA operators, samplers, the driver's dedupe / retry / stale recovery (with a
+fake evaluator), the real proxy evaluator (rejection, pruning, infrastructure failure) and a
+tiny end-to-end search with kill -9 and resume."""
+import csv
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from d2kd.config import load_config
+from d2kd.search import dry_run, parse_genome
+from d2kd.search.driver import DetKDSSearch
+from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
+from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
+                                  uniform_crossover)
+from d2kd.search.space import FormulaSpace, WeightSpace
+
+from conftest import CONFIGS, REPO
+from test_distillation_core import TEACHER, save_untrained_teacher
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
+
+
+def search_cfg(*opts):
+    return load_config(DETKDS, ["MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", *opts])
+
+
+def assert_valid(space, params):
+    """Independent check: the genome string parses and its dry run gives a finite scalar."""
+    dry_run(parse_genome(space.genome(params)), batch_size=space.batch_size)
+
+
+# ---- GA operators and samplers ------------------------------------------------------------
+def test_tournament_returns_the_fittest_of_the_drawn():
+    candidates = [({"g": i}, float(f)) for i, f in enumerate([3, 9, 1, 7])]
+    rng = random.Random(0)
+    assert tournament(rng, candidates, size=4) == {"g": 1}  # everyone drawn: the best
+    assert {tournament(rng, candidates, 1)["g"] for _ in range(200)} == {0, 1, 2, 3}
+    # size 2: the worst (fitness 1) can never win a pair
+    assert 2 not in {tournament(rng, candidates, 2)["g"] for _ in range(200)}
+
+
+def test_crossover_and_mutation_respect_parents_and_choices():
+    space = FormulaSpace("global", batch_size=2)
+    rng = random.Random(1)
+    a = {"slot1": "catt", "slot2": "scale_r2", "slot3": "norm_N", "distance": "l1", "weight": 5}
+    b = {"slot1": "satt", "slot2": "local_s4", "slot3": "norm_HW", "distance": "l2", "weight": 2}
+    assert uniform_crossover(rng, a, b, prob=0.0) == a
+    children = [uniform_crossover(rng, a, b, prob=1.0) for _ in range(100)]
+    assert all(c[g] in (a[g], b[g]) for c in children for g in a)
+    assert {c["slot1"] for c in children} == {"catt", "satt"}
+    assert mutate(rng, a, space, prob=0.0) == a
+    changed = mutate(rng, a, space, prob=1.0)
+    assert all(changed[g] != a[g] and changed[g] in space.genes[g] for g in a)
+
+
+@pytest.mark.parametrize("knowledge_input", ["global", "instance", "logit"])
+def test_bred_genomes_are_valid_and_new(knowledge_input):
+    space = FormulaSpace(knowledge_input, batch_size=2)
+    sampler = GeneticSampler(space, seed=0, population=4, mutation_prob=0.5)
+    rng = random.Random(0)
+    parents = [(space.random_params(rng), float(i)) for i in range(6)]
+    seen = {space.genome(p) for p, _ in parents}
+    for _ in range(30):
+        child = sampler.novel(rng, seen, breed=lambda: sampler.breed(rng, parents))
+        assert_valid(space, child)
+        assert space.genome(child) not in seen
+        seen.add(space.genome(child))
+    # instance keeps the spatial layout; logit has slot 3 only
+    assert "slot2" not in space.genes or "scale_r2" not in space.genes["slot2"] or \
+        knowledge_input != "instance"
+    assert ("slot1" in space.genes) == (knowledge_input != "logit")
+
+
+def test_ga_generations_fill_up_to_the_population_and_seeds_come_first():
+    space = FormulaSpace("global", batch_size=2)
+    study = optuna.create_study(direction="maximize",
+                                sampler=GeneticSampler(space, seed=0, population=3, elites=1))
+    seed = {"slot1": "catt", "slot2": "scale_r2", "slot3": "norm_N", "distance": "l1", "weight": 5}
+    study.enqueue_trial(seed)
+    genomes = []
+    for i in range(9):
+        trial = study.ask()
+        params = space.suggest(trial)
+        assert_valid(space, params)
+        genomes.append(space.genome(params))
+        study.tell(trial, float(i % 4))
+    assert genomes[0] == "global:catt|scale_r2|norm_N|l1|w=5"
+    assert len(set(genomes)) == len(genomes)
+    generations = [t.system_attrs.get(GENERATION_KEY, 0) for t in study.trials]
+    assert generations == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_weight_space_drops_zero_weights_and_forbids_all_zero():
+    f = parse_genome("global:catt|scale_r2|norm_N|l1|w=5;fgbg:no|local_s4|norm_HW|l1|w=2").formulas
+    space = WeightSpace(f, batch_size=2)
+    assert space.genome({"w_global": 10, "w_fgbg": 0}) == "global:catt|scale_r2|norm_N|l1|w=10"
+    assert not space.is_valid({"w_global": 0, "w_fgbg": 0})
+    assert sum(1 for _ in space.grid()) == 9 * 9 - 1
+
+
+# ---- the driver with a fake evaluator ----------------------------------------------------
+class FakeEvaluator:
+    """AP from a fixed table by genome (default 10 + a per-genome hash); records calls."""
+
+    def __init__(self, baseline=10.0, fail=()):
+        self.calls, self.baseline, self.fail = [], baseline, dict.fromkeys(fail, 0)
+
+    def __call__(self, genome, output_dir, report):
+        self.calls.append(genome)
+        if genome in self.fail and self.fail[genome] < 1:
+            self.fail[genome] += 1
+            raise InfrastructureFailure("worker killed")
+        if genome is None:
+            return TrialOutcome("ok", self.baseline, 0.01)
+        return TrialOutcome("ok", 10.0 + sum(map(ord, genome)) % 7, 0.01)
+
+
+def fake_search(tmp_path, evaluator, trials=4, inputs="['logit']", *opts):
+    cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", inputs, *opts)
+    return DetKDSSearch(cfg, optuna.storages.InMemoryStorage(), str(tmp_path), "ga", 0, trials,
+                        evaluator)
+
+
+def test_an_evaluated_genome_is_never_trained_twice(tmp_path):
+    evaluator = FakeEvaluator()
+    search = fake_search(tmp_path, evaluator, 3)
+    study = search.stage1_study("logit")
+    repeat = {"slot3": "softmax_C", "distance": "kl", "weight": 1}
+    study.enqueue_trial(repeat)
+    study.enqueue_trial(repeat)
+    search.run_worker()
+    trials = search.trials("stage1-logit")
+    statuses = [t.user_attrs["status"] for t in trials]
+    assert statuses.count("cached") == 1 and len(trials) == 3
+    cached = next(t for t in trials if t.user_attrs["status"] == "cached")
+    first = trials[int(cached.user_attrs["cached_from"])]
+    assert cached.value == first.value and cached.user_attrs["genome"] == first.user_attrs["genome"]
+    assert evaluator.calls.count("logit:no|no|softmax_C|kl|w=1") == 1
+    assert len(evaluator.calls) == len(set(evaluator.calls)) == 3  # baseline + 2 genomes
+
+
+def test_stage2_combines_the_inputs_that_beat_the_baseline(tmp_path):
+    evaluator = FakeEvaluator(baseline=-1.0)  # every input survives
+    search = fake_search(tmp_path, evaluator, 2, "['logit', 'loc']",
+                         "DISTILL.DETKDS.SEARCH.STAGE2_MAX_GRID", "80")
+    search.run_worker()
+    stage2 = search.trials("stage2")
+    assert len(stage2) == 80 and len(search.survivors()) == 2
+    # single-input points of stage 2 that equal stage-1 genomes are cached, not retrained
+    assert len(evaluator.calls) == len(set(evaluator.calls))
+    best, beats = search.best()
+    assert beats and best.value == max(t.value for s in search.stages()[1:]
+                                       for t in search.trials(s))
+
+
+def test_infrastructure_failure_is_retried_not_scored(tmp_path):
+    seed = "logit:no|no|softmax_C|kl|w=1"
+    evaluator = FakeEvaluator(fail=[seed])
+    search = fake_search(tmp_path, evaluator, 2)
+    search.stage1_study("logit").enqueue_trial({"slot3": "softmax_C", "distance": "kl", "weight": 1})
+    search.run_worker()
+    trials = search.trials("stage1-logit")
+    assert [t.state for t in trials][:2] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["status"] == "infra_failure"
+    retry = next(t for t in trials if t.user_attrs.get("attempt") == 2)
+    assert retry.user_attrs["genome"] == seed and retry.user_attrs["status"] == "ok"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2  # the budget, unchanged
+
+
+def test_a_genome_failing_every_attempt_is_recorded_failed(tmp_path):
+    class AlwaysFails(FakeEvaluator):
+        def __call__(self, genome, output_dir, report):
+            if genome is not None and "softmax_C|kl" in genome:
+                self.calls.append(genome)
+                raise InfrastructureFailure("OOM")
+            return super().__call__(genome, output_dir, report)
+
+    evaluator = AlwaysFails()
+    search = fake_search(tmp_path, evaluator, 2, "['logit']", "DISTILL.DETKDS.SEARCH.MAX_ATTEMPTS", "2")
+    search.stage1_study("logit").enqueue_trial({"slot3": "softmax_C", "distance": "kl", "weight": 1})
+    search.run_worker()
+    statuses = [t.user_attrs["status"] for t in search.trials("stage1-logit")]
+    assert statuses[:2] == ["infra_failure", "failed"] and statuses.count("ok") == 2
+
+
+def test_running_trials_of_dead_workers_are_requeued(tmp_path):
+    search = fake_search(tmp_path, FakeEvaluator(), 2)
+    study = search.stage1_study("logit")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    attrs = [{"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()},
+             {"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 10_000},
+             {"host": "elsewhere", "pid": 1, "heartbeat": time.time()},
+             {"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time()}]
+    for a in attrs:
+        trial = study.ask()
+        FormulaSpace("logit", 2).suggest(trial)
+        for k, v in a.items():
+            trial.set_user_attr(k, v)
+    assert search.recover_stale_trials() == 2
+    trials = search.trials("stage1-logit")
+    assert [t.state for t in trials[:4]] == [TrialState.FAIL, TrialState.FAIL,
+                                             TrialState.RUNNING, TrialState.RUNNING]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["attempt"] for t in waiting] == [2, 2]
+    assert search.recover_stale_trials() == 0  # nothing twice
+
+
+# ---- the real proxy evaluator and the tool --------------------------------------------------
+@pytest.fixture(scope="module")
+def proxy_config_file(tmp_path_factory, tiny_digitsdet):
+    out = tmp_path_factory.mktemp("proxy")
+    teacher = save_untrained_teacher(TEACHER, out / "teacher")
+    path = out / "search.yaml"
+    path.write_text(f"""_BASE_: "{DETKDS}"
+MODEL: {{WEIGHTS: ""}}
+DISTILL:
+  TEACHER: {{WEIGHTS: ["{teacher}"]}}
+  DETKDS:
+    SEARCH:
+      INPUTS: ["global"]
+      PROXY_ITERS: 2
+      PROXY_WARMUP_ITERS: 1
+      TRAIN_IMAGES: 6
+      VAL_IMAGES: 3
+      PRUNE_AT: 0.0
+      POPULATION: 2
+      SEED_GENOMES: []
+SOLVER: {{IMS_PER_BATCH: 2}}
+DATALOADER: {{NUM_WORKERS: 0}}
+""")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_env(monkeypatch, tiny_digitsdet):
+    """Trial processes find the tiny DigitsDet as digitsdet_{train,val}."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tiny_digitsdet))
+
+
+def test_proxy_rejects_an_exploding_candidate_and_prunes_on_request(proxy_config_file, tiny_env,
+                                                                   tmp_path):
+    evaluator = ProxyEvaluator(proxy_config_file, [], threads=1)
+    exploding = evaluator("global:no|no|no|l2|w=1e+09", str(tmp_path / "a"), lambda s, ap: False)
+    assert exploding.status == "rejected" and exploding.ap == -math.inf
+    assert "KD loss" in exploding.reason or "infinite" in exploding.reason
+    reports = []
+    evaluator.opts = ["DISTILL.DETKDS.SEARCH.PRUNE_AT", "0.5"]
+    pruned = evaluator("global:catt|scale_r2|norm_N|l1|w=5", str(tmp_path / "b"),
+                       lambda step, ap: reports.append((step, ap)) or True)
+    assert pruned.status == "pruned" and reports == [(1, pruned.ap)] and pruned.seconds > 0
+    assert (tmp_path / "b" / "config.yaml").is_file()
+
+
+def test_proxy_reports_a_dead_trial_process_as_infrastructure_failure(tmp_path, tiny_env):
+    evaluator = ProxyEvaluator(str(tmp_path / "missing.yaml"), [], threads=1)
+    with pytest.raises(InfrastructureFailure, match="exited with code 1"):
+        evaluator(None, str(tmp_path / "t"), lambda s, ap: False)
+
+
+def _rows(output):
+    with open(os.path.join(output, "trials.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, tiny_env,
+                                                             tmp_path):
+    output = str(tmp_path / "search")
+    command = [sys.executable, os.path.join(REPO, "tools", "search_net.py"), "--config-file",
+               proxy_config_file, "--output", output, "--trials", "3", "--sampler", "ga",
+               "--seed", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 the whole group once a trial is done and one runs
+        running = os.path.join(output, "trials", "stage1-global", "0000", "config.yaml")
+        if os.path.isfile(running) or first.poll() is not None:
+            break
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished_before = [r for r in _rows(output) if r["status"] == "ok"]
+    assert finished_before, "the first run finished no trial before the kill"
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(output)
+    for row in finished_before:  # kept, not re-trained
+        assert [(r["study"], r["genome"]) for r in rows if r["status"] == "ok"].count(
+            (row["study"], row["genome"])) == 1
+    ok = [r for r in rows if r["study"] == "stage1-global" and r["status"] in ("ok", "rejected")]
+    assert len(ok) == 3 and [r["status"] for r in rows if r["study"] == "baseline"] == ["ok"]
+    trained = sum(len(os.listdir(os.path.join(output, "trials", s)))
+                  for s in os.listdir(os.path.join(output, "trials")))
+    killed = [r for r in rows if r["status"] == "infra_failure"]
+    assert len(killed) == 1 and killed[0]["number"] == "0"  # the trial killed mid-way ...
+    retry = next(r for r in rows if r["attempt"] == "2")
+    assert retry["genome"] == killed[0]["genome"]  # ... re-queued and trained again
+    assert trained == 5  # baseline + 3 trials + the killed one: nothing trained twice
+    summary = json.load(open(os.path.join(output, "summary.json")))
+    assert summary["best_genome"] and summary["sessions"][-1]["trial_seconds"] > 0
+    assert open(os.path.join(output, "best_genome.txt")).read().strip() == summary["best_genome"]
+    assert "GENOME" in open(os.path.join(output, "best_config.yaml")).read()
+    assert os.path.isfile(os.path.join(output, "best_so_far.png"))

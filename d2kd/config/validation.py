@@ -10,6 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .. import model_zoo
 from ..data import ensure_digitsdet
 from .loading import ConfigError, load_config
+from .schedule import TeacherSchedule
 
 # Annotation files up to this size are parsed up front to catch corrupt files early.
 _MAX_PARSED_ANNOTATION_BYTES = 64 * 2**20
@@ -98,6 +99,7 @@ def check_inputs(cfg: CfgNode, resume: bool = False) -> None:
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
         check_teachers(cfg)
+        TeacherSchedule.from_config(cfg)  # DISTILL.SCHEDULE is consistent
     has_checkpoint = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not (resume and has_checkpoint):
         check_weights(cfg.MODEL.WEIGHTS)

@@ -36,6 +36,16 @@ def export_student(checkpoint_path: str, output_path: str) -> Dict[str, torch.Te
     return student
 
 
+def save_student(model: torch.nn.Module, output_path: str, iteration: int) -> None:
+    """Write the student of a (possibly DDP-wrapped) distillation model to ``output_path``."""
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    state = student_state_dict(model.state_dict())
+    atomic_save({"model": state, "__author__": "d2kd DistillTrainer", "iteration": iteration},
+                output_path)
+    logger.info("Wrote the student-only weights to %s", output_path)
+
+
 class StudentExportHook(HookBase):
     """After a completed training, write ``OUTPUT_DIR/model_final_student.pth`` (main process)."""
 
@@ -45,10 +55,4 @@ class StudentExportHook(HookBase):
     def after_train(self) -> None:
         if self.trainer.iter < self.trainer.max_iter or not comm.is_main_process():
             return  # detectron2 sets iter = max_iter only after the last step succeeded
-        model = self.trainer.model
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        state = student_state_dict(model.state_dict())
-        atomic_save({"model": state, "__author__": "d2kd DistillTrainer",
-                     "iteration": self.trainer.iter}, self.output_path)
-        logger.info("Wrote the student-only weights to %s", self.output_path)
+        save_student(self.trainer.model, self.output_path, self.trainer.iter)

@@ -18,6 +18,7 @@ from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json
 from .export import StudentExportHook
 from .optimizer import build_optimizer
+from .stages import build_stage_lr_scheduler, insert_schedule_hooks, schedule_of
 from .prototype_hook import PrototypeRefreshHook
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class DistillTrainer(DefaultTrainer):
         """As detectron2's, except that a fresh distillation run loads ``MODEL.WEIGHTS`` into
         the student (plain detector keys) and applies ``DISTILL.INIT_FROM_TEACHER``."""
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        if not isinstance(model, DistillationDetector) or (resume and
-                                                          self.checkpointer.has_checkpoint()):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        if self.schedule_hook is not None:
+            self.schedule_hook.prepare(resuming)  # teacher order; the checkpoint's stage
+        if not isinstance(model, DistillationDetector) or resuming:
             super().resume_or_load(resume=resume)
             return
         model.initialize(self.cfg.MODEL.WEIGHTS, self.cfg.DISTILL.INIT_FROM_TEACHER)
@@ -78,6 +81,7 @@ class DistillTrainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        self.schedule_hook = insert_schedule_hooks(hooks, self.cfg)  # MTPD teacher schedule
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
             hooks.insert(-1, StudentExportHook(export))  # before the final writer
@@ -85,6 +89,14 @@ class DistillTrainer(DefaultTrainer):
                 scheduler = next(i for i, h in enumerate(hooks) if isinstance(h, LRScheduler))
                 hooks.insert(scheduler + 1, PrototypeRefreshHook(self.cfg))
         return hooks
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's; with a teacher schedule, restarted in every stage."""
+        schedule = schedule_of(cfg)
+        if schedule is None:
+            return super().build_lr_scheduler(cfg, optimizer)
+        return build_stage_lr_scheduler(cfg, optimizer, schedule)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

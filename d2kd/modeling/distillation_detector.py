@@ -1,6 +1,7 @@
 """The one meta-architecture of d2kd: a student trained by frozen teachers through heads."""
+import gc
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -10,6 +11,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from torch import nn
 
 from ..config.loading import load_config
+from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
 from .taps import StudentTapper, StudentTaps
 from .teacher import FrozenTeacher
@@ -25,8 +27,8 @@ def student_config(cfg: CfgNode) -> CfgNode:
     return student_cfg
 
 
-def build_teachers(cfg: CfgNode) -> List[FrozenTeacher]:
-    """One :class:`FrozenTeacher` per entry of ``DISTILL.TEACHER.CONFIGS``."""
+def build_teacher(cfg: CfgNode, index: int) -> FrozenTeacher:
+    """The :class:`FrozenTeacher` of entry ``index`` of ``DISTILL.TEACHER.CONFIGS``."""
     configs, weights = list(cfg.DISTILL.TEACHER.CONFIGS), list(cfg.DISTILL.TEACHER.WEIGHTS)
     if not configs:
         raise ValueError("DistillationDetector needs DISTILL.TEACHER.CONFIGS (one per teacher).")
@@ -34,14 +36,11 @@ def build_teachers(cfg: CfgNode) -> List[FrozenTeacher]:
         raise ValueError(f"DISTILL.TEACHER.WEIGHTS has {len(weights)} entries for "
                          f"{len(configs)} teacher configs; give one per teacher (or none).")
     opts = list(cfg.DISTILL.TEACHER.OPTS) + ["MODEL.DEVICE", cfg.MODEL.DEVICE]
-    teachers = []
-    for i, config_file in enumerate(configs):
-        teacher_cfg = load_config(config_file, opts)
-        if weights and weights[i]:
-            teacher_cfg.MODEL.WEIGHTS = weights[i]
-        teacher_cfg.freeze()
-        teachers.append(FrozenTeacher(teacher_cfg))
-    return teachers
+    teacher_cfg = load_config(configs[index], opts)
+    if weights and weights[index]:
+        teacher_cfg.MODEL.WEIGHTS = weights[index]
+    teacher_cfg.freeze()
+    return FrozenTeacher(teacher_cfg)
 
 
 def copy_neck_and_heads(teacher: nn.Module, student: nn.Module) -> List[str]:
@@ -112,18 +111,54 @@ class DistillationDetector(nn.Module):
 
     def __init__(self, cfg: CfgNode):
         super().__init__()
+        self.cfg = cfg
         self.student = META_ARCH_REGISTRY.get(cfg.DISTILL.STUDENT_META_ARCHITECTURE)(
             student_config(cfg))
-        self.teachers = build_teachers(cfg)
-        self.active_teacher = 0
-        self.heads = build_distill_heads(cfg, self.student.backbone.output_shape(),
-                                         self.teachers[0].backbone_shapes)
-        self.teacher_needs = set().union(*(h.teacher_needs for h in self.heads.values()))
-        for teacher in self.teachers:
-            check_response_compatible(self.student, teacher.model, self.teacher_needs)
         self.input_format = cfg.INPUT.FORMAT
-        for teacher in self.teachers:
-            teacher.to(self.device)
+        # Resident teachers; None where not loaded (a teacher schedule holds only its stage's).
+        self.teachers: List[Optional[FrozenTeacher]] = [None] * len(cfg.DISTILL.TEACHER.CONFIGS)
+        schedule = TeacherSchedule.from_config(cfg)
+        if schedule is None:
+            self.activate({0: 1.0}, cfg)
+        else:
+            self.activate(schedule.stage_teachers(0), schedule.head_config(cfg, 0))
+
+    def activate(self, teacher_weights: Dict[int, float], head_cfg: CfgNode) -> None:
+        """Make exactly the teachers of ``teacher_weights`` (index -> loss weight) resident —
+        the others are freed before missing ones load — and build fresh heads for them from
+        ``head_cfg``. With several teachers, head ``H`` of teacher ``i`` is ``heads["H_t<i>"]``
+        and its losses are ``loss_kd_..._t<i>``, multiplied by the teacher's weight."""
+        self.release_teachers(keep=teacher_weights)
+        for index in sorted(teacher_weights):
+            if self.teachers[index] is None:
+                self.teachers[index] = build_teacher(self.cfg, index).to(self.device)
+        self.teacher_weights = dict(teacher_weights)
+        self.active_teacher = min(teacher_weights)
+        self.heads = nn.ModuleDict()
+        self.head_teacher: Dict[str, int] = {}  # head key -> teacher index
+        for index in sorted(teacher_weights):
+            heads = build_distill_heads(head_cfg, self.student.backbone.output_shape(),
+                                        self.teachers[index].backbone_shapes)
+            check_response_compatible(
+                self.student, self.teachers[index].model,
+                set().union(*(h.teacher_needs for h in heads.values())))
+            for name, head in heads.items():
+                key = name if len(teacher_weights) == 1 else f"{name}_t{index}"
+                if key != name:
+                    head.name = f"{head.name}_t{index}"  # per-teacher log scalars
+                self.heads[key] = head
+                self.head_teacher[key] = index
+        self.heads.to(self.device)
+        self.teacher_needs = set().union(*(h.teacher_needs for h in self.heads.values()))
+
+    def release_teachers(self, keep: Sequence[int] = ()) -> None:
+        """Free every resident teacher not in ``keep``."""
+        freed = [i for i, t in enumerate(self.teachers) if t is not None and i not in keep]
+        for index in freed:
+            self.teachers[index] = None
+        if freed:
+            gc.collect()  # a locked teacher's modules reference themselves (_lock_eval)
+            logger.info("Freed teacher(s) %s", freed)
 
     @property
     def device(self) -> torch.device:
@@ -133,16 +168,18 @@ class DistillationDetector(nn.Module):
         """``.to()`` / ``.cpu()`` / ... move the teachers too (they are not submodules)."""
         super()._apply(fn, *args, **kwargs)
         for teacher in self.teachers:
-            teacher.model._apply(fn, *args, **kwargs)
+            if teacher is not None:
+                teacher.model._apply(fn, *args, **kwargs)
         return self
 
     def initialize(self, student_weights: str, init_from_teacher: bool) -> None:
         """Fresh-run initialisation: the student's ``MODEL.WEIGHTS`` (plain detector keys, e.g.
-        a pre-trained backbone), then optionally its neck and heads from teacher 0."""
+        a pre-trained backbone), then optionally its neck and heads from the active teacher
+        (the first stage's teacher of a schedule)."""
         if student_weights:
             DetectionCheckpointer(self.student).load(student_weights)
         if init_from_teacher:
-            copy_neck_and_heads(self.teachers[0].model, self.student)
+            copy_neck_and_heads(self.teachers[self.active_teacher].model, self.student)
 
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
@@ -150,9 +187,14 @@ class DistillationDetector(nn.Module):
         with StudentTapper(self.student) as taps:
             losses = self.student(batched_inputs)
         taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        teacher_outputs = self.run_teacher(self.teachers[self.active_teacher], taps)
-        for head in self.heads.values():
-            losses.update(head(taps, teacher_outputs))
+        outputs = {i: self.run_teacher(self.teachers[i], taps) for i in self.teacher_weights}
+        for key, head in self.heads.items():
+            index = self.head_teacher[key]
+            head_losses = head(taps, outputs[index])
+            if len(outputs) > 1:
+                weight = self.teacher_weights[index]
+                head_losses = {f"{k}_t{index}": weight * v for k, v in head_losses.items()}
+            losses.update(head_losses)
         return losses
 
     def run_teacher(self, teacher: FrozenTeacher, taps: StudentTaps) -> TeacherOutputs:

@@ -34,7 +34,7 @@ def untrained_teachers(tmp_path_factory):
 
     def weights_for(teacher_config: str) -> str:
         if teacher_config not in cache:
-            cfg = load_config(teacher_config, ["MODEL.WEIGHTS", ""])
+            cfg = load_config(teacher_config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
             out = tmp_path_factory.mktemp("teacher")
             DetectionCheckpointer(build_model(cfg), save_dir=str(out)).save("model_final")
             cache[teacher_config] = str(out / "model_final.pth")
@@ -53,7 +53,8 @@ def test_config_builds(config_file, untrained_teachers):
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
     backbone = model.student.backbone if hasattr(model, "student") else model.backbone
-    assert all(p.requires_grad for p in backbone.parameters()), "nothing is frozen"
+    if config_file.startswith("DigitsDet"):  # trained from scratch: nothing frozen
+        assert all(p.requires_grad for p in backbone.parameters())
     model.eval()
     with torch.no_grad():
         outputs = model([{"image": torch.zeros(3, 64, 96), "height": 64, "width": 96}])

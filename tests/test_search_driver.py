@@ -18,8 +18,9 @@ from optuna.trial import TrialState
 
 from d2kd.config import load_config
 from d2kd.search import dry_run, parse_genome
-from d2kd.search.driver import DetKDSSearch
+from d2kd.search.driver import DetKDSSearch, open_storage
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
+from d2kd.search.report import best_so_far, compare
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
                                   uniform_crossover)
 from d2kd.search.space import FormulaSpace, WeightSpace
@@ -313,3 +314,45 @@ def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, 
     assert open(os.path.join(output, "best_genome.txt")).read().strip() == summary["best_genome"]
     assert "GENOME" in open(os.path.join(output, "best_config.yaml")).read()
     assert os.path.isfile(os.path.join(output, "best_so_far.png"))
+
+
+def test_more_seed_genomes_than_trials_do_not_stall_the_search(tmp_path):
+    evaluator = FakeEvaluator()
+    search = fake_search(tmp_path, evaluator, 1, "['fgbg']")  # the default seeds: 2 for fgbg
+    search.run_worker()
+    assert [t.state for t in search.trials("stage1-fgbg")] == [TrialState.COMPLETE,
+                                                               TrialState.WAITING]
+    assert search.trials("stage1-fgbg")[0].user_attrs["genome"] == \
+        "fgbg:no|local_s4|norm_HW|l1|w=2"
+
+
+def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", "['logit']")
+    first, second = FakeEvaluator(), FakeEvaluator()
+    DetKDSSearch(cfg, open_storage(url, ""), str(tmp_path / "a"), "ga", 0, 2, first).run_worker()
+    joined = DetKDSSearch(cfg, open_storage(url, ""), str(tmp_path / "b"), "ga", 0, 3, second)
+    joined.run_worker()  # one more trial per input: only that one is trained
+    assert len(first.calls) == 3 and len(second.calls) == 1
+    assert len(joined.trials("stage1-logit")) == 3
+
+
+def test_best_so_far_and_compare(tmp_path):
+    rows = [{"study": "baseline", "status": "ok", "ap": "9.0", "completed": "1"},
+            {"study": "stage1-global", "status": "ok", "ap": "3.0", "completed": "2"},
+            {"study": "stage1-global", "status": "rejected", "ap": "", "completed": "3"},
+            {"study": "stage1-fgbg", "status": "ok", "ap": "5.0", "completed": "5"},
+            {"study": "stage1-fgbg", "status": "pruned", "ap": "8.0", "completed": "4"},
+            {"study": "stage1-fgbg", "status": "infra_failure", "ap": "", "completed": "6"}]
+    assert best_so_far(rows) == [3.0, 3.0, 3.0, 5.0]
+    for name, ap in (("ga", "4.0"), ("random", "2.0")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "trials.csv").write_text("study,input,number,genome,status,ap,seconds,attempt,"
+                                        f"generation,completed\nstage1-global,global,0,g,ok,{ap},"
+                                        "1,1,0,2020\n")
+        (out / "summary.json").write_text(json.dumps({"arm": f"{name}-seed0", "baseline_ap": 1.0,
+                                                      "best_genome": "global:no|no|no|l1|w=1"}))
+    table = compare([str(tmp_path / "ga"), str(tmp_path / "random")], str(tmp_path / "c.png"))
+    assert "| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 |" in table
+    assert (tmp_path / "c.png").stat().st_size > 0

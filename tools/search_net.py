@@ -93,8 +93,9 @@ def worker_main(args, session: str) -> None:
     build_search(args, session).run_worker()
 
 
-def run_workers(args, session: str) -> None:
-    """``--workers`` processes (each on its own GPU when GPUs exist); waits for all."""
+def run_workers(args, session: str) -> list:
+    """``--workers`` processes (each on its own GPU when GPUs exist); waits for all and
+    returns the names of those that failed."""
     import torch
 
     gpus = torch.cuda.device_count()
@@ -108,10 +109,7 @@ def run_workers(args, session: str) -> None:
         processes.append(process)
     for process in processes:
         process.join()
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        sys.exit(f"error: {', '.join(failed)} failed (see {args.output}/search.log); re-run the "
-                 "same command to resume.")
+    return [p.name for p in processes if p.exitcode != 0]
 
 
 def main(argv=None) -> None:
@@ -135,7 +133,12 @@ def main(argv=None) -> None:
     if args.workers == 1:
         search.run_worker()
     else:
-        run_workers(args, session)
+        failed = run_workers(args, session)
+        if failed and search.next_task() != "done":
+            sys.exit(f"error: {', '.join(failed)} failed (see {args.output}/search.log); re-run "
+                     "the same command to resume.")
+        if failed:
+            logger.warning("%s failed; the other workers finished the search.", ", ".join(failed))
     summary = search.finalize(args.config_file, args.opts, {
         "session": session, "started": start, "wall_seconds": time.time() - start,
         "workers": args.workers})

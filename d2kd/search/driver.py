@@ -259,8 +259,8 @@ class DetKDSSearch:
         return "wait" if self._running(["stage2"]) else "done"
 
     def _running(self, stages: Sequence[str]) -> bool:
-        return any(t.state in (TrialState.RUNNING, TrialState.WAITING)
-                   for s in stages for t in self.trials(s))
+        """Queued trials left when a budget is met (extra seeds, late retries) do not count."""
+        return any(t.state == TrialState.RUNNING for s in stages for t in self.trials(s))
 
     # ---- trials ----------------------------------------------------------------------------
     def lookup(self, genome: str, number: int, stage: str) -> Optional[FrozenTrial]:

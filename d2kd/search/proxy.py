@@ -9,9 +9,9 @@ Every trial runs in its own process, forked from a per-worker fork server that h
 detectron2 already imported (a start costs well under a second instead of ~5 s of imports), so
 a crash, an OOM kill or a ``kill -9`` of the trial cannot corrupt the worker or the Optuna
 storage: the trial process never touches the storage. It talks to the worker over a pipe:
-``("report", iteration, ap)`` (answered with True to prune) and ``("done", outcome)``. On
-Linux a trial process is killed with its worker (``PR_SET_PDEATHSIG``), so a killed worker
-leaves no orphan training.
+``("report", iteration, ap)`` (answered with True to prune) and ``("done", outcome)``. A
+trial process kills itself when its worker dies (EOF on a lifeline pipe only the worker
+holds), so a killed worker leaves no orphan training.
 
 Outcomes: ``ok`` (final AP), ``rejected`` (a KD loss non-finite or above
 ``REJECT_THRESHOLD`` after warm-up: the candidate's fault, fitness -inf), ``pruned`` (the
@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -206,7 +207,7 @@ class ProxyRequest:
 
 
 def die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent process dies."""
+    """Linux: get SIGKILL when the parent process dies (worker processes of the driver)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
@@ -214,9 +215,24 @@ def die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_proxy_trial(request: ProxyRequest, conn) -> None:
+def exit_with_worker(lifeline) -> None:
+    """SIGKILL this process once ``lifeline`` (the reading end of a pipe whose only writer is
+    the worker) reaches EOF, i.e. when the worker dies. (The parent of a trial process is the
+    fork server, which outlives a killed worker while it has children, so
+    :func:`die_with_parent` would not fire.)"""
+    def watch():
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_proxy_trial(request: ProxyRequest, conn, lifeline) -> None:
     """Entry point of a trial process; stdout/stderr go to ``OUTPUT_DIR/trial.log``."""
-    die_with_parent()
+    exit_with_worker(lifeline)
     start = time.perf_counter()
     os.environ.update(request.env)
     # The fork server imported d2kd (which registers DigitsDet under $DETECTRON2_DATASETS)
@@ -281,10 +297,12 @@ class ProxyEvaluator:
                                {k: v for k, v in os.environ.items()
                                 if k in ("CUDA_VISIBLE_DEVICES", "DETECTRON2_DATASETS")})
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=run_proxy_trial, args=(request, child),
+        lifeline, lifeline_writer = ctx.Pipe(duplex=False)  # never written: EOF = worker gone
+        process = ctx.Process(target=run_proxy_trial, args=(request, child, lifeline),
                               name=f"trial:{os.path.basename(output_dir)}")
         process.start()
         child.close()
+        lifeline.close()
         outcome = None
         try:
             while outcome is None:
@@ -306,6 +324,7 @@ class ProxyEvaluator:
                 process.kill()
                 process.join()
             parent.close()
+            lifeline_writer.close()
         if outcome is None:
             raise InfrastructureFailure(
                 f"the trial process exited with code {process.exitcode} without an outcome; "

@@ -29,16 +29,16 @@ class GenomeSpace:
 
     genes: Dict[str, Tuple]
 
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size  # of the dry run (``correlation`` needs >= 4)
+        self._validity: Dict[str, bool] = {}
+
     def genome(self, params: Params) -> str:
         raise NotImplementedError
 
     def check(self, params: Params) -> None:
         """Raise :class:`GenomeError` when ``params`` do not make a valid genome."""
         raise NotImplementedError
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self._validity: Dict[str, bool] = {}
 
     def is_valid(self, params: Params) -> bool:
         key = repr(sorted(params.items()))

@@ -8,6 +8,9 @@
     # per-step cost of distillation vs student alone + teacher forward (JSON)
     python tools/benchmark.py overhead --config-file CFG --json OUT [--iters N] [--random-teacher]
 
+    # one table (JSON + markdown) from several overhead result files
+    python tools/benchmark.py overhead-summary --inputs A.json B.json --json OUT --markdown OUT
+
     # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
     python tools/benchmark.py pgm --json OUT [--n 4000 --d 256 --k 10]
 
@@ -20,7 +23,7 @@ import sys
 
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
-from d2kd.benchmark.overhead import run_overhead_benchmark
+from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
 
 
@@ -43,6 +46,10 @@ def main(argv=None) -> None:
     ovh.add_argument("--random-teacher", action="store_true",
                      help="use untrained teacher weights (step times do not depend on them)")
     ovh.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    ovs = sub.add_parser("overhead-summary", help="tabulate overhead result files")
+    ovs.add_argument("--inputs", nargs="+", required=True)
+    ovs.add_argument("--json", required=True)
+    ovs.add_argument("--markdown", required=True)
     pgm = sub.add_parser("pgm", help="PGM selection time vs brute-force objective evaluation")
     pgm.add_argument("--json", required=True)
     pgm.add_argument("--n", type=int, default=4000)
@@ -61,6 +68,8 @@ def main(argv=None) -> None:
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)
         logging.getLogger("d2kd.benchmark").info("%s", result)
+    elif args.command == "overhead-summary":
+        summarize_overhead(args.inputs, args.json, args.markdown)
     elif args.command == "pgm":
         logging.getLogger("d2kd.benchmark").info("%s", run_pgm_benchmark(args.json, args.n, args.d, args.k))
     elif args.command == "collect":

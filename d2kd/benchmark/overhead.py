@@ -26,7 +26,8 @@ from ..config import load_config
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
 from ..modeling.taps import StudentTapper
-from ..utils.io import atomic_write_json
+from ..prototypes.refresh import prototype_banks
+from ..utils.io import atomic_write_json, atomic_write_text
 
 
 def _batches(cfg, count: int) -> List:
@@ -53,6 +54,16 @@ def _train_step(model, optimizer):
     return step
 
 
+def _fill_prototype_banks(model: torch.nn.Module) -> None:
+    """Random valid prototypes in every bank: a step then costs what it costs after a refresh
+    (the refresh itself is a trainer hook, measured separately in training runs)."""
+    for bank in prototype_banks(model):
+        for level in range(len(bank.levels)):
+            for cls in range(bank.num_classes):
+                bank.set_prototypes(level, cls, torch.randn(bank.teacher.shape[2:]),
+                                    torch.randn(bank.student.shape[2:]))
+
+
 def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
     """One process's measurement (``mode``: "student" or "distill")."""
     cfg = load_config(config_file, opts)
@@ -69,6 +80,7 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
         else:
             model = build_model(cfg)
             model.train()
+            _fill_prototype_banks(model)
             teacher = model.teachers[model.active_teacher]
 
             def teacher_forward(batch):
@@ -115,6 +127,25 @@ def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, wa
     result["ratio"] = result["t_distill"] / (result["t_student"] + result["t_teacher_forward"])
     atomic_write_json(json_path, result)
     return result
+
+
+def summarize_overhead(json_files: Sequence[str], json_path: str, markdown_path: str) -> List[Dict]:
+    """One table (JSON + markdown) from several ``overhead`` result files."""
+    from tabulate import tabulate
+
+    results = []
+    for path in json_files:
+        with open(path) as f:
+            results.append(json.load(f))
+    rows = [[os.path.splitext(os.path.basename(r["config"]))[0], round(r["t_student"], 3),
+             round(r["t_teacher_forward"], 3), round(r["t_distill"], 3), round(r["ratio"], 2),
+             round(r["peak_rss_student_mb"]), round(r["peak_rss_distill_mb"]), r["threads"]]
+            for r in results]
+    headers = ["config", "t_student s", "t_teacher_fwd s", "t_distill s", "ratio",
+               "peak RSS student MB", "peak RSS distill MB", "threads"]
+    atomic_write_json(json_path, {"runs": results})
+    atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
+    return results
 
 
 if __name__ == "__main__":  # one measuring process: MODE CONFIG ITERS WARMUP OPTS_JSON OUT_JSON

@@ -127,9 +127,9 @@ class FakeEvaluator:
         return TrialOutcome("ok", 10.0 + sum(map(ord, genome)) % 7, 0.01)
 
 
-def fake_search(tmp_path, evaluator, trials=4, inputs="['logit']", *opts):
+def fake_search(tmp_path, evaluator, trials=4, inputs="['logit']", *opts, sampler="ga"):
     cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", inputs, *opts)
-    return DetKDSSearch(cfg, optuna.storages.InMemoryStorage(), str(tmp_path), "ga", 0, trials,
+    return DetKDSSearch(cfg, optuna.storages.InMemoryStorage(), str(tmp_path), sampler, 0, trials,
                         evaluator)
 
 
@@ -356,3 +356,31 @@ def test_best_so_far_and_compare(tmp_path):
     table = compare([str(tmp_path / "ga"), str(tmp_path / "random")], str(tmp_path / "c.png"))
     assert "| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 |" in table
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_rejected_candidates_count_against_the_budget_with_fitness_minus_inf(tmp_path):
+    class Explodes(FakeEvaluator):
+        def __call__(self, genome, output_dir, report):
+            if genome is not None and "w=50" in genome:
+                self.calls.append(genome)
+                return TrialOutcome("rejected", -math.inf, 0.01, "KD loss 1e+09")
+            return super().__call__(genome, output_dir, report)
+
+    search = fake_search(tmp_path, Explodes(baseline=-1.0), 3)
+    search.stage1_study("logit").enqueue_trial({"slot3": "norm_C", "distance": "l1", "weight": 50})
+    search.run_worker()
+    first = search.trials("stage1-logit")[0]
+    assert first.user_attrs["status"] == "rejected" and first.value == -math.inf
+    assert len(search.trials("stage1-logit")) == 3
+    assert "w=50" not in str(search.survivors()[0])
+
+
+def test_the_random_arm_has_no_seeds_and_proposes_valid_new_genomes(tmp_path):
+    search = fake_search(tmp_path, FakeEvaluator(), 12, "['fgbg']", sampler="random")
+    search.run_worker()
+    space = FormulaSpace("fgbg", batch_size=2)
+    trials = search.trials("stage1-fgbg")
+    genomes = [t.user_attrs["genome"] for t in trials]
+    assert len(set(genomes)) == 12 and not any(t.user_attrs.get("seeded") for t in trials)
+    for t in trials:
+        assert_valid(space, t.params)

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     acc.add_argument("--json", required=True)
     acc.add_argument("--markdown", required=True)
     acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    acc.add_argument("--tag", default="", help="variant name for runs with overrides (ablations)")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")
     ovh.add_argument("--config-file", required=True)
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
-                               args.opts, threads=args.threads)
+                               args.opts, threads=args.threads, tag=args.tag)
     elif args.command == "overhead":
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)

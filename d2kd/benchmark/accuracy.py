@@ -52,11 +52,12 @@ def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Seque
 
 
 def summarize(runs: List[Dict]) -> List[Dict]:
-    """Mean, population spread (max - min) and std of each metric per config."""
+    """Mean and spread (max - min) of each metric per run name (config, or config@tag)."""
     summary = []
-    for config in dict.fromkeys(r["config"] for r in runs):
-        mine = [r for r in runs if r["config"] == config]
-        row = {"config": config, "seeds": [r["seed"] for r in mine],
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        row = {"name": name, "config": mine[0]["config"], "opts": mine[0]["opts"],
+               "seeds": [r["seed"] for r in mine],
                "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in mine), 1)}
         for task in mine[0]["results"]:
             for metric in METRICS:
@@ -70,7 +71,7 @@ def summarize(runs: List[Dict]) -> List[Dict]:
 def markdown_table(summary: List[Dict]) -> str:
     headers = ["config", "seeds", "box AP (mean)", "spread", "AP50", "APs", "APm", "APl",
                "wall s/run"]
-    rows = [[_run_name(s["config"]), len(s["seeds"]), s["bbox/AP"], s["bbox/AP_spread"],
+    rows = [[s["name"], len(s["seeds"]), s["bbox/AP"], s["bbox/AP_spread"],
              s["bbox/AP50"], s["bbox/APs"], s["bbox/APm"], s["bbox/APl"],
              s["wall_seconds_mean"]] for s in summary]
     return tabulate(rows, headers=headers, tablefmt="github") + "\n"
@@ -78,12 +79,15 @@ def markdown_table(summary: List[Dict]) -> str:
 
 def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output: str,
                            json_path: str, markdown_path: str, opts: Sequence[str] = (),
-                           threads: int = 0) -> List[Dict]:
+                           threads: int = 0, tag: str = "") -> List[Dict]:
+    """``tag`` names a variant (e.g. an ablation's overrides): runs go to
+    ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``."""
     runs = []
     for config in configs:
         for seed in seeds:
-            out = os.path.join(output, _run_name(config), f"seed{seed}")
-            runs.append(train_and_evaluate(config, seed, out, opts, threads))
+            name = f"{_run_name(config)}@{tag}" if tag else _run_name(config)
+            out = os.path.join(output, name, f"seed{seed}")
+            runs.append(dict(train_and_evaluate(config, seed, out, opts, threads), name=name))
             summary = summarize(runs)
             atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
             atomic_write_text(markdown_path, markdown_table(summary))

@@ -1,0 +1,18 @@
+"""Benchmark bookkeeping: per-variant summaries of accuracy runs."""
+from d2kd.benchmark.accuracy import markdown_table, summarize
+
+
+def _run(name, seed, ap):
+    metrics = {m: ap for m in ("AP", "AP50", "APs", "APm", "APl")}
+    return {"name": name, "config": "c.yaml", "opts": [], "seed": seed, "wall_seconds": 10.0 * seed,
+            "results": {"bbox": metrics}}
+
+
+def test_summary_groups_runs_by_variant_with_mean_and_spread():
+    runs = [_run("c", 0, 30.0), _run("c", 1, 31.0), _run("c@rho0.1", 0, 28.0)]
+    rows = {row["name"]: row for row in summarize(runs)}
+    assert rows["c"]["bbox/AP"] == 30.5 and rows["c"]["bbox/AP_spread"] == 1.0
+    assert rows["c"]["seeds"] == [0, 1] and rows["c"]["wall_seconds_mean"] == 5.0
+    assert rows["c@rho0.1"]["bbox/AP"] == 28.0 and rows["c@rho0.1"]["bbox/AP_spread"] == 0.0
+    table = markdown_table(summarize(runs))
+    assert "| c@rho0.1 " in table and "30.5" in table

@@ -142,3 +142,12 @@ def test_reversed_and_stats():
     for key in ("hard_fraction", "d_easy", "d_hard", "theta"):
         assert f"kd/dfd/{key}/p3" in logged
     assert logged["kd/dfd/d_hard/p3"][0] > logged["kd/dfd/d_easy/p3"][0]
+
+
+def test_unshifted_pseudo_huber_is_the_specs_literal_formula():
+    from d2kd.heads.dfd import shifted_pseudo_huber
+
+    e = torch.tensor([0.0, 0.5, 3.0, 40.0], dtype=torch.float64)
+    kappa = torch.full_like(e, 2.0)
+    expected = 2 * 2.0 * (torch.sqrt(1 + e / 2.0) - 1)  # 2 kappa (sqrt(1 + e / kappa) - 1)
+    torch.testing.assert_close(shifted_pseudo_huber(e, torch.zeros_like(e), kappa), expected)

@@ -142,7 +142,9 @@ def _add_own_keys(cfg: CN) -> None:
     cfg.DISTILL.DFD.HARD_FRACTION = 0.3
     # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel" (mse / teacher energy).
     cfg.DISTILL.DFD.DISPARITY = "mse"
-    # Constraint on hard cells: "pseudo_huber", "downweight", "cosine" or "generative".
+    # Constraint on hard cells: "pseudo_huber" (shifted to the threshold: continuous value and
+    # slope), "pseudo_huber_unshifted" (the spec's literal form), "downweight", "cosine" or
+    # "generative".
     cfg.DISTILL.DFD.LENIENT = "pseudo_huber"
     # Ablation: lenient on easy cells and strict on hard ones.
     cfg.DISTILL.DFD.REVERSED = False

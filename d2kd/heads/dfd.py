@@ -15,6 +15,8 @@ Per level and image, over valid (unpadded) cells:
      threshold so that the per-cell loss has the same value and slope on both sides of it
      (the spec's un-shifted 2 kappa (sqrt(1 + e / kappa) - 1) jumps there); its gradient
      stays bounded for large gaps, and kappa -> infinity recovers plain imitation;
+   - ``pseudo_huber_unshifted``: the spec's literal ``2 kappa (sqrt(1 + e / kappa) - 1)``
+     (same kappa), which drops below the strict term at the threshold;
    - ``downweight``: ``DOWNWEIGHT * e``; ``cosine``: ``||T||^2 (1 - cos(S~, T))``;
    - ``generative``: MGD-style: ``(G(S~ * M) - T)^2`` summed over channels on hard cells;
    ``REVERSED`` swaps the roles (lenient on easy cells, strict on hard ones);
@@ -34,7 +36,7 @@ from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
 from .registry import DISTILL_HEAD_REGISTRY, TeacherOutputs
 
 DISPARITIES = ("mse", "cos", "rel")
-LENIENT_TYPES = ("pseudo_huber", "downweight", "cosine", "generative")
+LENIENT_TYPES = ("pseudo_huber", "pseudo_huber_unshifted", "downweight", "cosine", "generative")
 
 
 def disparity(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -153,11 +155,13 @@ class DFDHead(_FeatureHead):
     def lenient_loss(self, level: str, s: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
                      valid: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
         """(N, H, W) lenient per-cell loss (see module docstring)."""
-        if self.lenient == "pseudo_huber":
+        if self.lenient.startswith("pseudo_huber"):
             with torch.no_grad():
                 e_theta = self.threshold(e, valid, fg)
                 e_theta = torch.nan_to_num(e_theta, posinf=0.0).clamp(min=1e-12)
                 kappa = self.kappa_scale * e_theta
+            if self.lenient == "pseudo_huber_unshifted":
+                return shifted_pseudo_huber(e, torch.zeros_like(e_theta), kappa)
             return shifted_pseudo_huber(e, e_theta, kappa)
         if self.lenient == "downweight":
             return self.downweight * e

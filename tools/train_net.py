@@ -16,12 +16,16 @@ from d2kd.config import ConfigError, check_inputs, load_config
 from d2kd.engine import DistillTrainer
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 
 def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # d2kd's own messages (teachers, stages, prototype refreshes) in the console and log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2kd", abbrev_name="d2kd")
     return cfg
 
 

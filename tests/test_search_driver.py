@@ -18,12 +18,13 @@ from optuna.trial import TrialState
 
 from d2kd.config import load_config
 from d2kd.search import dry_run, parse_genome
-from d2kd.search.driver import DetKDSSearch, open_storage
+from d2kd.search.driver import DetKDSSearch
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
 from d2kd.search.report import best_so_far, compare
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
                                   uniform_crossover)
 from d2kd.search.space import FormulaSpace, WeightSpace
+from d2kd.search.storage import open_storage
 
 from conftest import CONFIGS, REPO
 from test_distillation_core import TEACHER, save_untrained_teacher

@@ -24,10 +24,12 @@ import optuna
 
 import d2kd  # noqa: F401  (registrations)
 from d2kd.config import ConfigError, check_inputs, load_config
-from d2kd.search.driver import DetKDSSearch, open_storage
+from d2kd.search.driver import DetKDSSearch
+from d2kd.search.outputs import finalize
 from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
 from d2kd.search.report import compare
 from d2kd.search.space import BASELINE
+from d2kd.search.storage import open_storage
 from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("d2kd.search")
@@ -139,7 +141,7 @@ def main(argv=None) -> None:
                      "the same command to resume.")
         if failed:
             logger.warning("%s failed; the other workers finished the search.", ", ".join(failed))
-    summary = search.finalize(args.config_file, args.opts, {
+    summary = finalize(search, args.config_file, args.opts, {
         "session": session, "started": start, "wall_seconds": time.time() - start,
         "workers": args.workers})
     logger.info("[%s] best genome %s (%s AP, baseline %s): %s/best_config.yaml", search.arm,

@@ -18,29 +18,27 @@ arm is not trained again: the trial copies the earlier result (status ``cached``
 Resumption: every running trial carries its worker's host and pid and a heartbeat; a
 running trial whose worker is dead (same host: the pid is gone; other hosts: no heartbeat for
 ``STALE_SECONDS``) is marked failed and its genome re-queued (``attempt`` + 1, at most
-``MAX_ATTEMPTS``), so re-running a killed search loses nothing and trains nothing twice.
+``MAX_ATTEMPTS``), so re-running a killed search loses nothing and trains nothing twice
+(d2kd/search/storage.py). What a search writes (tables, progress, best genome and config,
+summary) is d2kd/search/outputs.py.
 """
-import csv
-import io
-import json
 import logging
 import math
 import os
-import socket
-import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import optuna
-from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
+from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
-from ..utils.io import atomic_write_json, atomic_write_text
 from .genome import Formula, parse_genome
+from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
-from .samplers import (GENERATION_KEY, GeneticSampler, GenomeSampler, GridGenomeSampler,
-                       RandomGenomeSampler, fitness)
-from .space import BASELINE, FormulaSpace, GenomeSpace, WeightSpace, search_inputs
+from .samplers import (GeneticSampler, GenomeSampler, GridGenomeSampler, RandomGenomeSampler,
+                       fitness)
+from .space import BASELINE, FormulaSpace, GenomeSpace, WeightSpace, genome_inputs, search_inputs
+from .storage import Heartbeat, fail_and_requeue, is_stale, record_worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,69 +48,14 @@ POLL_SECONDS = 2.0
 BROKEN_AFTER = 2  # a worker stops after this many genomes in a row failed every attempt
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-CSV_COLUMNS = ("study", "input", "number", "genome", "status", "ap", "seconds", "attempt",
-               "generation", "completed")
 
 
-def open_storage(url: Optional[str], output_dir: str) -> optuna.storages.BaseStorage:
-    """No URL: a journal file ``output_dir/journal.log`` (file lock, safe across processes of
-    one machine or a shared file system); ``dialect://...``: an SQL database (RDBStorage, for
-    many machines); any other string: the path of a journal file."""
-    if not url:
-        url = os.path.join(output_dir, "journal.log")
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
-    os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
-    except OSError:
-        return True
-
-
-class _Heartbeat:
-    """While open, records ``time.time()`` as the trial's ``heartbeat`` every ``period`` s."""
-
-    def __init__(self, storage, trial_id: int, period: float):
-        self.storage, self.trial_id, self.period = storage, trial_id, period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.period):
-            try:
-                self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-            except UpdateFinishedTrialError:
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def markdown_cell(value) -> str:
-    """A table cell; the ``|`` of genomes escaped."""
-    return str(value).replace("|", "\\|")
-
-
-def genome_inputs(genome: str) -> str:
-    if genome == BASELINE:
-        return "none"
-    return "+".join(f.input for f in parse_genome(genome).formulas)
+def search_pruner(node) -> optuna.pruners.BasePruner:
+    """Optuna's median pruner of the ``DISTILL.DETKDS.SEARCH`` node ``node`` (none when
+    ``PRUNE_AT`` <= 0)."""
+    if node.PRUNE_AT <= 0:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=node.PRUNER_STARTUP_TRIALS)
 
 
 class DetKDSSearch:
@@ -149,11 +92,6 @@ class DetKDSSearch:
         return GeneticSampler(space, self.seed, n.POPULATION, n.ELITES, n.TOURNAMENT,
                               n.CROSSOVER_PROB, n.MUTATION_PROB)
 
-    def _pruner(self) -> optuna.pruners.BasePruner:
-        if self.node.PRUNE_AT <= 0:
-            return optuna.pruners.NopPruner()
-        return optuna.pruners.MedianPruner(n_startup_trials=self.node.PRUNER_STARTUP_TRIALS)
-
     def _open_study(self, stage: str, space: Optional[GenomeSpace], sampler=None,
                     seeds: Sequence[Dict] = (), attrs: Optional[Dict] = None) -> optuna.Study:
         """Create the study (the creator alone enqueues ``seeds`` and sets ``attrs``) or
@@ -162,7 +100,8 @@ class DetKDSSearch:
             return self._studies[stage][0]
         name = f"{self.arm}/{stage}"
         sampler = sampler or (self._sampler(space) if space else optuna.samplers.RandomSampler())
-        kwargs = dict(study_name=name, storage=self.storage, sampler=sampler, pruner=self._pruner())
+        kwargs = dict(study_name=name, storage=self.storage, sampler=sampler,
+                      pruner=search_pruner(self.node))
         try:
             study = optuna.create_study(direction="maximize", **kwargs)
             for key, value in (attrs or {}).items():
@@ -235,6 +174,17 @@ class DetKDSSearch:
                     kept.append(parse_genome(best.user_attrs["genome"]).formulas[0])
         return kept
 
+    def best(self) -> Tuple[Optional[FrozenTrial], bool]:
+        """(the best evaluated distiller, whether it beats the no-distillation baseline)."""
+        survivors = {f.input for f in self.survivors()}
+        candidates = [t for s in self.stages()[1:] for t in self.trials(s)
+                      if t.state == TrialState.COMPLETE and t.user_attrs.get("status") in
+                      ("ok", "cached") and math.isfinite(t.value)]
+        good = [t for t in candidates
+                if set(genome_inputs(t.user_attrs["genome"]).split("+")) <= survivors]
+        pool = good or candidates
+        return (max(pool, key=fitness) if pool else None), bool(good)
+
     def next_task(self):
         """A study to run a trial in, "wait" (other workers hold the last trials of a stage)
         or "done"."""
@@ -262,6 +212,20 @@ class DetKDSSearch:
         """Queued trials left when a budget is met (extra seeds, late retries) do not count."""
         return any(t.state == TrialState.RUNNING for s in stages for t in self.trials(s))
 
+    def stage1_finished(self) -> bool:
+        """Whether the baseline and every stage-1 trial budget have finished."""
+        return self.baseline_ap() is not None and all(
+            sum(t.state in FINISHED for t in self.trials(f"stage1-{i}")) >= self.trials_per_input
+            for i in self.inputs)
+
+    def total_trials(self) -> Optional[int]:
+        """Planned trials: baseline + stage 1 + stage 2 (None until stage 2 is known)."""
+        if not self.stage1_finished():
+            return None
+        survivors = self.survivors()
+        stage2 = self.stage2_space(survivors)[2] if len(survivors) >= 2 else 0
+        return 1 + self.trials_per_input * len(self.inputs) + stage2
+
     # ---- trials ----------------------------------------------------------------------------
     def lookup(self, genome: str, number: int, stage: str) -> Optional[FrozenTrial]:
         """An evaluated trial of this arm with the same genome (not the asking trial)."""
@@ -277,9 +241,7 @@ class DetKDSSearch:
         stage = study.study_name.split("/", 1)[1]
         space = self._studies[stage][1]
         trial = study.ask()
-        for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
-                           ("heartbeat", time.time()), ("session", self.session)):
-            trial.set_user_attr(key, value)
+        record_worker(trial, self.session)
         genome = space.genome(space.suggest(trial)) if space else BASELINE
         trial.set_user_attr("genome", genome)
         attempt = trial.user_attrs.get("attempt", 1)
@@ -300,13 +262,14 @@ class DetKDSSearch:
             return trial.should_prune()
 
         try:
-            with _Heartbeat(self.storage, trial._trial_id, self.node.HEARTBEAT_SECONDS):
+            with Heartbeat(self.storage, trial._trial_id, self.node.HEARTBEAT_SECONDS):
                 outcome = self.evaluate(None if genome == BASELINE else genome, out_dir, report)
         except InfrastructureFailure as e:
             logger.warning("%s trial %d (%s): infrastructure failure: %s", stage, trial.number,
                            genome, e)
             retried = attempt < self.node.MAX_ATTEMPTS
-            self._fail_and_requeue(study, trial._trial_id, trial.params, attempt)
+            fail_and_requeue(self.storage, study, trial._trial_id, trial.params, attempt,
+                             self.node.MAX_ATTEMPTS)
             return "infra_failure" if retried else "failed"
         for key, value in (("status", outcome.status), ("seconds", outcome.seconds),
                            ("reason", outcome.reason)):
@@ -317,40 +280,16 @@ class DetKDSSearch:
             study.tell(trial, outcome.ap)
         return outcome.status
 
-    def _fail_and_requeue(self, study: optuna.Study, trial_id: int, params: Dict,
-                          attempt: int) -> bool:
-        """Mark a running trial failed and queue its genome again (unless it used its
-        attempts); False when another worker did it first."""
-        retry = attempt < self.node.MAX_ATTEMPTS
-        try:
-            self.storage.set_trial_user_attr(trial_id, "status",
-                                             "infra_failure" if retry else "failed")
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False
-        if retry:
-            study.enqueue_trial(params, user_attrs={"attempt": attempt + 1})
-        return True
-
-    def is_stale(self, trial: FrozenTrial) -> bool:
-        attrs = trial.user_attrs
-        if attrs.get("host") == socket.gethostname() and "pid" in attrs:
-            if attrs["pid"] != os.getpid() and not _process_alive(attrs["pid"]):
-                return True
-        last = attrs.get("heartbeat")
-        if last is None and trial.datetime_start is not None:
-            last = trial.datetime_start.timestamp()
-        return last is not None and time.time() - last > self.node.STALE_SECONDS
-
     def recover_stale_trials(self) -> int:
         """Fail and re-queue the running trials of dead workers; returns how many."""
         recovered = 0
         for stage in self.stages():
             for t in self.trials(stage):
-                if t.state == TrialState.RUNNING and self.is_stale(t):
+                if t.state == TrialState.RUNNING and is_stale(t, self.node.STALE_SECONDS):
                     study = self._reopen(stage)
-                    if study is not None and self._fail_and_requeue(
-                            study, t._trial_id, t.params, t.user_attrs.get("attempt", 1)):
+                    if study is not None and fail_and_requeue(
+                            self.storage, study, t._trial_id, t.params,
+                            t.user_attrs.get("attempt", 1), self.node.MAX_ATTEMPTS):
                         logger.warning("%s trial %d (%s): its worker is gone; re-queued.",
                                        stage, t.number, t.user_attrs.get("genome", "?"))
                         recovered += 1
@@ -381,135 +320,6 @@ class DetKDSSearch:
             if failures >= BROKEN_AFTER:
                 raise RuntimeError(f"{failures} genomes in a row failed every attempt in this "
                                    "worker: the environment is broken (see their trial.log).")
-            self.write_tables()
-            self.log_progress()
+            write_tables(self)
+            log_progress(self)
 
-    # ---- outputs ---------------------------------------------------------------------------
-    def rows(self) -> List[Dict]:
-        rows = []
-        for stage in self.stages():
-            for t in self.trials(stage):
-                if t.state == TrialState.WAITING:
-                    continue
-                status = t.user_attrs.get("status", t.state.name.lower())
-                ap = fitness(t) if t.state in FINISHED else -math.inf
-                genome = t.user_attrs.get("genome", "")
-                rows.append({
-                    "study": stage, "input": genome_inputs(genome) if genome else "",
-                    "number": t.number, "genome": genome, "status": status,
-                    "ap": f"{ap:.3f}" if math.isfinite(ap) else "",
-                    "seconds": f"{t.user_attrs['seconds']:.3f}" if "seconds" in t.user_attrs else "",
-                    "attempt": t.user_attrs.get("attempt", 1),
-                    "generation": t.system_attrs.get(GENERATION_KEY, ""),
-                    "completed": t.datetime_complete.isoformat() if t.datetime_complete else "",
-                    "session": t.user_attrs.get("session", ""),
-                })
-        return rows
-
-    def write_tables(self) -> None:
-        """``trials.csv`` and ``trials.md`` (one row per trial), written atomically."""
-        rows = self.rows()
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(os.path.join(self.output_dir, "trials.csv"), buffer.getvalue())
-        lines = [f"# DetKDS search {self.arm}", "",
-                 "| " + " | ".join(CSV_COLUMNS[:-1]) + " |",
-                 "|" + "---|" * (len(CSV_COLUMNS) - 1)]
-        lines += ["| " + " | ".join(markdown_cell(r[c]) for c in CSV_COLUMNS[:-1]) + " |"
-                  for r in rows]
-        atomic_write_text(os.path.join(self.output_dir, "trials.md"), "\n".join(lines) + "\n")
-
-    def stage1_finished(self) -> bool:
-        return self.baseline_ap() is not None and all(
-            sum(t.state in FINISHED for t in self.trials(f"stage1-{i}")) >= self.trials_per_input
-            for i in self.inputs)
-
-    def total_trials(self) -> Optional[int]:
-        """Planned trials: baseline + stage 1 + stage 2 (None until stage 2 is known)."""
-        if not self.stage1_finished():
-            return None
-        survivors = self.survivors()
-        stage2 = self.stage2_space(survivors)[2] if len(survivors) >= 2 else 0
-        return 1 + self.trials_per_input * len(self.inputs) + stage2
-
-    def log_progress(self) -> None:
-        rows = self.rows()
-        done = sum(r["status"] in ("ok", "rejected", "pruned", "cached") for r in rows)
-        times = [float(r["seconds"]) for r in rows
-                 if r["status"] in ("ok", "rejected", "pruned") and r["seconds"]]
-        mean = sum(times) / len(times) if times else 0.0
-        total = self.total_trials()
-        planned = total or 1 + self.trials_per_input * len(self.inputs)
-        eta = max(planned - done, 0) * mean / self.workers
-        logger.info("[%s] %d/%s trials done, mean %.1f s per trained trial, ETA %.1f min%s "
-                    "(%d worker(s))", self.arm, done, total or f"{planned}+stage 2", mean,
-                    eta / 60, "" if total else " + stage 2", self.workers)
-
-    def best(self) -> Tuple[Optional[FrozenTrial], bool]:
-        """(the best evaluated distiller, whether it beats the no-distillation baseline)."""
-        survivors = {f.input for f in self.survivors()}
-        candidates = [t for s in self.stages()[1:] for t in self.trials(s)
-                      if t.state == TrialState.COMPLETE and t.user_attrs.get("status") in
-                      ("ok", "cached") and math.isfinite(t.value)]
-        good = [t for t in candidates
-                if set(genome_inputs(t.user_attrs["genome"]).split("+")) <= survivors]
-        pool = good or candidates
-        return (max(pool, key=fitness) if pool else None), bool(good)
-
-    def finalize(self, config_file: str, opts: Sequence[str], session: Dict) -> Dict:
-        """Write ``best_genome.txt``, ``best_config.yaml``, the tables, ``best_so_far.png`` and
-        ``summary.json`` (with this session's wall time and trial times); returns the summary."""
-        from .report import best_so_far, plot_best_so_far
-
-        self.write_tables()
-        best, beats = self.best()
-        summary_path = os.path.join(self.output_dir, "summary.json")
-        rows = self.rows()
-        trained = [r for r in rows if r["session"] == self.session and r["seconds"]
-                   and r["status"] in ("ok", "rejected", "pruned")]
-        session = dict(session, trials=len(trained),
-                       trial_seconds=sum(float(r["seconds"]) for r in trained))
-        slots = session["wall_seconds"] * session["workers"]
-        session["overhead"] = (slots - session["trial_seconds"]) / slots if slots > 0 else None
-        previous = []
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                previous = json.load(f).get("sessions", [])
-        summary = {
-            "arm": self.arm, "config_file": os.path.abspath(config_file), "opts": list(opts),
-            "inputs": self.inputs, "skipped_inputs": self.skipped,
-            "trials_per_input": self.trials_per_input, "baseline_ap": self.baseline_ap(),
-            "survivors": [str(f) for f in self.survivors()],
-            "best_genome": best.user_attrs["genome"] if best else None,
-            "best_ap": best.value if best else None, "beats_baseline": beats,
-            "trials": {s: sum(r["study"] == s for r in rows) for s in self.stages()},
-            "sessions": previous + [session],
-        }
-        if best is None:
-            logger.error("[%s] no candidate finished with a finite AP; no best genome.", self.arm)
-        else:
-            genome = best.user_attrs["genome"]
-            atomic_write_text(os.path.join(self.output_dir, "best_genome.txt"), genome + "\n")
-            atomic_write_text(os.path.join(self.output_dir, "best_config.yaml"),
-                              best_config_yaml(config_file, opts, genome, self.output_dir))
-            if not beats:
-                logger.warning("[%s] no knowledge input beat the baseline (%.2f AP); "
-                               "best_genome.txt holds the best candidate anyway.", self.arm,
-                               self.baseline_ap())
-        plot_best_so_far({self.arm: best_so_far(rows)},
-                         os.path.join(self.output_dir, "best_so_far.png"))
-        atomic_write_json(summary_path, summary)
-        return summary
-
-
-def best_config_yaml(config_file: str, opts: Sequence[str], genome: str, output_dir: str) -> str:
-    """A config that trains ``genome`` with the full schedule of ``config_file``."""
-    lines = [f"# Written by tools/search_net.py: the best genome of the search in {output_dir}.",
-             f'_BASE_: "{os.path.abspath(config_file)}"',
-             "DISTILL:", "  DETKDS:", f'    GENOME: "{genome}"',
-             f'OUTPUT_DIR: "{os.path.join(output_dir, "best_full_schedule")}"']
-    if opts:
-        lines.insert(1, f"# The search also had these overrides (not applied here): {' '.join(opts)}")
-    return "\n".join(lines) + "\n"

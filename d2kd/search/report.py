@@ -11,13 +11,16 @@ from typing import Dict, List, Sequence
 
 import matplotlib
 
-from .driver import markdown_cell
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 #: statuses of trials that count against the budget (a cached trial repeats an earlier AP)
 BUDGET_STATUSES = ("ok", "cached", "pruned", "rejected")
+
+
+def markdown_cell(value) -> str:
+    """A table cell; the ``|`` of genomes escaped."""
+    return str(value).replace("|", "\\|")
 
 
 def load_rows(output_dir: str) -> List[Dict]:

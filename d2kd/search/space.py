@@ -24,6 +24,13 @@ Params = Dict[str, object]
 BASELINE = "none"
 
 
+def genome_inputs(genome: str) -> str:
+    """The knowledge inputs of a genome joined by ``+`` (``"none"`` for the baseline)."""
+    if genome == BASELINE:
+        return "none"
+    return "+".join(f.input for f in parse_genome(genome).formulas)
+
+
 class GenomeSpace:
     """Genes ``{name: choices}`` of one study and their meaning as a genome."""
 

@@ -11,6 +11,9 @@
     # one table (JSON + markdown) from several overhead result files
     python tools/benchmark.py overhead-summary --inputs A.json B.json --json OUT --markdown OUT
 
+    # every loss of each config's model on one batch before training (KD vs detection scale)
+    python tools/benchmark.py loss-scale --configs A.yaml B.yaml --json OUT --markdown OUT
+
     # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
     python tools/benchmark.py pgm --json OUT [--n 4000 --d 256 --k 10]
 
@@ -23,6 +26,7 @@ import sys
 
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
+from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
 
@@ -51,6 +55,10 @@ def main(argv=None) -> None:
     ovs.add_argument("--inputs", nargs="+", required=True)
     ovs.add_argument("--json", required=True)
     ovs.add_argument("--markdown", required=True)
+    scl = sub.add_parser("loss-scale", help="initial losses of configs on one batch")
+    scl.add_argument("--configs", nargs="+", required=True)
+    scl.add_argument("--json", required=True)
+    scl.add_argument("--markdown", required=True)
     pgm = sub.add_parser("pgm", help="PGM selection time vs brute-force objective evaluation")
     pgm.add_argument("--json", required=True)
     pgm.add_argument("--n", type=int, default=4000)
@@ -71,6 +79,8 @@ def main(argv=None) -> None:
         logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "overhead-summary":
         summarize_overhead(args.inputs, args.json, args.markdown)
+    elif args.command == "loss-scale":
+        run_loss_scale_probe(args.configs, args.json, args.markdown)
     elif args.command == "pgm":
         logging.getLogger("d2kd.benchmark").info("%s", run_pgm_benchmark(args.json, args.n, args.d, args.k))
     elif args.command == "collect":

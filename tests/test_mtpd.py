@@ -288,3 +288,33 @@ def test_two_process_progressive_run_switches_stages_under_ddp(tiny_digitsdet, t
     assert [r["teachers"] for r in summary["stages"]] == [[0], [1]]
     assert (tmp_path / "model_final_student.pth").is_file()
     assert all((tmp_path / f"stage{k}" / "model_student.pth").is_file() for k in (1, 2))
+
+
+def test_each_stage_builds_its_prototype_bank_before_its_first_step(tiny_digitsdet, teachers,
+                                                                   tmp_path):
+    from d2kd.prototypes.refresh import PrototypeRefresher
+
+    cfg = progressive_cfg(tmp_path, teachers, stage_iters=(2, 2))
+    cfg.DISTILL.HEADS = ["GlobalKnowledgeHead"]
+    cfg.DISTILL.PROTOTYPES.MIN_BOX_SIZE = 4.0
+    cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES = 2
+    cfg.DISTILL.PROTOTYPES.REFRESH = False  # only the builds of new banks
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    calls = []
+    original = PrototypeRefresher.refresh
+
+    def spy(refresher):
+        calls.append((trainer.iter, refresher.model.teachers[refresher.model.active_teacher]
+                      .backbone_shapes["p3"].channels))
+        return original(refresher)
+
+    PrototypeRefresher.refresh = spy
+    try:
+        trainer.train()
+    finally:
+        PrototypeRefresher.refresh = original
+    # stage 1 (R-34/2 teacher, FPN 96) at step 0; stage 2's new heads (R-50/2, 128) at step 2
+    assert calls == [(0, 96), (2, 128)]
+    bank = trainer.model.heads["GlobalKnowledgeHead"].bank
+    assert bank.teacher.shape[-1] == 128 and int(bank.version) == 1

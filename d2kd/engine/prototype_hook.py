@@ -2,7 +2,8 @@
 
 Schedule (a pure function of the iteration, so a resumed run refreshes at the same times):
 
-- before the first step of a run whose banks were never built (``version == 0``; a resumed
+- before any step at which some bank was never built (``version == 0``): the first step of a
+  fresh run, and the first step of a teacher-schedule stage, whose heads are new (a resumed
   run restores its banks from the checkpoint instead);
 - after step ``t`` whenever ``t + 1`` is a multiple of the period and another step follows.
   The hook runs before detectron2's ``PeriodicCheckpointer``, so the checkpoint written after
@@ -31,6 +32,8 @@ class PrototypeRefreshHook(HookBase):
         dicts = training_dicts(self.cfg)
         self.refresher = PrototypeRefresher(self.cfg, model, dicts)
         self.period = refresh_period(self.cfg, len(dicts))
+
+    def before_step(self) -> None:
         if any(int(bank.version) == 0 for bank in self.refresher.banks):
             self._refresh()
 

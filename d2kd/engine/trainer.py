@@ -5,7 +5,7 @@ import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine.hooks import LRScheduler
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -85,9 +85,10 @@ class DistillTrainer(DefaultTrainer):
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
             hooks.insert(-1, StudentExportHook(export))  # before the final writer
-            if prototype_banks(self.model):  # before the checkpointer, which saves the banks
-                scheduler = next(i for i, h in enumerate(hooks) if isinstance(h, LRScheduler))
-                hooks.insert(scheduler + 1, PrototypeRefreshHook(self.cfg))
+            if prototype_banks(self.model):  # after stage switches, before the checkpointer
+                checkpointer = next(i for i, h in enumerate(hooks)
+                                    if isinstance(h, (PeriodicCheckpointer, EvalHook)))
+                hooks.insert(checkpointer, PrototypeRefreshHook(self.cfg))
         return hooks
 
     @classmethod

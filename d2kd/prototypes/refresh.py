@@ -50,7 +50,6 @@ class PrototypeRefresher:
         self.cfg = cfg
         self.model = model
         self.options = cfg.DISTILL.PROTOTYPES
-        self.banks = prototype_banks(model)
         num_classes = self.banks[0].num_classes
         self.index = build_instance_index(dataset_dicts, num_classes, self.options.MIN_BOX_SIZE,
                                           self.options.MAX_IMAGES_PER_CLASS,
@@ -67,6 +66,11 @@ class PrototypeRefresher:
         self._teacher_features: Dict[str, torch.Tensor] = {}
         self._teacher_key = ""
         self.total_seconds = 0.0
+
+    @property
+    def banks(self) -> List[PrototypeBank]:
+        """The model's banks now (a teacher-schedule stage builds new heads, so new banks)."""
+        return prototype_banks(self.model)
 
     # ---- features --------------------------------------------------------------------------
     def _teacher_cache_key(self) -> Tuple[str, str]:

@@ -18,7 +18,8 @@ Per level and image, over valid (unpadded) cells:
    - ``pseudo_huber_unshifted``: the spec's literal ``2 kappa (sqrt(1 + e / kappa) - 1)``
      (same kappa), which drops below the strict term at the threshold;
    - ``downweight``: ``DOWNWEIGHT * e``; ``cosine``: ``||T||^2 (1 - cos(S~, T))``;
-   - ``generative``: MGD-style: ``(G(S~ * M) - T)^2`` summed over channels on hard cells;
+   - ``generative``: MGD-style: ``(G(S~ * M) - T)^2`` summed over channels on hard cells, M
+     MGD's random mask (``DISTILL.MGD.MASK_RATIO``);
    ``REVERSED`` swaps the roles (lenient on easy cells, strict on hard ones);
 4. ``L = ALPHA / N * sum_cells valid * omega * (beta_E 1_E strict + beta_H 1_H lenient)``,
    summed over levels; omega = FG_WEIGHT / BG_WEIGHT on GT-box / other cells when stratified.
@@ -105,6 +106,7 @@ class DFDHead(_FeatureHead):
             raise ValueError(f"DISTILL.DFD.LENIENT={self.lenient!r} is not one of {LENIENT_TYPES}.")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.rho} must lie in [0, 1].")
+        self.mask_ratio = cfg.DISTILL.MGD.MASK_RATIO  # LENIENT = "generative": MGD's mask
         self.generators = nn.ModuleDict()
         if self.lenient == "generative":
             self.generators.update(
@@ -167,7 +169,7 @@ class DFDHead(_FeatureHead):
             return self.downweight * e
         if self.lenient == "cosine":
             return t.pow(2).sum(dim=1) * (1.0 - F.cosine_similarity(s, t, dim=1))
-        generated = self.generators[level](s * random_keep_mask(s, 0.5))  # MGD-style
+        generated = self.generators[level](s * random_keep_mask(s, self.mask_ratio))
         return (generated - t).pow(2).sum(dim=1)
 
     def _log_stats(self, stats) -> None:

@@ -11,6 +11,7 @@ g > 0 is bred from the parents: the ``elites`` best trials of all earlier genera
 evaluated trials of generation g - 1 (tournament selection, uniform crossover, per-gene
 mutation). Generation 0 is random, after any enqueued seed genomes.
 """
+import abc
 import math
 import random
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -91,9 +92,10 @@ class GenomeSampler(BaseSampler):
                 seen.add(self.space.genome(params))
         return self.propose(rng, study, trial, history, seen)
 
+    @abc.abstractmethod
     def propose(self, rng: random.Random, study, trial: FrozenTrial, history: List[FrozenTrial],
                 seen: Set[str]) -> Params:
-        raise NotImplementedError
+        """The parameters of ``trial``: a valid genome not in ``seen``."""
 
     def novel(self, rng: random.Random, seen: Set[str],
               breed: Optional[Callable[[], Params]] = None) -> Params:

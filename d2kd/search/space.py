@@ -6,6 +6,7 @@ rules plus the dry run of d2kd/search/genome.py). Stage 1 searches the formula +
 knowledge input (:class:`FormulaSpace`), stage 2 the weights of the surviving formulas
 (:class:`WeightSpace`, where 0 switches an input off).
 """
+import abc
 import itertools
 import math
 import random
@@ -31,7 +32,7 @@ def genome_inputs(genome: str) -> str:
     return "+".join(f.input for f in parse_genome(genome).formulas)
 
 
-class GenomeSpace:
+class GenomeSpace(abc.ABC):
     """Genes ``{name: choices}`` of one study and their meaning as a genome."""
 
     genes: Dict[str, Tuple]
@@ -40,12 +41,13 @@ class GenomeSpace:
         self.batch_size = batch_size  # of the dry run (``correlation`` needs >= 4)
         self._validity: Dict[str, bool] = {}
 
+    @abc.abstractmethod
     def genome(self, params: Params) -> str:
-        raise NotImplementedError
+        """The canonical genome string of ``params``."""
 
+    @abc.abstractmethod
     def check(self, params: Params) -> None:
         """Raise :class:`GenomeError` when ``params`` do not make a valid genome."""
-        raise NotImplementedError
 
     def is_valid(self, params: Params) -> bool:
         key = repr(sorted(params.items()))

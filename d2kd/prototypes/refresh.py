@@ -74,14 +74,19 @@ class PrototypeRefresher:
 
     # ---- features --------------------------------------------------------------------------
     def _teacher_cache_key(self) -> Tuple[str, str]:
+        """(key, cache file) of the active teacher's instance features: a digest of the teacher
+        weights, levels, test size, input format and the index."""
         teacher = self.model.teachers[self.model.active_teacher]
-        description = {"weights": teacher.cfg.MODEL.WEIGHTS, "levels": self.levels,
-                       "test_size": [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST],
-                       "index": [len(self.index), self.classes.tolist()[:64],
-                                 self.options.MIN_BOX_SIZE, self.options.MAX_IMAGES_PER_CLASS,
-                                 self.options.INDEX_SEED, list(self.cfg.DATASETS.TRAIN)]}
-        digest = hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-        return digest, os.path.join(self.cache_dir, f"teacher_features_{digest}.pth")
+        sha = hashlib.sha1(json.dumps({
+            "weights": teacher.cfg.MODEL.WEIGHTS, "levels": self.levels,
+            "test_size": [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST],
+            "format": self.model.input_format}, sort_keys=True).encode())
+        for image in self.index:  # the index itself: files, boxes and classes
+            sha.update(image.record["file_name"].encode())
+            sha.update(image.boxes.numpy().tobytes())
+            sha.update(image.classes.numpy().tobytes())
+        key = sha.hexdigest()[:16]
+        return key, os.path.join(self.cache_dir, f"teacher_features_{key}.pth")
 
     def _encoders(self, with_teacher: bool):
         model, student = self.model, self.model.student

@@ -142,43 +142,61 @@ def test_resumed_run_keeps_the_checkpointed_bank_and_refresh_times(tiny_digitsde
         tmp_path / "run" / "prototypes")[0])
 
 
-def test_two_processes_hold_identical_banks(tiny_digitsdet, tmp_path):
+def test_two_processes_hold_identical_banks_equal_to_one_process(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
-    script = tmp_path / "run_two.py"
+    script = tmp_path / "run_ranks.py"
     script.write_text(f"""
 import sys, torch
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 from d2kd.compat.distributed import launch
 
-def main():
+def main(world):
     from conftest import tiny_training_cfg
     from d2kd.data import register_digitsdet
     from d2kd.engine import DistillTrainer
     register_digitsdet({tiny_digitsdet!r}, name_prefix="digitsdet_tiny")
-    cfg = tiny_training_cfg({GK!r}, {str(tmp_path / 'run')!r}, max_iter=2)
+    cfg = tiny_training_cfg({GK!r}, {str(tmp_path)!r} + f"/run{{world}}", max_iter=2)
     cfg.SOLVER.IMS_PER_BATCH = 4
     cfg.DISTILL.TEACHER.WEIGHTS = [{weights!r}]
     cfg.DISTILL.HEADS = ["GlobalKnowledgeHead"]
     cfg.DISTILL.PROTOTYPES.MIN_BOX_SIZE = 4.0
     cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES = 3
     cfg.DISTILL.PROTOTYPES.REFRESH_PERIOD = 1
+    torch.manual_seed(0)  # the same initial student in both runs
     trainer = DistillTrainer(cfg)
+    model = trainer.model.module if world > 1 else trainer.model
+    bank = model.heads["GlobalKnowledgeHead"].bank
+    prefix = {str(tmp_path)!r} + f"/bank_w{{world}}_r{{comm.get_rank()}}"
+
+    class SaveFirstBank(HookBase):  # the bank built from the initial student, before step 0
+        def before_step(self):
+            if self.trainer.iter == 0:
+                torch.save(bank.state_dict(), prefix + "_first.pth")
+
+    trainer.register_hooks([SaveFirstBank()])
     trainer.resume_or_load(resume=False)
     trainer.train()
-    bank = trainer.model.module.heads["GlobalKnowledgeHead"].bank
-    torch.save(bank.state_dict(), {str(tmp_path)!r} + f"/bank{{comm.get_rank()}}.pth")
+    torch.save(bank.state_dict(), prefix + "_last.pth")
 
 if __name__ == "__main__":
-    launch(main, 2, dist_url="auto")
+    world = int(sys.argv[1])
+    launch(main, world, dist_url="auto", args=(world,))
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    banks = [torch.load(tmp_path / f"bank{r}.pth") for r in (0, 1)]
-    assert int(banks[0]["version"]) == 2 and banks[0]["valid"].any()
-    assert all(torch.equal(banks[0][k], banks[1][k]) for k in banks[0])
+    for world in (2, 1):
+        proc = subprocess.run([sys.executable, str(script), str(world)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [torch.load(tmp_path / f"bank_w2_r{r}_last.pth") for r in (0, 1)]
+    assert int(last[0]["version"]) == 2 and last[0]["valid"].any()
+    assert all(torch.equal(last[0][k], last[1][k]) for k in last[0]), "identical on all ranks"
+    # sharded extraction (image j on rank j mod 2) selects what one process selects
+    sharded, single = (torch.load(tmp_path / f"bank_w{w}_r0_first.pth") for w in (2, 1))
+    assert torch.equal(sharded["valid"], single["valid"]) and int(sharded["version"]) == 1
+    for space in ("teacher", "student"):
+        torch.testing.assert_close(sharded[space], single[space], atol=1e-4, rtol=1e-4)
 
 
 def test_box_weight_maps_match_a_loop_over_boxes():

@@ -16,3 +16,18 @@ def test_summary_groups_runs_by_variant_with_mean_and_spread():
     assert rows["c@rho0.1"]["bbox/AP"] == 28.0 and rows["c@rho0.1"]["bbox/AP_spread"] == 0.0
     table = markdown_table(summarize(runs))
     assert "| c@rho0.1 " in table and "30.5" in table
+
+
+def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
+    import json
+
+    from d2kd.benchmark.accuracy import run_accuracy_benchmark
+
+    done = tmp_path / "runs" / "c" / "seed0"
+    done.mkdir(parents=True)
+    (done / "benchmark_run.json").write_text(json.dumps(dict(_run("c", 0, 30.0), config="c.yaml")))
+    summary = run_accuracy_benchmark(["c.yaml"], [0, 1], str(tmp_path / "runs"),
+                                     str(tmp_path / "t.json"), str(tmp_path / "t.md"),
+                                     finished_only=True)
+    assert [(row["name"], row["seeds"]) for row in summary] == [("c", [0])]
+    assert not (tmp_path / "runs" / "c" / "seed1").exists()

@@ -42,6 +42,8 @@ def main(argv=None) -> None:
     acc.add_argument("--markdown", required=True)
     acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     acc.add_argument("--tag", default="", help="variant name for runs with overrides (ablations)")
+    acc.add_argument("--finished-only", action="store_true",
+                     help="tabulate finished runs only; train nothing")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")
     ovh.add_argument("--config-file", required=True)
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
-                               args.opts, threads=args.threads, tag=args.tag)
+                               args.opts, threads=args.threads, tag=args.tag,
+                               finished_only=args.finished_only)
     elif args.command == "overhead":
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)

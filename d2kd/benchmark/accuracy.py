@@ -79,14 +79,18 @@ def markdown_table(summary: List[Dict]) -> str:
 
 def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output: str,
                            json_path: str, markdown_path: str, opts: Sequence[str] = (),
-                           threads: int = 0, tag: str = "") -> List[Dict]:
+                           threads: int = 0, tag: str = "",
+                           finished_only: bool = False) -> List[Dict]:
     """``tag`` names a variant (e.g. an ablation's overrides): runs go to
-    ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``."""
-    runs = []
+    ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``.
+    ``finished_only`` tabulates the finished runs and trains nothing (while a queue runs)."""
+    runs, summary = [], []
     for config in configs:
         for seed in seeds:
             name = f"{_run_name(config)}@{tag}" if tag else _run_name(config)
             out = os.path.join(output, name, f"seed{seed}")
+            if finished_only and not os.path.isfile(os.path.join(out, "benchmark_run.json")):
+                continue
             runs.append(dict(train_and_evaluate(config, seed, out, opts, threads), name=name))
             summary = summarize(runs)
             atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})

@@ -180,3 +180,14 @@ def test_global_input_is_the_formula_on_the_aligned_maps():
         ns, nt = ps / ps.norm(dim=0, keepdim=True), pt / pt.norm(dim=0, keepdim=True)
         expected += 6 * (ns - nt).abs().mean().item()
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["satt", "catt"])
+def test_attention_gradients_stay_finite_where_the_softmax_underflows(name):
+    # mean |F| differing by hundreds between channels / cells: softmax weights underflow to 0
+    x = torch.ones(2, 4, 3, 3)
+    x[:, 0] = 500.0
+    x[:, :, 0, 0] = 400.0
+    x.requires_grad_(True)
+    SLOT_OPS[1].get(name)(x).sum().backward()
+    assert torch.isfinite(x.grad).all()

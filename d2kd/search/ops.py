@@ -6,6 +6,8 @@ slot3(slot2(slot1(T))))``. Ops take (N, C, H, W) maps; slot-3 ops may reshape to
 (N, C*H*W) (``batch``) or (N, C, H*W) (``channel``). Third-party ops and distances register
 with ``SLOT_OPS[slot].register(name)`` / ``DISTANCES.register(name)`` (d2kd.search.registry).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,20 +26,26 @@ def identity(x: torch.Tensor, **_) -> torch.Tensor:
     return x
 
 
+def _sqrt_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """sqrt(softmax(logits)) as exp(log_softmax / 2): where softmax underflows to 0, sqrt's
+    gradient would be infinite (and the step NaN); this form stays finite."""
+    return torch.exp(0.5 * torch.log_softmax(logits, dim=dim))
+
+
 @SLOT_OPS[1].register("satt")
 def spatial_attention(x: torch.Tensor, **_) -> torch.Tensor:
     """F * sqrt(HW * softmax_HW(mean_c |F| / tau))."""
     n, _, h, w = x.shape
-    a = torch.softmax(x.abs().mean(dim=1).flatten(1) / TAU, dim=1).view(n, 1, h, w)
-    return x * torch.sqrt(h * w * a)
+    a = _sqrt_softmax(x.abs().mean(dim=1).flatten(1) / TAU, dim=1).view(n, 1, h, w)
+    return x * math.sqrt(h * w) * a
 
 
 @SLOT_OPS[1].register("catt")
 def channel_attention(x: torch.Tensor, **_) -> torch.Tensor:
     """F * sqrt(C * softmax_C(mean_HW |F| / tau))."""
     c = x.shape[1]
-    g = torch.softmax(x.abs().mean(dim=(2, 3)) / TAU, dim=1)[:, :, None, None]
-    return x * torch.sqrt(c * g)
+    g = _sqrt_softmax(x.abs().mean(dim=(2, 3)) / TAU, dim=1)[:, :, None, None]
+    return x * math.sqrt(c) * g
 
 
 @SLOT_OPS[1].register("natt")

@@ -385,3 +385,23 @@ def test_the_random_arm_has_no_seeds_and_proposes_valid_new_genomes(tmp_path):
     assert len(set(genomes)) == 12 and not any(t.user_attrs.get("seeded") for t in trials)
     for t in trials:
         assert_valid(space, t.params)
+
+
+def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from conftest import CONFIGS
+    from d2kd.search.proxy import proxy_config
+
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml"))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("digitsdet_tiny_train",), ("digitsdet_tiny_val",)
+    search = cfg.DISTILL.DETKDS.SEARCH
+    search.PROXY_ITERS, search.PROXY_WARMUP_ITERS, search.PROXY_IMS_PER_BATCH = 30, 10, 4
+    search.TRAIN_IMAGES, search.VAL_IMAGES = 12, 5
+    proxy = proxy_config(cfg, "global:catt|scale_r2|norm_N|l1|w=5", str(tmp_path))
+    assert (proxy.SOLVER.MAX_ITER, proxy.SOLVER.WARMUP_ITERS, proxy.SOLVER.IMS_PER_BATCH) == (30, 10, 4)
+    assert proxy.DISTILL.DETKDS.GENOME == "global:catt|scale_r2|norm_N|l1|w=5"
+    assert len(DatasetCatalog.get(proxy.DATASETS.TRAIN[0])) == 12
+    assert len(DatasetCatalog.get(proxy.DATASETS.TEST[0])) == 5
+    search.PROXY_IMS_PER_BATCH = 0
+    assert proxy_config(cfg, None, str(tmp_path)).SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH

@@ -221,9 +221,11 @@ def _add_own_keys(cfg: CN) -> None:
     cfg.DISTILL.DETKDS.SEARCH.INPUTS = ["global", "fgbg", "instance", "logit", "loc"]
     # Stage-1 trials per knowledge input (tools/search_net.py --trials overrides it).
     cfg.DISTILL.DETKDS.SEARCH.TRIALS_PER_INPUT = 20
-    # Proxy training of one trial: SOLVER.MAX_ITER and SOLVER.WARMUP_ITERS.
+    # Proxy training of one trial: SOLVER.MAX_ITER and SOLVER.WARMUP_ITERS ...
     cfg.DISTILL.DETKDS.SEARCH.PROXY_ITERS = 100
     cfg.DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS = 20
+    # Images per proxy step (SOLVER.IMS_PER_BATCH of a trial); 0 keeps SOLVER.IMS_PER_BATCH.
+    cfg.DISTILL.DETKDS.SEARCH.PROXY_IMS_PER_BATCH = 0
     # Fixed, seeded subsets: training images, validation images (<= 0: the whole dataset),
     # drawn with SUBSET_SEED from DATASETS.TRAIN[0] / DATASETS.TEST[0].
     cfg.DISTILL.DETKDS.SEARCH.TRAIN_IMAGES = 400

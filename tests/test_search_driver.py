@@ -403,5 +403,9 @@ def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
     assert proxy.DISTILL.DETKDS.GENOME == "global:catt|scale_r2|norm_N|l1|w=5"
     assert len(DatasetCatalog.get(proxy.DATASETS.TRAIN[0])) == 12
     assert len(DatasetCatalog.get(proxy.DATASETS.TEST[0])) == 5
-    search.PROXY_IMS_PER_BATCH = 0
-    assert proxy_config(cfg, None, str(tmp_path)).SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH
+    assert proxy.MODEL.WEIGHTS == cfg.MODEL.WEIGHTS
+    search.PROXY_IMS_PER_BATCH, search.PROXY_WEIGHTS = 0, "student/model_0000199.pth"
+    baseline = proxy_config(cfg, None, str(tmp_path))
+    assert baseline.SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH
+    assert baseline.MODEL.WEIGHTS == "student/model_0000199.pth"
+    assert "DetKDSHead" not in baseline.DISTILL.HEADS

@@ -226,6 +226,10 @@ def _add_own_keys(cfg: CN) -> None:
     cfg.DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS = 20
     # Images per proxy step (SOLVER.IMS_PER_BATCH of a trial); 0 keeps SOLVER.IMS_PER_BATCH.
     cfg.DISTILL.DETKDS.SEARCH.PROXY_IMS_PER_BATCH = 0
+    # Student weights a trial starts from ("": MODEL.WEIGHTS), e.g. a checkpoint part-way
+    # through the student's own training, so that a short proxy ranks distillers where the
+    # student already detects something.
+    cfg.DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS = ""
     # Fixed, seeded subsets: training images, validation images (<= 0: the whole dataset),
     # drawn with SUBSET_SEED from DATASETS.TRAIN[0] / DATASETS.TEST[0].
     cfg.DISTILL.DETKDS.SEARCH.TRAIN_IMAGES = 400

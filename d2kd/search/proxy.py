@@ -122,6 +122,8 @@ def proxy_config(cfg, genome: Optional[str], output_dir: str):
     cfg.SOLVER.WARMUP_ITERS = min(search.PROXY_WARMUP_ITERS, search.PROXY_ITERS)
     if search.PROXY_IMS_PER_BATCH > 0:
         cfg.SOLVER.IMS_PER_BATCH = search.PROXY_IMS_PER_BATCH
+    if search.PROXY_WEIGHTS:
+        cfg.MODEL.WEIGHTS = search.PROXY_WEIGHTS
     cfg.DATASETS.TRAIN = (register_subset(cfg.DATASETS.TRAIN[0], search.TRAIN_IMAGES,
                                           search.SUBSET_SEED),)
     cfg.DATASETS.TEST = (register_subset(cfg.DATASETS.TEST[0], search.VAL_IMAGES,

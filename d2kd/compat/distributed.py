@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
@@ -67,6 +67,11 @@ def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_ra
     comm.synchronize()
     main_func(*args)
     dist.destroy_process_group()
+
+
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:

@@ -21,7 +21,8 @@ from detectron2.engine import HookBase
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from torch.nn.parallel import DistributedDataParallel
+
+from ..compat.distributed import unwrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ class ExactResumeHook(HookBase):
         self._no_jit_optimization = torch.jit.optimized_execution(False)
 
     def _dense_detectors(self) -> Dict[str, DenseDetector]:
-        model = self.trainer.model
-        model = model.module if isinstance(model, DistributedDataParallel) else model
+        model = unwrap_ddp(self.trainer.model)
         return {name: m for name, m in model.named_modules() if isinstance(m, DenseDetector)}
 
     def _reseed(self, iteration: int) -> None:

@@ -10,8 +10,8 @@ from typing import Dict
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from ..compat.distributed import unwrap_ddp
 from ..utils.io import atomic_save
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ def export_student(checkpoint_path: str, output_path: str) -> Dict[str, torch.Te
 
 def save_student(model: torch.nn.Module, output_path: str, iteration: int) -> None:
     """Write the student of a (possibly DDP-wrapped) distillation model to ``output_path``."""
-    if isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    state = student_state_dict(model.state_dict())
+    state = student_state_dict(unwrap_ddp(model).state_dict())
     atomic_save({"model": state, "__author__": "d2kd DistillTrainer", "iteration": iteration},
                 output_path)
     logger.info("Wrote the student-only weights to %s", output_path)

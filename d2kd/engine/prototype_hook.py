@@ -12,11 +12,12 @@ Schedule (a pure function of the iteration, so a resumed run refreshes at the sa
 Refresh statistics go to the event storage (``prototypes/refresh_seconds``,
 ``prototypes/unique_fraction``, ``prototypes/total_seconds``) and to the log.
 """
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
-from torch.nn.parallel import DistributedDataParallel
+from ..compat.distributed import unwrap_ddp
 
-from ..prototypes.refresh import PrototypeRefresher, refresh_period, training_dicts
+from ..prototypes.refresh import PrototypeRefresher, refresh_period
 
 
 class PrototypeRefreshHook(HookBase):
@@ -26,10 +27,9 @@ class PrototypeRefreshHook(HookBase):
         self.period = 0
 
     def before_train(self) -> None:
-        model = self.trainer.model
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        dicts = training_dicts(self.cfg)
+        model = unwrap_ddp(self.trainer.model)
+        # every training record, images without annotations included (as the index sees them)
+        dicts = get_detection_dataset_dicts(self.cfg.DATASETS.TRAIN, filter_empty=False)
         self.refresher = PrototypeRefresher(self.cfg, model, dicts)
         self.period = refresh_period(self.cfg, len(dicts))
 

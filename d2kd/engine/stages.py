@@ -21,9 +21,8 @@ from detectron2.engine.hooks import EvalHook, LRScheduler, PeriodicCheckpointer
 from detectron2.solver import LRMultiplier, build_lr_scheduler
 from detectron2.utils import comm
 from fvcore.common.param_scheduler import CompositeParamScheduler, ParamScheduler
-from torch.nn.parallel import DistributedDataParallel
 
-from ..compat.distributed import create_ddp_model
+from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..config.loading import ConfigError
 from ..config.schedule import TeacherSchedule
 from ..modeling.distillation_detector import build_teacher
@@ -62,10 +61,6 @@ def build_stage_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer,
             group.setdefault("initial_lr", group["lr"])
     return LRMultiplier(optimizer, stage_multiplier(cfg, schedule), cfg.SOLVER.MAX_ITER,
                         last_iter=last_iter)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class TeacherScheduleHook(HookBase):
@@ -115,7 +110,7 @@ class TeacherScheduleHook(HookBase):
 
     def _probe_order(self) -> List[int]:
         """Run the adaptation-cost probe on the initial student; write and log the order."""
-        model = _unwrap(self.trainer.model)
+        model = unwrap_ddp(self.trainer.model)
         model.initialize(self.cfg.MODEL.WEIGHTS, init_from_teacher=False)
         model.release_teachers()  # one teacher at a time during the probe
         loader = self.trainer.build_test_loader(self.cfg, self.cfg.DATASETS.TRAIN[0])
@@ -145,7 +140,7 @@ class TeacherScheduleHook(HookBase):
         """Build model, optimizer, DDP wrapper and scheduler for ``stage``; the scheduler is
         positioned after step ``last_iter``."""
         trainer = self.trainer
-        model = _unwrap(trainer.model)
+        model = unwrap_ddp(trainer.model)
         trainer.model = model  # drop the old DDP wrapper (and its gradient hooks) first
         gc.collect()
         model.activate(self.schedule.stage_teachers(stage),
@@ -175,7 +170,7 @@ class TeacherScheduleHook(HookBase):
         next_iter = self.trainer.iter + 1
         if self.stage < self.schedule.num_stages - 1 and \
                 next_iter == self.schedule.boundaries[self.stage + 1]:
-            self.reporter.record(self.stage, self._evaluate(), _unwrap(self.trainer.model),
+            self.reporter.record(self.stage, self._evaluate(), unwrap_ddp(self.trainer.model),
                                  self.trainer.iter)
 
     def _evaluate(self) -> Dict:
@@ -199,7 +194,7 @@ class FinalStageReportHook(HookBase):
             return  # the run did not complete
         results: Optional[Dict] = getattr(self.trainer, "_last_eval_results", None)
         self.reporter.record(self.schedule.num_stages - 1, results or {},
-                             _unwrap(self.trainer.model), self.trainer.iter - 1)
+                             unwrap_ddp(self.trainer.model), self.trainer.iter - 1)
 
 
 def build_schedule_hooks(cfg: CfgNode, schedule: TeacherSchedule) -> List[HookBase]:

@@ -9,10 +9,9 @@ from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import has_compiled_extension
-from ..compat.distributed import create_ddp_model
+from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..modeling import DistillationDetector
 from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json
@@ -69,7 +68,7 @@ class DistillTrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """As detectron2's, except that a fresh distillation run loads ``MODEL.WEIGHTS`` into
         the student (plain detector keys) and applies ``DISTILL.INIT_FROM_TEACHER``."""
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        model = unwrap_ddp(self.model)
         resuming = resume and self.checkpointer.has_checkpoint()
         if self.schedule_hook is not None:
             self.schedule_hook.prepare(resuming)  # teacher order; the checkpoint's stage

@@ -16,7 +16,6 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
 from ..utils.io import atomic_save
@@ -31,10 +30,6 @@ logger = logging.getLogger(__name__)
 def prototype_banks(model: torch.nn.Module) -> List[PrototypeBank]:
     """Every distinct :class:`PrototypeBank` inside ``model``."""
     return list({id(m): m for m in model.modules() if isinstance(m, PrototypeBank)}.values())
-
-
-def training_dicts(cfg: CfgNode) -> List[Dict]:
-    return [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
 
 
 def refresh_period(cfg: CfgNode, num_train_images: int) -> int:

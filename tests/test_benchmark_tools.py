@@ -1,4 +1,6 @@
-"""Benchmark bookkeeping: per-variant summaries of accuracy runs."""
+"""Benchmark bookkeeping: per-variant summaries of accuracy runs, run-time log parsing."""
+import pytest
+
 from d2kd.benchmark.accuracy import markdown_table, summarize
 
 
@@ -31,3 +33,15 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
                                      finished_only=True)
     assert [(row["name"], row["seeds"]) for row in summary] == [("c", [0])]
     assert not (tmp_path / "runs" / "c" / "seed1").exists()
+
+
+def test_training_speed_is_read_from_detectron2s_iteration_timer_line():
+    from d2kd.benchmark.run_time import parse_training_speed
+
+    log = ("[11/21 15:01:02 d2.utils.events]:  eta: 0:00:10  iter: 19  total_loss: 1.2\n"
+           "[11/21 15:02:03 d2.engine.hooks]: Overall training speed: 47 iterations in "
+           "0:01:52 (2.3830 s / it)\n"
+           "[11/21 15:02:03 d2.engine.hooks]: Total training time: 0:01:59 (0:00:07 on hooks)\n")
+    assert parse_training_speed(log) == 2.383
+    with pytest.raises(ValueError, match="warm-up"):
+        parse_training_speed("Total training time: 0:00:01 (0:00:00 on hooks)\n")

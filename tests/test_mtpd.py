@@ -20,15 +20,16 @@ from d2kd.engine.teacher_order import AdapterFit, greedy_order, normalized_resid
 from conftest import CONFIGS
 from test_distillation_core import distill_cfg, save_untrained_teacher
 
-MID, TARGET = "DigitsDet/retinanet_R34_teacher.yaml", "DigitsDet/retinanet_R50_teacher.yaml"
-PROGRESSIVE = "DigitsDet/retinanet_R18_from_R34_R50_mtpd_mgd.yaml"
+MID, TARGET = "DigitsDet/retinanet_R50_teacher.yaml", "DigitsDet/retinanet_R34_teacher.yaml"
+PROGRESSIVE = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """Untrained checkpoints of the R-34/2 (FPN 96) and R-50/2 (FPN 128) RetinaNet teachers."""
+    """Untrained checkpoints of the R-50/2 (FPN 128) and R-34/2 (FPN 96) RetinaNet teachers, in
+    the DigitsDet chain's order (the R-34/2 is the higher-AP target)."""
     root = tmp_path_factory.mktemp("teachers")
-    return [save_untrained_teacher(MID, root / "r34"), save_untrained_teacher(TARGET, root / "r50")]
+    return [save_untrained_teacher(MID, root / "r50"), save_untrained_teacher(TARGET, root / "r34")]
 
 
 def progressive_cfg(output_dir, weights, stage_iters=(3, 3), **schedule):
@@ -100,9 +101,9 @@ def test_stages_switch_teacher_heads_optimizer_and_restart_the_lr(uninterrupted)
     # a fresh optimizer (no state) at the start of each stage, the same one within a stage
     assert [s["optimizer_state"] for s in steps][3] == 0 and steps[2]["optimizer_state"] > 0
     assert steps[0]["optimizer"] == steps[2]["optimizer"] != steps[3]["optimizer"]
-    # heads rebuilt for the new teacher: MGD generators 96 -> 128 channels, new values
+    # heads rebuilt for the new teacher: MGD generators 128 -> 96 channels, new values
     gen = "MGDHead.generators.p3.0.weight"
-    assert steps[2]["heads"][gen].shape[0] == 96 and steps[3]["heads"][gen].shape[0] == 128
+    assert steps[2]["heads"][gen].shape[0] == 128 and steps[3]["heads"][gen].shape[0] == 96
     # hand-computed: per stage of 3 iterations, warm-up 2 iterations (linear from
     # WARMUP_FACTOR x, over 2/3 of the stage) into a cosine over the stage.
     base, factor = trainer.cfg.SOLVER.BASE_LR, trainer.cfg.SOLVER.WARMUP_FACTOR
@@ -111,8 +112,8 @@ def test_stages_switch_teacher_heads_optimizer_and_restart_the_lr(uninterrupted)
     expected = [base * m for m in stage + stage]
     for got, want in zip([s["lr"] for s in steps], expected):
         assert len(got) == 1 and got.pop() == pytest.approx(want, rel=1e-9)
-    # INIT_FROM_TEACHER: applied once, from the stage-1 teacher (FPN 96), never at stage 2
-    assert len(calls) == 1 and calls[0].backbone.output_shape()["p3"].channels == 96
+    # INIT_FROM_TEACHER: applied once, from the stage-1 teacher (FPN 128), never at stage 2
+    assert len(calls) == 1 and calls[0].backbone.output_shape()["p3"].channels == 128
 
 
 def test_stage_outputs(uninterrupted):
@@ -262,7 +263,7 @@ def test_adaptation_cost_matches_brute_force_least_squares():
 
 
 def test_adaptation_cost_order_is_probed_written_and_used(tiny_digitsdet, teachers, tmp_path):
-    third = save_untrained_teacher(MID, tmp_path / "r34b")
+    third = save_untrained_teacher(MID, tmp_path / "r50b")
     cfg = progressive_cfg(tmp_path / "run", teachers + [third], stage_iters=(1, 1, 1),
                           ORDER="adaptation_cost", PROBE_IMAGES=2)
     cfg.DISTILL.TEACHER.CONFIGS = [os.path.join(CONFIGS, c) for c in (TARGET, MID, MID)]
@@ -281,7 +282,7 @@ def test_two_process_progressive_run_switches_stages_under_ddp(tiny_digitsdet, t
     """tools/train_net.py --num-gpus 2 (gloo): the DDP wrapper is rebuilt at the boundary."""
     from test_launch import _launch_two_processes
 
-    _launch_two_processes("retinanet_R18_from_R34_R50_mtpd_mgd.yaml", tmp_path, tiny_digitsdet,
+    _launch_two_processes("retinanet_R18_from_R50_R34_mtpd_mgd.yaml", tmp_path, tiny_digitsdet,
                           "DISTILL.TEACHER.WEIGHTS", str(list(teachers)), "SOLVER.MAX_ITER", "4",
                           "DISTILL.SCHEDULE.STAGE_ITERS", "[2, 2]")
     summary = json.loads((tmp_path / "stages.json").read_text())
@@ -314,7 +315,7 @@ def test_each_stage_builds_its_prototype_bank_before_its_first_step(tiny_digitsd
         trainer.train()
     finally:
         PrototypeRefresher.refresh = original
-    # stage 1 (R-34/2 teacher, FPN 96) at step 0; stage 2's new heads (R-50/2, 128) at step 2
-    assert calls == [(0, 96), (2, 128)]
+    # stage 1 (R-50/2 teacher, FPN 128) at step 0; stage 2's new heads (R-34/2, 96) at step 2
+    assert calls == [(0, 128), (2, 96)]
     bank = trainer.model.heads["GlobalKnowledgeHead"].bank
-    assert bank.teacher.shape[-1] == 128 and int(bank.version) == 1
+    assert bank.teacher.shape[-1] == 96 and int(bank.version) == 1

@@ -17,6 +17,9 @@
     # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
     python tools/benchmark.py pgm --json OUT [--n 4000 --d 256 --k 10]
 
+    # wall time of a run: measured (whole schedule) or projected from --iters iterations
+    python tools/benchmark.py run-time --configs A.yaml B.yaml --iters 50 --json OUT --markdown OUT
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -29,6 +32,7 @@ from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
 from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
+from d2kd.benchmark.run_time import run_time_benchmark
 
 
 def main(argv=None) -> None:
@@ -66,6 +70,14 @@ def main(argv=None) -> None:
     pgm.add_argument("--n", type=int, default=4000)
     pgm.add_argument("--d", type=int, default=256)
     pgm.add_argument("--k", type=int, default=10)
+    rtm = sub.add_parser("run-time", help="wall time of a run: measured, or projected from a short run")
+    rtm.add_argument("--configs", nargs="+", required=True)
+    rtm.add_argument("--json", required=True)
+    rtm.add_argument("--markdown", required=True)
+    rtm.add_argument("--iters", type=int, default=None,
+                     help="run this many iterations and project the schedule (default: run it all)")
+    rtm.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    rtm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -86,6 +98,9 @@ def main(argv=None) -> None:
         run_loss_scale_probe(args.configs, args.json, args.markdown)
     elif args.command == "pgm":
         logging.getLogger("d2kd.benchmark").info("%s", run_pgm_benchmark(args.json, args.n, args.d, args.k))
+    elif args.command == "run-time":
+        run_time_benchmark(args.configs, args.json, args.markdown, args.iters, args.threads,
+                           args.opts)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

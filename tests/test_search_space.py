@@ -191,3 +191,19 @@ def test_attention_gradients_stay_finite_where_the_softmax_underflows(name):
     x.requires_grad_(True)
     SLOT_OPS[1].get(name)(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_correlation_distance_equals_the_explicit_cross_correlation_matrix_loss():
+    """Reference: the (D, D) matrix written out, as in the formula (Barlow-Twins style)."""
+    from d2kd.search.ops import DISTANCES
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)
+    a, b = s.flatten(1).double(), t.flatten(1).double()
+    a = (a - a.mean(0)) / a.std(0)
+    b = (b - b.mean(0)) / b.std(0)
+    d = a.shape[1]
+    c = [[sum(a[n, i] * b[n, j] for n in range(6)) / 6 for j in range(d)] for i in range(d)]
+    on = sum((c[i][i] - 1) ** 2 for i in range(d)) / d
+    off = sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d ** 2
+    assert DISTANCES.get("correlation")(s, t).item() == pytest.approx(float(on + off), rel=1e-5)

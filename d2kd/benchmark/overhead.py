@@ -25,7 +25,7 @@ from detectron2.utils.events import EventStorage
 from ..config import load_config
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
-from ..modeling.taps import StudentTapper
+from ..modeling.taps import StudentTapper, StudentTaps
 from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json, atomic_write_text
 
@@ -52,6 +52,16 @@ def _train_step(model, optimizer):
         sum(losses.values()).backward()
         optimizer.step()
     return step
+
+
+def _student_taps(model: torch.nn.Module, batch: List[Dict]) -> StudentTaps:
+    """What a training step hands the teacher: the student's tapped outputs on ``batch``
+    (padded images, and e.g. the RoI head's sampled proposals that RoI-level heads evaluate
+    the teacher on), computed untimed so that only the teacher's forward is timed."""
+    with StudentTapper(model.student) as taps:
+        model.student(batch)
+    taps.gt_instances = [x["instances"] for x in batch]
+    return taps
 
 
 def _fill_prototype_banks(model: torch.nn.Module) -> None:
@@ -83,13 +93,9 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
             _fill_prototype_banks(model)
             teacher = model.teachers[model.active_teacher]
 
-            def teacher_forward(batch):
-                with StudentTapper(model.student) as taps, torch.no_grad():
-                    taps.images = model.student.preprocess_image(batch)
-                model.run_teacher(teacher, taps)
-
             with torch.no_grad():
-                times = _time_steps(teacher_forward, batches, warmup)
+                taps = [_student_taps(model, batch) for batch in batches]
+                times = _time_steps(lambda t: model.run_teacher(teacher, t), taps, warmup)
             result["t_teacher_forward"] = statistics.median(times)
             times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
             result["t_distill"] = statistics.median(times)

@@ -260,7 +260,11 @@ def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, ar
     assert (tmp_path / "run" / "model_final_student.pth").is_file()
 
 
-def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path):
+@pytest.mark.parametrize("config", [
+    DISTILL,
+    "DigitsDet/faster_rcnn_R18_from_R50_logit.yaml",  # the teacher runs on the student's RoIs
+])
+def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path, config):
     import json
     import subprocess
     import sys
@@ -270,7 +274,7 @@ def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(tiny_digitsdet), OMP_NUM_THREADS="1")
     out = tmp_path / "overhead.json"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "overhead",
-                    "--config-file", os.path.join(CONFIGS, DISTILL), "--json", str(out),
+                    "--config-file", os.path.join(CONFIGS, config), "--json", str(out),
                     "--iters", "2", "--warmup", "1", "--random-teacher", "MODEL.WEIGHTS", "",
                     "SOLVER.IMS_PER_BATCH", "2"], check=True, env=env, cwd=tmp_path,
                    capture_output=True)

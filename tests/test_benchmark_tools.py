@@ -35,13 +35,12 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
     assert not (tmp_path / "runs" / "c" / "seed1").exists()
 
 
-def test_training_speed_is_read_from_detectron2s_iteration_timer_line():
-    from d2kd.benchmark.run_time import parse_training_speed
+def test_steady_step_time_is_the_last_windowed_time_in_metrics_json():
+    from d2kd.benchmark.run_time import steady_step_seconds
 
-    log = ("[11/21 15:01:02 d2.utils.events]:  eta: 0:00:10  iter: 19  total_loss: 1.2\n"
-           "[11/21 15:02:03 d2.engine.hooks]: Overall training speed: 47 iterations in "
-           "0:01:52 (2.3830 s / it)\n"
-           "[11/21 15:02:03 d2.engine.hooks]: Total training time: 0:01:59 (0:00:07 on hooks)\n")
-    assert parse_training_speed(log) == 2.383
-    with pytest.raises(ValueError, match="warm-up"):
-        parse_training_speed("Total training time: 0:00:01 (0:00:00 on hooks)\n")
+    lines = ['{"iteration": 19, "time": 1.24, "total_loss": 3.1}',
+             '{"iteration": 39, "time": 0.78, "total_loss": 2.0}',
+             '{"bbox/AP": 12.5, "iteration": 39}']
+    assert steady_step_seconds(lines) == 0.78
+    with pytest.raises(ValueError, match="logging period"):
+        steady_step_seconds(['{"bbox/AP": 12.5, "iteration": 9}'])

@@ -1,16 +1,16 @@
 """Wall time of a training run (start to evaluated model), measured or projected.
 
-A run of ``tools/train_net.py`` costs a fixed part (start-up, data loading, the final
-checkpoint, evaluation with COCOEvaluator) plus ``MAX_ITER`` training steps. With ``iters``
-set, the same command runs only ``iters`` iterations: detectron2's ``IterationTimer`` reports
-the steady-state seconds per iteration ("Overall training speed", its warm-up iterations
-excluded), everything else in the measured wall time is the fixed part, and the full run is
-projected as ``fixed + MAX_ITER * seconds_per_iteration``. Without ``iters`` the whole run is
-measured. Intermediate checkpoints of a full run (one every ``CHECKPOINT_PERIOD``, well under a
-second each for these models) are not in a short run's fixed part.
+A run of ``tools/train_net.py`` costs start-up, ``MAX_ITER`` training steps (the first few
+slower: allocator and oneDNN warm-up), the final checkpoint and the evaluation with
+COCOEvaluator. With ``iters`` set, the same command runs only ``iters`` iterations (start-up,
+warm-up and evaluation included) and the remaining ``MAX_ITER - iters`` steps are added at the
+steady-state step time: the median step time over the last 20 iterations of the short run, as
+detectron2's ``IterationTimer`` writes it to ``metrics.json``. Without ``iters`` the whole run
+is measured. Intermediate checkpoints of a full run (one every ``CHECKPOINT_PERIOD``, under a
+second each for these models) are not in a short run.
 """
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,22 +23,22 @@ from ..config import load_config
 from ..utils.io import atomic_write_json, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_SPEED = re.compile(r"Overall training speed: (\d+) iterations in \S+ \(([\d.]+) s / it\)")
 
 
-def parse_training_speed(log_text: str) -> float:
-    """Seconds per iteration from detectron2's "Overall training speed" log line."""
-    found = _SPEED.findall(log_text)
-    if not found:
-        raise ValueError("no 'Overall training speed' line in the log: the run trained fewer "
-                         "iterations than IterationTimer's warm-up; use more iterations")
-    return float(found[-1][1])
+def steady_step_seconds(metrics_lines: Sequence[str]) -> float:
+    """The last "time" in detectron2's ``metrics.json`` lines: the median step time of the last
+    20 iterations (IterationTimer's scalar, smoothed by JSONWriter's window)."""
+    times = [record["time"] for record in map(json.loads, metrics_lines) if "time" in record]
+    if not times:
+        raise ValueError("no step time in metrics.json: the run trained fewer iterations than "
+                         "detectron2's logging period (20); use more iterations")
+    return float(times[-1])
 
 
 def time_run(config_file: str, iters: Optional[int] = None, threads: int = 0,
              opts: Sequence[str] = ()) -> Dict:
-    """One ``tools/train_net.py`` run in a temporary OUTPUT_DIR: its wall time, seconds per
-    iteration and (for a short run) the projected wall time of the configured schedule."""
+    """One ``tools/train_net.py`` run in a temporary OUTPUT_DIR: its wall time, steady-state
+    seconds per iteration and the (for a short run: projected) wall time of the schedule."""
     max_iter = load_config(config_file, opts).SOLVER.MAX_ITER
     env = dict(os.environ)
     if threads:
@@ -51,15 +51,13 @@ def time_run(config_file: str, iters: Optional[int] = None, threads: int = 0,
         start = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
-        with open(os.path.join(out, "log.txt")) as f:
-            seconds_per_iter = parse_training_speed(f.read())
-    trained = max_iter if iters is None else iters
-    fixed = wall - trained * seconds_per_iter
+        with open(os.path.join(out, "metrics.json")) as f:
+            step = steady_step_seconds(f.read().splitlines())
+    remaining = 0 if iters is None else max(0, max_iter - iters)
     return {"config": config_file, "opts": list(opts), "threads": threads or "default",
-            "max_iter": max_iter, "iters_run": trained, "measured": iters is None,
-            "wall_seconds": round(wall, 1), "seconds_per_iter": seconds_per_iter,
-            "fixed_seconds": round(fixed, 1),
-            "run_minutes": round((fixed + max_iter * seconds_per_iter) / 60, 2)}
+            "max_iter": max_iter, "iters_run": max_iter - remaining, "measured": remaining == 0,
+            "wall_seconds": round(wall, 1), "steady_seconds_per_iter": step,
+            "run_minutes": round((wall + remaining * step) / 60, 2)}
 
 
 def run_time_benchmark(configs: Sequence[str], json_path: str, markdown_path: str,
@@ -70,10 +68,11 @@ def run_time_benchmark(configs: Sequence[str], json_path: str, markdown_path: st
     for config in configs:
         results.append(time_run(config, iters, threads, opts))
         atomic_write_json(json_path, {"runs": results})
-        rows = [[os.path.basename(r["config"]), r["max_iter"], r["seconds_per_iter"],
-                 r["fixed_seconds"], r["run_minutes"],
-                 "measured" if r["measured"] else f"projected from {r['iters_run']} its",
+        rows = [[os.path.basename(r["config"]), r["max_iter"], r["wall_seconds"],
+                 r["steady_seconds_per_iter"], r["run_minutes"],
+                 "measured" if r["measured"] else f"{r['iters_run']} its + projection",
                  r["threads"]] for r in results]
-        headers = ["config", "MAX_ITER", "s/it", "fixed s", "run min", "how", "threads"]
+        headers = ["config", "MAX_ITER", "wall s (run)", "steady s/it", "run min", "how",
+                   "threads"]
         atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results

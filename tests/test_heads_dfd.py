@@ -116,6 +116,25 @@ def test_upper_quantile_is_the_kth_value():
     assert (v > upper_quantile(v, mask, 1 / 3)).sum() == 2
 
 
+@pytest.mark.parametrize("rho", [0.0, 0.1, 0.5, 0.97, 1.0])
+def test_upper_quantile_matches_a_per_image_brute_force(rho):
+    """Reference: per image, sort the masked values and count round(rho * n) above."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(4, 5, 7, generator=g)
+    mask = torch.rand(4, 5, 7, generator=g) > 0.3
+    mask[2] = False  # an image without valid cells
+    got = upper_quantile(values, mask, rho)
+    for image in range(4):
+        chosen = sorted(values[image][mask[image]].tolist())
+        if not chosen:
+            assert got[image].item() == float("inf")
+            continue
+        above = int(round(rho * len(chosen)))
+        assert (values[image][mask[image]] > got[image]).sum().item() == above
+        if above < len(chosen):
+            assert got[image].item() == chosen[len(chosen) - above - 1]
+
+
 def test_gradients_reach_student_and_adapters_only():
     cfg = get_d2kd_cfg()
     cfg.DISTILL.IN_FEATURES = ["p3"]

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2kd.prototypes import box_pool, coupled_coefficients, density_candidates, select_prototypes
+from d2kd.prototypes import (batched_box_pool, box_pool, coupled_coefficients, density_candidates,
+                             select_prototypes)
 
 
 def _naive_box_pool(feature, boxes, stride):
@@ -35,6 +36,18 @@ def test_box_pool_matches_a_naive_loop_including_edge_and_tiny_boxes():
     ours = box_pool(feature, boxes, stride=8)
     assert torch.allclose(ours, _naive_box_pool(feature, boxes, 8), atol=1e-6)
     assert box_pool(feature, torch.zeros(0, 4), 8).shape == (0, 5)
+
+
+def test_batched_box_pool_pools_each_box_from_its_own_image():
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(3, 4, 6, 8, generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 10.0], [4.0, 8.0, 30.0, 23.0], [8.0, 0.0, 9.0, 1.0],
+                          [0.0, 0.0, 31.9, 23.9]])
+    images = torch.tensor([2, 0, 2, 1])
+    expected = torch.cat([_naive_box_pool(features[i], boxes[k:k + 1], 4)
+                          for k, i in enumerate(images.tolist())])
+    assert torch.allclose(batched_box_pool(features, boxes, images, 4), expected, atol=1e-6)
+    assert batched_box_pool(features, torch.zeros(0, 4), images[:0], 4).shape == (0, 4)
 
 
 def test_box_pool_gradient():

@@ -58,20 +58,15 @@ def upper_quantile(values: torch.Tensor, mask: torch.Tensor, rho: float) -> torc
 
     ``values``, ``mask``: (N, H, W). Exactly round(rho * count) masked cells are strictly
     above it when values are distinct (k-th smallest, no interpolation). Images without masked
-    cells get +inf.
+    cells get +inf. One sort of the batch: masked-out cells are sorted last as +inf.
     """
-    thresholds = []
-    for v, m in zip(values, mask):
-        selected = v[m]
-        count = selected.numel()
-        keep = count - int(round(rho * count))
-        if count == 0:
-            thresholds.append(values.new_tensor(float("inf")))
-        elif keep == 0:
-            thresholds.append(selected.min() - 1.0)
-        else:
-            thresholds.append(torch.kthvalue(selected, keep).values)
-    return torch.stack(thresholds)  # (N,)
+    flat, selected = values.flatten(1), mask.flatten(1)
+    count = selected.sum(dim=1)  # (N,)
+    keep = count - (rho * count.double()).round().long()  # rank of the threshold, 1-based
+    ordered = torch.where(selected, flat, flat.new_tensor(float("inf"))).sort(dim=1).values
+    kth = ordered.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0]
+    thresholds = torch.where(keep == 0, ordered[:, 0] - 1.0, kth)  # rho = 1: every cell above
+    return torch.where(count == 0, flat.new_tensor(float("inf")), thresholds)  # (N,)
 
 
 def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:

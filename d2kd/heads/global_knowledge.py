@@ -28,10 +28,10 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..modeling.taps import StudentTaps
-from ..prototypes import PrototypeBank
+from ..prototypes import PrototypeBank, batched_box_pool
 from .alignment import check_levels
 from .masks import box_weight_maps
-from .prototype_weighting import detector_num_classes, pool_instances
+from .prototype_weighting import detector_num_classes
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 from .response import DENSE_ARCHITECTURES, _dense_num_classes, _flatten_dense
@@ -129,8 +129,8 @@ class GlobalKnowledgeHead(DistillHead):
         for level_index, level in enumerate(self.levels):
             kd = instances[level]
             s_map, t_map = student.features[level], teacher.features[level]
-            f_s = pool_instances(s_map, kd.boxes, kd.images, self.student_strides[level])
-            f_t = pool_instances(t_map, kd.boxes, kd.images, self.teacher_strides[level])
+            f_s = batched_box_pool(s_map, kd.boxes, kd.images, self.student_strides[level])
+            f_t = batched_box_pool(t_map, kd.boxes, kd.images, self.teacher_strides[level])
             w = self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
             weights.append(w)
             glob.append(global_relation_loss(f_s, f_t, w, self.bank, level_index)

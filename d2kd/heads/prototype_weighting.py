@@ -15,7 +15,7 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from ..modeling.taps import StudentTaps
-from ..prototypes import PrototypeBank, box_pool
+from ..prototypes import PrototypeBank, batched_box_pool
 from .masks import box_weight_maps
 from .registry import TeacherOutputs
 
@@ -28,18 +28,6 @@ def detector_num_classes(cfg: CfgNode) -> int:
     if arch == "FCOS":
         return cfg.MODEL.FCOS.NUM_CLASSES
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
-
-
-def pool_instances(feature: torch.Tensor, boxes: torch.Tensor, images: torch.Tensor,
-                   stride: int) -> torch.Tensor:
-    """(M, C) box-pooled features of boxes (M, 4), each from its own image of ``feature``
-    (N, C, H, W); ``images`` (M,) gives the image of each box."""
-    pooled = torch.zeros(len(boxes), feature.shape[1], dtype=feature.dtype,
-                         device=feature.device)
-    for i in images.unique().tolist():
-        index = (images == i).nonzero().squeeze(1)
-        pooled[index] = box_pool(feature[i], boxes[index], stride)
-    return pooled
 
 
 class PrototypeWeighting(nn.Module):
@@ -64,8 +52,8 @@ class PrototypeWeighting(nn.Module):
         images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=boxes.device)
                             for i, x in enumerate(gt)])
         s_map, t_map = student.features[level].detach(), teacher.features[level]
-        f_s = pool_instances(s_map, boxes, images, self.student_strides[level])
-        f_t = pool_instances(t_map, boxes, images, self.teacher_strides[level])
+        f_s = batched_box_pool(s_map, boxes, images, self.student_strides[level])
+        f_t = batched_box_pool(t_map, boxes, images, self.teacher_strides[level])
         w = self.bank.robustness_weight(f_s, f_t, classes, self.levels.index(level))
         covered = box_weight_maps(boxes, torch.ones_like(w), images, t_map.shape,
                                   self.teacher_strides[level])

@@ -18,20 +18,30 @@ def box_cells(boxes: torch.Tensor, stride: int, height: int, width: int):
 
 
 def box_pool(feature: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
-    """Mean of ``feature`` over the cells covered by each box, differentiable.
+    """Mean of one image's ``feature`` (C, H, W) over the cells covered by each box (M, 4):
+    (M, C). See :func:`batched_box_pool`."""
+    return batched_box_pool(feature[None], boxes, boxes.new_zeros(len(boxes), dtype=torch.long),
+                            stride)
+
+
+def batched_box_pool(features: torch.Tensor, boxes: torch.Tensor, images: torch.Tensor,
+                     stride: int) -> torch.Tensor:
+    """Mean of ``features`` over the cells covered by each box, each from its own image,
+    differentiable.
 
     Args:
-        feature: (C, H, W) one image's map on a level of stride ``stride``.
-        boxes: (M, 4) XYXY in input-image pixels.
+        features: (N, C, H, W) a level's maps of stride ``stride``.
+        boxes: (M, 4) XYXY in input-image pixels; images: (M,) the image of each box.
     Returns:
-        (M, C). O(1) per box after one (C, H+1, W+1) integral image (float64 for exactness).
+        (M, C). O(1) per box after one (N, C, H+1, W+1) integral image (float64 for exactness).
     """
-    channels, height, width = feature.shape
+    _, channels, height, width = features.shape
     if len(boxes) == 0:
-        return feature.new_zeros(0, channels)
-    integral = F.pad(feature.double().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (C, H+1, W+1)
+        return features.new_zeros(0, channels)
+    integral = F.pad(features.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # (N, C, H+1, W+1)
     x0, y0, x1, y1 = box_cells(boxes, stride, height, width)
-    sums = (integral[:, y1 + 1, x1 + 1] - integral[:, y0, x1 + 1]
-            - integral[:, y1 + 1, x0] + integral[:, y0, x0])  # (C, M)
+    images = images.long()
+    sums = (integral[images, :, y1 + 1, x1 + 1] - integral[images, :, y0, x1 + 1]
+            - integral[images, :, y1 + 1, x0] + integral[images, :, y0, x0])  # (M, C)
     areas = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(sums.dtype)
-    return (sums / areas).t().to(feature.dtype)
+    return (sums / areas[:, None]).to(features.dtype)

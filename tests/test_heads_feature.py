@@ -132,6 +132,31 @@ def test_box_cell_masks_mark_cells_whose_centre_is_inside_a_box():
     assert torch.equal(masks, expected)
 
 
+def test_box_area_masks_hold_the_largest_inverse_box_area():
+    from d2kd.heads.masks import box_area_masks
+
+    # image 0: a 2-cell box inside a 4-cell box (overlap keeps 1/2), a box covering no centre;
+    # image 1: no boxes
+    gt = [_gt([8, 8, 24, 16], [0, 0, 24, 24], [1, 1, 2, 2]), _gt()]
+    masks = box_area_masks(gt, torch.Size((2, 1, 4, 4)), stride=8)
+    expected = torch.zeros(2, 1, 4, 4)
+    expected[0, 0, :2, :2] = 1 / 9  # centres 4..20 inside [0, 24]: 3 x 3 cells
+    expected[0, 0, 2, :3] = 1 / 9
+    expected[0, 0, :2, 2] = 1 / 9
+    expected[0, 0, 1, 1:3] = 1 / 2
+    assert torch.allclose(masks, expected)
+
+
+def test_valid_cell_masks_exclude_padding():
+    from d2kd.heads.masks import valid_cell_masks
+
+    masks = valid_cell_masks([(16, 32), (32, 8)], torch.Size((2, 1, 4, 4)), stride=8)
+    expected = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    expected[0, 0, :2, :] = True  # rows at 0, 8 < 16
+    expected[1, 0, :, :1] = True  # columns at 0 < 8
+    assert torch.equal(masks, expected)
+
+
 def _iou(a, b):
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

@@ -24,7 +24,7 @@ Per level and image, over valid (unpadded) cells:
 4. ``L = ALPHA / N * sum_cells valid * omega * (beta_E 1_E strict + beta_H 1_H lenient)``,
    summed over levels; omega = FG_WEIGHT / BG_WEIGHT on GT-box / other cells when stratified.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,14 @@ DISPARITIES = ("mse", "cos", "rel")
 LENIENT_TYPES = ("pseudo_huber", "pseudo_huber_unshifted", "downweight", "cosine", "generative")
 
 
-def disparity(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """(N, H, W) per-cell disparity of (N, C, H, W) maps, detached."""
+def disparity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+              squared_error: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, H, W) per-cell disparity of (N, C, H, W) maps, detached. ``squared_error``: the
+    per-cell sum of squared differences (N, H, W) when the caller already has it."""
     with torch.no_grad():
-        mse = (teacher - student).pow(2).mean(dim=1)
+        if squared_error is None:
+            squared_error = (teacher - student).pow(2).sum(dim=1)
+        mse = squared_error / student.shape[1]
         if kind == "mse":
             return mse
         if kind == "cos":
@@ -132,10 +136,10 @@ class DFDHead(_FeatureHead):
             stride = self.strides[level]
             valid = valid_cell_masks(student.images.image_sizes, t.shape, stride, t.device)[:, 0]
             fg = box_cell_masks(student.gt_instances, t.shape, stride)[:, 0].bool()
-            d = disparity(s, t, self.kind)
+            e = (t - s).pow(2).sum(dim=1)  # (N, H, W)
+            d = disparity(s, t, self.kind, squared_error=e.detach())
             hard, theta = self.partition(d, valid, fg)
             easy = valid & ~hard
-            e = (t - s).pow(2).sum(dim=1)  # (N, H, W)
             strict_cells, lenient_cells = (hard, easy) if self.reversed else (easy, hard)
             omega = torch.where(fg, self.fg_weight, self.bg_weight) if self.stratified else 1.0
             strict = e * strict_cells

@@ -20,15 +20,20 @@ def box_area_masks(gt_instances: List[Instances], shape: torch.Size, stride: int
     1 / (number of cells of that box), max over overlapping boxes; 0 elsewhere."""
     n, _, h, w = shape
     device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
+    masks = torch.zeros(n, h * w, device=device)
+    boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances]) if gt_instances else None
+    if boxes is None or len(boxes) == 0:
+        return masks.view(n, 1, h, w)
+    images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=device)
+                        for i, x in enumerate(gt_instances)])
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride
-    masks = torch.zeros(n, 1, h, w, device=device)
-    for i, instances in enumerate(gt_instances):
-        for x0, y0, x1, y1 in instances.gt_boxes.tensor:
-            cells = (((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]).float()
-            if cells.sum() > 0:
-                masks[i, 0] = torch.maximum(masks[i, 0], cells / cells.sum())
-    return masks
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    inside = (((ys >= y0[:, None]) & (ys <= y1[:, None]))[:, :, None]
+              & ((xs >= x0[:, None]) & (xs <= x1[:, None]))[:, None, :]).flatten(1)  # (M, H*W)
+    values = inside.float() / inside.sum(dim=1, keepdim=True).clamp(min=1)
+    masks.scatter_reduce_(0, images[:, None].expand(-1, h * w), values, "amax")
+    return masks.view(n, 1, h, w)
 
 
 def near_object_masks(gt_instances: List[Instances], anchors: List[Boxes],
@@ -62,13 +67,12 @@ def random_keep_mask(x: torch.Tensor, drop_ratio: float) -> torch.Tensor:
 def valid_cell_masks(image_sizes: List[Tuple[int, int]], shape: torch.Size, stride: int,
                      device=None) -> torch.Tensor:
     """(N, 1, H, W) bool: cells whose top-left pixel lies inside the image (not padding)."""
-    n, _, h, w = shape
+    _, _, h, w = shape
+    sizes = torch.as_tensor(image_sizes, device=device).view(-1, 2)  # (N, 2): height, width
     ys = torch.arange(h, device=device) * stride
     xs = torch.arange(w, device=device) * stride
-    masks = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
-    for i, (height, width) in enumerate(image_sizes):
-        masks[i, 0] = (ys[:, None] < height) & (xs[None, :] < width)
-    return masks
+    return ((ys[None, :, None] < sizes[:, 0, None, None])
+            & (xs[None, None, :] < sizes[:, 1, None, None]))[:, None]
 
 
 def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,

@@ -279,11 +279,13 @@ def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path, c
                     "SOLVER.IMS_PER_BATCH", "2"], check=True, env=env, cwd=tmp_path,
                    capture_output=True)
     result = json.loads(out.read_text())
-    for key in ("t_student", "t_teacher_forward", "t_distill", "peak_rss_student_mb",
+    for key in ("t_student", "t_teacher_forward", "t_heads", "t_distill", "peak_rss_student_mb",
                 "peak_rss_distill_mb"):
         assert result[key] > 0, key
-    assert result["ratio"] == pytest.approx(
-        result["t_distill"] / (result["t_student"] + result["t_teacher_forward"]))
+    base = result["t_student"] + result["t_teacher_forward"]
+    assert result["ratio"] == pytest.approx(result["t_distill"] / base)
+    assert result["ratio_without_heads"] == pytest.approx(
+        (result["t_distill"] - result["t_heads"]) / base)
 
 
 @pytest.mark.parametrize("config, teacher", [

@@ -2,9 +2,13 @@
 
 Each measurement runs in a fresh process (so that peak RSS is its own) on the same pre-loaded
 batches: ``student`` times a full student training step (forward, backward, optimizer step);
-``distill`` times the teacher's no-grad forward on those batches and a full distillation step.
-Reported: medians over ``iters`` steps after ``warmup`` steps, and
-``ratio = t_distill / (t_student + t_teacher_forward)``.
+``distill`` times the teacher's no-grad forward on those batches, the distillation heads alone
+(their losses and backward, on the student's and the teacher's outputs for the batch) and a
+full distillation step. Reported: medians over ``iters`` steps after ``warmup`` steps,
+``ratio = t_distill / (t_student + t_teacher_forward)`` and
+``ratio_without_heads = (t_distill - t_heads) / (t_student + t_teacher_forward)``: the
+framework's share (tapping, the teacher on the shared batch, dispatch), apart from the compute
+a method's own loss needs (e.g. MGD's generators).
 """
 import json
 import os
@@ -14,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from dataclasses import replace
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -55,13 +60,50 @@ def _train_step(model, optimizer):
 
 
 def _student_taps(model: torch.nn.Module, batch: List[Dict]) -> StudentTaps:
-    """What a training step hands the teacher: the student's tapped outputs on ``batch``
-    (padded images, and e.g. the RoI head's sampled proposals that RoI-level heads evaluate
-    the teacher on), computed untimed so that only the teacher's forward is timed."""
+    """What a training step hands the teacher and the heads: the student's tapped outputs on
+    ``batch`` (padded images, features, predictions, the RoI head's sampled proposals, ...)."""
     with StudentTapper(model.student) as taps:
         model.student(batch)
     taps.gt_instances = [x["instances"] for x in batch]
     return taps
+
+
+def _as_leaves(value):
+    """``value`` (a tensor, or dicts / lists / tuples of them) with every floating tensor
+    replaced by a detached leaf that requires grad: the heads' backward then reaches the
+    student's outputs, as in a training step, and stops there."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _as_leaves(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_leaves(v) for v in value)
+    return value
+
+
+def _time_teacher_and_heads(model: torch.nn.Module, teacher, batches: List, warmup: int
+                            ) -> Tuple[List[float], List[float]]:
+    """Per batch (one in memory at a time): the student's taps, untimed; then timed, the
+    teacher's no-grad forward on them and the distillation heads' losses + backward on them."""
+    teacher_times, head_times = [], []
+    for i, batch in enumerate(batches):
+        with torch.no_grad():
+            taps = _student_taps(model, batch)
+            start = time.perf_counter()
+            outputs = model.run_teacher(teacher, taps)
+            teacher_time = time.perf_counter() - start
+        taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
+                                ("features", "dense_predictions", "rpn_predictions",
+                                 "roi_predictions")})
+        start = time.perf_counter()
+        sum(loss for head in model.heads.values() for loss in head(taps, outputs).values()
+            ).backward()
+        head_time = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        if i >= warmup:
+            teacher_times.append(teacher_time)
+            head_times.append(head_time)
+    return teacher_times, head_times
 
 
 def _fill_prototype_banks(model: torch.nn.Module) -> None:
@@ -93,10 +135,9 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
             _fill_prototype_banks(model)
             teacher = model.teachers[model.active_teacher]
 
-            with torch.no_grad():
-                taps = [_student_taps(model, batch) for batch in batches]
-                times = _time_steps(lambda t: model.run_teacher(teacher, t), taps, warmup)
-            result["t_teacher_forward"] = statistics.median(times)
+            teacher_times, head_times = _time_teacher_and_heads(model, teacher, batches, warmup)
+            result["t_teacher_forward"] = statistics.median(teacher_times)
+            result["t_heads"] = statistics.median(head_times)
             times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
             result["t_distill"] = statistics.median(times)
     result[f"peak_rss_{mode}_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -130,7 +171,9 @@ def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, wa
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             with open(out) as f:
                 result.update(json.load(f))
-    result["ratio"] = result["t_distill"] / (result["t_student"] + result["t_teacher_forward"])
+    base = result["t_student"] + result["t_teacher_forward"]
+    result["ratio"] = result["t_distill"] / base
+    result["ratio_without_heads"] = (result["t_distill"] - result["t_heads"]) / base
     atomic_write_json(json_path, result)
     return result
 
@@ -144,11 +187,12 @@ def summarize_overhead(json_files: Sequence[str], json_path: str, markdown_path:
         with open(path) as f:
             results.append(json.load(f))
     rows = [[os.path.splitext(os.path.basename(r["config"]))[0], round(r["t_student"], 3),
-             round(r["t_teacher_forward"], 3), round(r["t_distill"], 3), round(r["ratio"], 2),
+             round(r["t_teacher_forward"], 3), round(r["t_heads"], 3), round(r["t_distill"], 3),
+             round(r["ratio"], 2), round(r["ratio_without_heads"], 2),
              round(r["peak_rss_student_mb"]), round(r["peak_rss_distill_mb"]), r["threads"]]
             for r in results]
-    headers = ["config", "t_student s", "t_teacher_fwd s", "t_distill s", "ratio",
-               "peak RSS student MB", "peak RSS distill MB", "threads"]
+    headers = ["config", "t_student s", "t_teacher_fwd s", "t_heads s", "t_distill s", "ratio",
+               "ratio without heads", "peak RSS student MB", "peak RSS distill MB", "threads"]
     atomic_write_json(json_path, {"runs": results})
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results

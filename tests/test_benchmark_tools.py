@@ -35,6 +35,26 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
     assert not (tmp_path / "runs" / "c" / "seed1").exists()
 
 
+def test_prototype_refresh_share_comes_from_the_runs_metrics(tmp_path):
+    import json
+
+    from d2kd.benchmark.accuracy import prototype_refresh_seconds
+
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in [
+        {"iteration": 0, "prototypes/total_seconds": 50.0},
+        {"iteration": 19, "total_loss": 3.0},
+        {"iteration": 125, "prototypes/total_seconds": 66.0}]))
+    assert prototype_refresh_seconds(str(tmp_path)) == 66.0
+    assert prototype_refresh_seconds(str(tmp_path / "absent")) is None
+    runs = [dict(_run("gk", 1, 30.0), prototype_refresh_seconds=66.0),  # wall 10 s
+            dict(_run("gk", 2, 31.0), prototype_refresh_seconds=2.0),   # wall 20 s
+            _run("mgd", 1, 29.0)]
+    rows = {row["name"]: row for row in summarize(runs)}
+    assert rows["gk"]["prototype_refresh_fraction"] == pytest.approx((6.6 + 0.1) / 2)
+    assert "prototype_refresh_fraction" not in rows["mgd"]
+    assert "prototype refresh % of wall" in markdown_table(summarize(runs))
+
+
 def test_steady_step_time_is_the_last_windowed_time_in_metrics_json():
     from d2kd.benchmark.run_time import steady_step_seconds
 

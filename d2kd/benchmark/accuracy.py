@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
@@ -51,6 +51,18 @@ def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Seque
     return record
 
 
+def prototype_refresh_seconds(output_dir: str) -> Optional[float]:
+    """Total seconds a run spent rebuilding prototype banks (``prototypes/total_seconds`` in
+    its metrics.json, written by PrototypeRefreshHook), or None for runs without a bank."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        totals = [r["prototypes/total_seconds"] for r in map(json.loads, f)
+                  if "prototypes/total_seconds" in r]
+    return max(totals) if totals else None
+
+
 def summarize(runs: List[Dict]) -> List[Dict]:
     """Mean and spread (max - min) of each metric per run name (config, or config@tag)."""
     summary = []
@@ -59,6 +71,10 @@ def summarize(runs: List[Dict]) -> List[Dict]:
         row = {"name": name, "config": mine[0]["config"], "opts": mine[0]["opts"],
                "seeds": [r["seed"] for r in mine],
                "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in mine), 1)}
+        refresh = [r["prototype_refresh_seconds"] / r["wall_seconds"] for r in mine
+                   if r.get("prototype_refresh_seconds") is not None]
+        if refresh:
+            row["prototype_refresh_fraction"] = round(statistics.mean(refresh), 4)
         for task in mine[0]["results"]:
             for metric in METRICS:
                 values = [r["results"][task][metric] for r in mine]
@@ -74,6 +90,11 @@ def markdown_table(summary: List[Dict]) -> str:
     rows = [[s["name"], len(s["seeds"]), s["bbox/AP"], s["bbox/AP_spread"],
              s["bbox/AP50"], s["bbox/APs"], s["bbox/APm"], s["bbox/APl"],
              s["wall_seconds_mean"]] for s in summary]
+    if any("prototype_refresh_fraction" in s for s in summary):
+        headers.append("prototype refresh % of wall")
+        for row, s in zip(rows, summary):
+            fraction = s.get("prototype_refresh_fraction")
+            row.append("-" if fraction is None else round(100 * fraction, 1))
     return tabulate(rows, headers=headers, tablefmt="github") + "\n"
 
 
@@ -91,7 +112,8 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
             out = os.path.join(output, name, f"seed{seed}")
             if finished_only and not os.path.isfile(os.path.join(out, "benchmark_run.json")):
                 continue
-            runs.append(dict(train_and_evaluate(config, seed, out, opts, threads), name=name))
+            runs.append(dict(train_and_evaluate(config, seed, out, opts, threads), name=name,
+                             prototype_refresh_seconds=prototype_refresh_seconds(out)))
             summary = summarize(runs)
             atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
             atomic_write_text(markdown_path, markdown_table(summary))

@@ -1,12 +1,10 @@
 """Training-step overhead of distillation: student alone vs teacher forward vs distillation.
 
-Timings come from one process, interleaved batch by batch on the same pre-loaded batches, so
-that all four see the same machine (a busy neighbour slows them alike): the student's own
-training step (forward, backward, optimizer step, through the student module alone), the
-teacher's no-grad forward on the student's taps, the distillation heads alone (their losses and
-backward on the student's and the teacher's outputs for the batch) and the full distillation
-step. Peak memory comes from two fresh processes that each run only their own steps (student
-alone; distillation). Reported: medians over ``iters`` batches after ``warmup``,
+Each measurement runs in a fresh process (so that peak RSS is its own) on the same pre-loaded
+batches: ``student`` times a full student training step (forward, backward, optimizer step);
+``distill`` times the teacher's no-grad forward on those batches, the distillation heads alone
+(their losses and backward, on the student's and the teacher's outputs for the batch) and a
+full distillation step. Reported: medians over ``iters`` steps after ``warmup`` steps,
 ``ratio = t_distill / (t_student + t_teacher_forward)`` and
 ``ratio_without_heads = (t_distill - t_heads) / (t_student + t_teacher_forward)``: the
 framework's share (tapping, the teacher on the shared batch, dispatch), apart from the compute
@@ -21,7 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -40,6 +38,16 @@ from ..utils.io import atomic_write_json, atomic_write_text
 def _batches(cfg, count: int) -> List:
     loader = iter(build_detection_train_loader(cfg))
     return [next(loader) for _ in range(count)]
+
+
+def _time_steps(step, batches, warmup: int) -> List[float]:
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        step(batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _train_step(model, optimizer):
@@ -73,42 +81,29 @@ def _as_leaves(value):
     return value
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _interleaved_times(cfg, model: torch.nn.Module, batches: List, warmup: int
-                       ) -> Dict[str, List[float]]:
-    """Per batch, in turn: the student's own training step; its taps (untimed); the teacher's
-    no-grad forward on them; the heads' losses + backward on them; the distillation step.
-    The student step shares the distillation optimizer (the heads' parameters then have no
-    gradient and are skipped), so no extra optimizer state is allocated."""
-    optimizer = build_optimizer(cfg, model)
-    teacher = model.teachers[model.active_teacher]
-    student_step = _train_step(model.student, optimizer)
-    distill_step = _train_step(model, optimizer)
-    times: Dict[str, List[float]] = {k: [] for k in ("t_student", "t_teacher_forward", "t_heads",
-                                                     "t_distill")}
+def _time_teacher_and_heads(model: torch.nn.Module, teacher, batches: List, warmup: int
+                            ) -> Tuple[List[float], List[float]]:
+    """Per batch (one in memory at a time): the student's taps, untimed; then timed, the
+    teacher's no-grad forward on them and the distillation heads' losses + backward on them."""
+    teacher_times, head_times = [], []
     for i, batch in enumerate(batches):
-        t_student = _timed(lambda: student_step(batch))
         with torch.no_grad():
             taps = _student_taps(model, batch)
-            outputs = []
-            t_teacher = _timed(lambda: outputs.append(model.run_teacher(teacher, taps)))
+            start = time.perf_counter()
+            outputs = model.run_teacher(teacher, taps)
+            teacher_time = time.perf_counter() - start
         taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
                                 ("features", "dense_predictions", "rpn_predictions",
                                  "roi_predictions")})
-        t_heads = _timed(lambda: sum(
-            loss for head in model.heads.values() for loss in head(taps, outputs[0]).values()
-        ).backward())
-        optimizer.zero_grad(set_to_none=True)
-        t_distill = _timed(lambda: distill_step(batch))
+        start = time.perf_counter()
+        sum(loss for head in model.heads.values() for loss in head(taps, outputs).values()
+            ).backward()
+        head_time = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
         if i >= warmup:
-            for key, value in zip(times, (t_student, t_teacher, t_heads, t_distill)):
-                times[key].append(value)
-    return times
+            teacher_times.append(teacher_time)
+            head_times.append(head_time)
+    return teacher_times, head_times
 
 
 def _fill_prototype_banks(model: torch.nn.Module) -> None:
@@ -122,8 +117,7 @@ def _fill_prototype_banks(model: torch.nn.Module) -> None:
 
 
 def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
-    """One process: ``mode`` "student" (peak memory of student-alone training) or "distill"
-    (peak memory of distillation, and every timing)."""
+    """One process's measurement (``mode``: "student" or "distill")."""
     cfg = load_config(config_file, opts)
     cfg.DATALOADER.NUM_WORKERS = 0
     torch.manual_seed(cfg.SEED)
@@ -133,15 +127,19 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
         if mode == "student":
             model = build_model(student_config(cfg))
             model.train()
-            step = _train_step(model, build_optimizer(cfg, model))
-            for batch in batches:
-                step(batch)
+            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
+            result["t_student"] = statistics.median(times)
         else:
             model = build_model(cfg)
             model.train()
             _fill_prototype_banks(model)
-            for key, values in _interleaved_times(cfg, model, batches, warmup).items():
-                result[key] = statistics.median(values)
+            teacher = model.teachers[model.active_teacher]
+
+            teacher_times, head_times = _time_teacher_and_heads(model, teacher, batches, warmup)
+            result["t_teacher_forward"] = statistics.median(teacher_times)
+            result["t_heads"] = statistics.median(head_times)
+            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
+            result["t_distill"] = statistics.median(times)
     result[f"peak_rss_{mode}_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 

@@ -12,8 +12,6 @@ detector's heads keep their own initialisation.
 import fcntl
 import logging
 import os
-import subprocess
-import sys
 from typing import Sequence
 
 import torch
@@ -22,11 +20,11 @@ from iopath.common.file_io import PathHandler
 
 from .data import digitsdet_root, ensure_digitsdet
 from .utils.io import atomic_save
+from .utils.train_net_process import REPO, run_train_net
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "digitsdet-pretrained://"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_CONFIGS = os.path.join(REPO, "configs", "DigitsDet", "pretrain")
 
 
@@ -57,10 +55,8 @@ def ensure_pretrained_backbone(name: str, root: str = "", opts: Sequence[str] = 
         run_dir = os.path.join(root, "pretrained", f"{name}.run")
         logger.info("Pre-training backbone %s once (cached at %s); log in %s", name, weights,
                     run_dir)
-        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-               config, "--resume", "OUTPUT_DIR", run_dir, *opts]
-        env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(os.path.abspath(root)))
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        run_train_net(config, ["--resume", "OUTPUT_DIR", run_dir, *opts],
+                      env={"DETECTRON2_DATASETS": os.path.dirname(os.path.abspath(root))})
         model = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu",
                            weights_only=False)["model"]
         backbone = {k: v for k, v in model.items() if k.startswith("backbone.")}

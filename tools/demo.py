@@ -12,15 +12,14 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
-from typing import Dict, List
+from typing import Dict
 
 from tabulate import tabulate
 
 import d2kd  # noqa: F401
 from d2kd.config import load_config
 from d2kd.data import digitsdet_root, ensure_digitsdet
+from d2kd.utils.train_net_process import run_train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("d2kd.demo")
@@ -35,13 +34,6 @@ CHART = "output/digitsdet/demo_ap.png"
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def run_train_net(config_file: str, extra_args: List[str]) -> None:
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"),
-           "--config-file", config_file, *extra_args]
-    logger.info("$ %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-
-
 def train_or_reuse(config_file: str) -> Dict[str, float]:
     """Box AP of the run of ``config_file``; trains (or resumes) it unless already finished."""
     cfg = load_config(config_file)
@@ -50,9 +42,9 @@ def train_or_reuse(config_file: str) -> Dict[str, float]:
     if os.path.isfile(final) and os.path.isfile(results_file):
         logger.info("Reusing the finished run in %s", cfg.OUTPUT_DIR)
     elif os.path.isfile(final):
-        run_train_net(config_file, ["--eval-only", "MODEL.WEIGHTS", final])
+        run_train_net(config_file, ["--eval-only", "MODEL.WEIGHTS", final], quiet=False)
     else:
-        run_train_net(config_file, ["--resume"])
+        run_train_net(config_file, ["--resume"], quiet=False)
     with open(results_file) as f:
         return json.load(f)["bbox"]
 

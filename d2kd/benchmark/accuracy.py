@@ -8,18 +8,15 @@ import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.train_net_process import run_train_net
 
 logger = logging.getLogger(__name__)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
 
 
@@ -34,15 +31,8 @@ def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Seque
     if os.path.isfile(record_file):
         with open(record_file) as f:
             return json.load(f)
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-           config_file, "--resume", "SEED", str(seed), "OUTPUT_DIR", output_dir, *opts]
-    logger.info("$ %s", " ".join(cmd))
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
+    seconds = run_train_net(config_file, ["--resume", "SEED", str(seed), "OUTPUT_DIR", output_dir,
+                                          *opts], threads=threads)
     with open(os.path.join(output_dir, "inference", "results.json")) as f:
         results = json.load(f)
     record = {"config": config_file, "seed": seed, "opts": list(opts), "results": results,

@@ -11,18 +11,14 @@ second each for these models) are not in a short run.
 """
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
 from ..config import load_config
 from ..utils.io import atomic_write_json, atomic_write_text
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..utils.train_net_process import run_train_net
 
 
 def steady_step_seconds(metrics_lines: Sequence[str]) -> float:
@@ -40,17 +36,9 @@ def time_run(config_file: str, iters: Optional[int] = None, threads: int = 0,
     """One ``tools/train_net.py`` run in a temporary OUTPUT_DIR: its wall time, steady-state
     seconds per iteration and the (for a short run: projected) wall time of the schedule."""
     max_iter = load_config(config_file, opts).SOLVER.MAX_ITER
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory(prefix="d2kd_run_time_") as out:
-        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-               config_file, *opts, "OUTPUT_DIR", out]
-        if iters is not None:
-            cmd += ["SOLVER.MAX_ITER", str(iters)]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - start
+        short = [] if iters is None else ["SOLVER.MAX_ITER", str(iters)]
+        wall = run_train_net(config_file, [*opts, "OUTPUT_DIR", out, *short], threads=threads)
         with open(os.path.join(out, "metrics.json")) as f:
             step = steady_step_seconds(f.read().splitlines())
     remaining = 0 if iters is None else max(0, max_iter - iters)

@@ -15,25 +15,46 @@ def box_cell_masks(gt_instances: List[Instances], shape: torch.Size, stride: int
     return (box_area_masks(gt_instances, shape, stride) > 0).float()
 
 
+def gt_boxes_and_images(gt_instances: List[Instances]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every GT box of the batch (M, 4) XYXY and the index of its image (M,)."""
+    device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
+    if not gt_instances:
+        return torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances])
+    images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=device)
+                        for i, x in enumerate(gt_instances)])
+    return boxes, images
+
+
+def _inside(ys: torch.Tensor, xs: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor,
+            x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) bool: grid rows ``ys`` (H,) in [y0, y1] and columns ``xs`` (W,) in [x0, x1],
+    per box (each bound (M,))."""
+    return (((ys >= y0[:, None]) & (ys <= y1[:, None]))[:, :, None]
+            & ((xs >= x0[:, None]) & (xs <= x1[:, None]))[:, None, :])
+
+
+def _max_per_image(inside: torch.Tensor, values: torch.Tensor, images: torch.Tensor,
+                   n: int) -> torch.Tensor:
+    """(N, 1, H, W): each box's value (M,) on its cells ``inside`` (M, H, W), max over the boxes
+    of the same image (``images`` (M,)), 0 elsewhere."""
+    _, h, w = inside.shape
+    maps = values.new_zeros(n, h * w)
+    cells = torch.where(inside, values[:, None, None], values.new_zeros(())).flatten(1)
+    maps.scatter_reduce_(0, images[:, None].expand(-1, h * w), cells, "amax")
+    return maps.view(n, 1, h, w)
+
+
 def box_area_masks(gt_instances: List[Instances], shape: torch.Size, stride: int) -> torch.Tensor:
     """(N, 1, H, W): on the cells of each GT box (centre rule of :func:`box_cell_masks`),
     1 / (number of cells of that box), max over overlapping boxes; 0 elsewhere."""
     n, _, h, w = shape
-    device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
-    masks = torch.zeros(n, h * w, device=device)
-    boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances]) if gt_instances else None
-    if boxes is None or len(boxes) == 0:
-        return masks.view(n, 1, h, w)
-    images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=device)
-                        for i, x in enumerate(gt_instances)])
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride
-    x0, y0, x1, y1 = boxes.unbind(dim=1)
-    inside = (((ys >= y0[:, None]) & (ys <= y1[:, None]))[:, :, None]
-              & ((xs >= x0[:, None]) & (xs <= x1[:, None]))[:, None, :]).flatten(1)  # (M, H*W)
-    values = inside.float() / inside.sum(dim=1, keepdim=True).clamp(min=1)
-    masks.scatter_reduce_(0, images[:, None].expand(-1, h * w), values, "amax")
-    return masks.view(n, 1, h, w)
+    boxes, images = gt_boxes_and_images(gt_instances)
+    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * stride
+    inside = _inside(ys, xs, *boxes.unbind(dim=1))
+    areas = inside.flatten(1).sum(dim=1).clamp(min=1)
+    return _max_per_image(inside, 1.0 / areas, images, n)
 
 
 def near_object_masks(gt_instances: List[Instances], anchors: List[Boxes],
@@ -85,13 +106,7 @@ def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Te
         shape: the level's (N, C, H, W).
     """
     n, _, h, w = shape
-    maps = weights.new_zeros(n, h * w)
-    if len(boxes):
-        x0, y0, x1, y1 = box_cells(boxes, stride, h, w)
-        ys = torch.arange(h, device=boxes.device)
-        xs = torch.arange(w, device=boxes.device)
-        inside = (((ys >= y0[:, None]) & (ys <= y1[:, None]))[:, :, None]
-                  & ((xs >= x0[:, None]) & (xs <= x1[:, None]))[:, None, :])  # (M, H, W)
-        values = torch.where(inside, weights[:, None, None], weights.new_zeros(()))
-        maps.scatter_reduce_(0, images[:, None].expand(-1, h * w), values.flatten(1), "amax")
-    return maps.view(n, 1, h, w)
+    ys = torch.arange(h, device=boxes.device)
+    xs = torch.arange(w, device=boxes.device)
+    x0, y0, x1, y1 = box_cells(boxes, stride, h, w)
+    return _max_per_image(_inside(ys, xs, x0, y0, x1, y1), weights, images, n)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..modeling.taps import StudentTaps
 from ..prototypes import PrototypeBank, batched_box_pool
-from .masks import box_weight_maps
+from .masks import box_weight_maps, gt_boxes_and_images
 from .registry import TeacherOutputs
 
 
@@ -46,11 +46,8 @@ class PrototypeWeighting(nn.Module):
                      level: str) -> torch.Tensor:
         """(N, 1, H, W) on the teacher's grid of ``level``: GT cells carry their box's
         robustness weight, the other cells 1. Detached."""
-        gt = student.gt_instances
-        boxes = torch.cat([x.gt_boxes.tensor for x in gt])
-        classes = torch.cat([x.gt_classes for x in gt])
-        images = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=boxes.device)
-                            for i, x in enumerate(gt)])
+        boxes, images = gt_boxes_and_images(student.gt_instances)
+        classes = torch.cat([x.gt_classes for x in student.gt_instances])
         s_map, t_map = student.features[level].detach(), teacher.features[level]
         f_s = batched_box_pool(s_map, boxes, images, self.student_strides[level])
         f_t = batched_box_pool(t_map, boxes, images, self.teacher_strides[level])

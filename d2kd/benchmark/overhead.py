@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh process (so that peak RSS is its own) on the same pre-loaded
 batches: ``student`` times a full student training step (forward, backward, optimizer step);
-``distill`` times the teacher's no-grad forward on those batches, the distillation heads alone
+``distill`` times the teachers' no-grad forward on those batches, the distillation heads alone
 (their losses and backward, on the student's and the teacher's outputs for the batch) and a
 full distillation step. Reported: medians over ``iters`` steps after ``warmup`` steps,
 ``ratio = t_distill / (t_student + t_teacher_forward)`` and
@@ -81,23 +81,22 @@ def _as_leaves(value):
     return value
 
 
-def _time_teacher_and_heads(model: torch.nn.Module, teacher, batches: List, warmup: int
+def _time_teacher_and_heads(model: torch.nn.Module, batches: List, warmup: int
                             ) -> Tuple[List[float], List[float]]:
     """Per batch (one in memory at a time): the student's taps, untimed; then timed, the
-    teacher's no-grad forward on them and the distillation heads' losses + backward on them."""
+    teachers' no-grad forward on them and the distillation heads' losses + backward on them."""
     teacher_times, head_times = [], []
     for i, batch in enumerate(batches):
         with torch.no_grad():
             taps = _student_taps(model, batch)
             start = time.perf_counter()
-            outputs = model.run_teacher(teacher, taps)
+            outputs = model.teacher_outputs(taps)
             teacher_time = time.perf_counter() - start
         taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
                                 ("features", "dense_predictions", "rpn_predictions",
                                  "roi_predictions")})
         start = time.perf_counter()
-        sum(loss for head in model.heads.values() for loss in head(taps, outputs).values()
-            ).backward()
+        sum(model.head_losses(taps, outputs).values()).backward()
         head_time = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         if i >= warmup:
@@ -133,9 +132,7 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
             model = build_model(cfg)
             model.train()
             _fill_prototype_banks(model)
-            teacher = model.teachers[model.active_teacher]
-
-            teacher_times, head_times = _time_teacher_and_heads(model, teacher, batches, warmup)
+            teacher_times, head_times = _time_teacher_and_heads(model, batches, warmup)
             result["t_teacher_forward"] = statistics.median(teacher_times)
             result["t_heads"] = statistics.median(head_times)
             times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)

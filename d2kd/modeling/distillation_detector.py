@@ -187,7 +187,18 @@ class DistillationDetector(nn.Module):
         with StudentTapper(self.student) as taps:
             losses = self.student(batched_inputs)
         taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        outputs = {i: self.run_teacher(self.teachers[i], taps) for i in self.teacher_weights}
+        losses.update(self.head_losses(taps, self.teacher_outputs(taps)))
+        return losses
+
+    def teacher_outputs(self, taps: StudentTaps) -> Dict[int, TeacherOutputs]:
+        """What each teacher of the step (index -> outputs) computes on the student's batch."""
+        return {i: self.run_teacher(self.teachers[i], taps) for i in self.teacher_weights}
+
+    def head_losses(self, taps: StudentTaps,
+                    outputs: Dict[int, TeacherOutputs]) -> Dict[str, torch.Tensor]:
+        """Every head's losses against its teacher's outputs; with several teachers (joint
+        schedule) suffixed ``_t<index>`` and weighted by the teacher's weight."""
+        losses = {}
         for key, head in self.heads.items():
             index = self.head_teacher[key]
             head_losses = head(taps, outputs[index])

@@ -64,3 +64,25 @@ def test_steady_step_time_is_the_last_windowed_time_in_metrics_json():
     assert steady_step_seconds(lines) == 0.78
     with pytest.raises(ValueError, match="logging period"):
         steady_step_seconds(['{"bbox/AP": 12.5, "iteration": 9}'])
+
+
+def test_benchmark_processes_get_the_same_training_batches(tiny_digitsdet, tmp_path):
+    """The sampler's shuffle seed and the resize augmentation draw from NumPy: a benchmark
+    process whose NumPy state differs (another process) must still see the same batches."""
+    import numpy as np
+
+    from d2kd.benchmark.batches import seeded_training_batches
+
+    from conftest import tiny_training_cfg
+
+    cfg = tiny_training_cfg("DigitsDet/retinanet_R18_student.yaml", str(tmp_path))
+
+    def signature(batches):
+        return [[(x["file_name"], tuple(x["image"].shape)) for x in batch] for batch in batches]
+
+    np.random.seed(1)
+    first = signature(seeded_training_batches(cfg, 4))
+    np.random.seed(2)
+    second = signature(seeded_training_batches(cfg, 4))
+    assert first == second
+    assert len({name for batch in first for name, _ in batch}) > 2  # not one repeated image

@@ -10,13 +10,13 @@ from typing import Dict, List, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
 from ..config import load_config
 from ..utils.io import atomic_write_json, atomic_write_text
+from .batches import seeded_training_batches
 
 
 @torch.no_grad()
@@ -35,9 +35,7 @@ def probe_losses(config_file: str, batch: List[Dict], seed: int = 0) -> Dict[str
 
 def run_loss_scale_probe(configs: Sequence[str], json_path: str, markdown_path: str) -> List[Dict]:
     """One batch of the first config's training set, every config's initial losses."""
-    cfg = load_config(configs[0], ["DATALOADER.NUM_WORKERS", "0"])
-    torch.manual_seed(cfg.SEED)
-    batch = next(iter(build_detection_train_loader(cfg)))
+    batch, = seeded_training_batches(load_config(configs[0]), 1)
     results = []
     for config in configs:
         losses = probe_losses(config, batch)

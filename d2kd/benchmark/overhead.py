@@ -23,7 +23,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -33,11 +32,7 @@ from ..modeling.distillation_detector import student_config
 from ..modeling.taps import StudentTapper, StudentTaps
 from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json, atomic_write_text
-
-
-def _batches(cfg, count: int) -> List:
-    loader = iter(build_detection_train_loader(cfg))
-    return [next(loader) for _ in range(count)]
+from .batches import seeded_training_batches
 
 
 def _time_steps(step, batches, warmup: int) -> List[float]:
@@ -118,9 +113,7 @@ def _fill_prototype_banks(model: torch.nn.Module) -> None:
 def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
     """One process's measurement (``mode``: "student" or "distill")."""
     cfg = load_config(config_file, opts)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    torch.manual_seed(cfg.SEED)
-    batches = _batches(cfg, iters + warmup)
+    batches = seeded_training_batches(cfg, iters + warmup)
     result = {}
     with EventStorage():
         if mode == "student":

@@ -56,7 +56,8 @@ def ensure_pretrained_backbone(name: str, root: str = "", opts: Sequence[str] = 
         logger.info("Pre-training backbone %s once (cached at %s); log in %s", name, weights,
                     run_dir)
         run_train_net(config, ["--resume", "OUTPUT_DIR", run_dir, *opts],
-                      env={"DETECTRON2_DATASETS": os.path.dirname(os.path.abspath(root))})
+                      env={"DETECTRON2_DATASETS": os.path.dirname(os.path.abspath(root))},
+                      quiet=False)  # detectron2's ETA lines: a pre-training takes minutes
         model = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu",
                            weights_only=False)["model"]
         backbone = {k: v for k, v in model.items() if k.startswith("backbone.")}

@@ -22,10 +22,13 @@ def run_train_net(config_file: str, args: Sequence[str] = (), threads: int = 0,
         args: further command-line arguments and trailing ``KEY VALUE`` overrides.
         threads: torch threads of the child (``OMP_NUM_THREADS``); 0 keeps the default.
         env: extra environment variables of the child.
-        quiet: discard the child's stdout (its log is in ``OUTPUT_DIR/log.txt``).
+        quiet: discard the child's stdout (its log is in ``OUTPUT_DIR/log.txt``); otherwise
+            it is shown as it comes, also when this process's output goes to a pipe or file.
     Raises ``subprocess.CalledProcessError`` when the run fails.
     """
     child_env = dict(os.environ, **(env or {}))
+    if not quiet:
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
     if threads:
         child_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, *args]

@@ -29,7 +29,6 @@ from detectron2.utils.events import EventStorage
 from ..config import load_config
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
-from ..modeling.taps import StudentTapper, StudentTaps
 from ..prototypes.refresh import prototype_banks
 from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
@@ -54,15 +53,6 @@ def _train_step(model, optimizer):
     return step
 
 
-def _student_taps(model: torch.nn.Module, batch: List[Dict]) -> StudentTaps:
-    """What a training step hands the teacher and the heads: the student's tapped outputs on
-    ``batch`` (padded images, features, predictions, the RoI head's sampled proposals, ...)."""
-    with StudentTapper(model.student) as taps:
-        model.student(batch)
-    taps.gt_instances = [x["instances"] for x in batch]
-    return taps
-
-
 def _as_leaves(value):
     """``value`` (a tensor, or dicts / lists / tuples of them) with every floating tensor
     replaced by a detached leaf that requires grad: the heads' backward then reaches the
@@ -83,7 +73,7 @@ def _time_teacher_and_heads(model: torch.nn.Module, batches: List, warmup: int
     teacher_times, head_times = [], []
     for i, batch in enumerate(batches):
         with torch.no_grad():
-            taps = _student_taps(model, batch)
+            _, taps = model.student_losses_and_taps(batch)
             start = time.perf_counter()
             outputs = model.teacher_outputs(taps)
             teacher_time = time.perf_counter() - start

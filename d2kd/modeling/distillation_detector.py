@@ -184,11 +184,18 @@ class DistillationDetector(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.student(batched_inputs)
+        losses, taps = self.student_losses_and_taps(batched_inputs)
+        losses.update(self.head_losses(taps, self.teacher_outputs(taps)))
+        return losses
+
+    def student_losses_and_taps(self, batched_inputs: List[Dict]
+                                ) -> Tuple[Dict[str, torch.Tensor], StudentTaps]:
+        """The step's one student forward: its own losses and what it exposed to the heads
+        (with the batch's ground truth)."""
         with StudentTapper(self.student) as taps:
             losses = self.student(batched_inputs)
         taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        losses.update(self.head_losses(taps, self.teacher_outputs(taps)))
-        return losses
+        return losses, taps
 
     def teacher_outputs(self, taps: StudentTaps) -> Dict[int, TeacherOutputs]:
         """What each teacher of the step (index -> outputs) computes on the student's batch."""

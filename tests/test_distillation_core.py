@@ -286,6 +286,19 @@ def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path, c
     assert result["ratio"] == pytest.approx(result["t_distill"] / base)
     assert result["ratio_without_heads"] == pytest.approx(
         (result["t_distill"] - result["t_heads"]) / base)
+    assert all(len(times) == 2 for times in result["step_times"].values())
+    low, high = result["ratio_ci95"]
+    assert low <= result["ratio"] <= high
+
+
+def test_overhead_ratio_interval_brackets_the_ratio_of_medians():
+    from d2kd.benchmark.overhead import ratio_interval
+
+    constant = {"student": [0.5] * 9, "teacher_forward": [0.25] * 9, "distill": [0.9] * 9}
+    assert ratio_interval(constant) == pytest.approx((1.2, 1.2))
+    # distillation steps 0.8 or 1.0 s: every resample's median is one of them (9 steps, odd)
+    mixed = dict(constant, distill=[0.8] * 4 + [1.0] * 5)
+    assert ratio_interval(mixed) == pytest.approx((0.8 / 0.75, 1.0 / 0.75))
 
 
 @pytest.mark.parametrize("config, teacher", [

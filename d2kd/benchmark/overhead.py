@@ -1,11 +1,12 @@
 """Training-step overhead of distillation: student alone vs teacher forward vs distillation.
 
-Each measurement runs in a fresh process (so that peak RSS is its own) on the same pre-loaded
-batches: ``student`` times a full student training step (forward, backward, optimizer step);
-``distill`` times the teachers' no-grad forward on those batches, the distillation heads alone
-(their losses and backward, on the student's and the teacher's outputs for the batch) and a
-full distillation step. Reported: medians over ``iters`` steps after ``warmup`` steps,
-``ratio = t_distill / (t_student + t_teacher_forward)`` and
+Timing runs in one process on pre-loaded seeded batches (``measure_times``): per batch a full
+student-alone training step (forward, backward, optimizer step), the teachers' no-grad forward,
+the distillation heads alone (their losses and backward on the student's and the teacher's
+outputs for the batch) and a full distillation step, paired on the batch. Peak memory comes
+from two more fresh processes, one training the student alone and one distilling, so that
+each peak is its own. Reported: medians over ``iters`` steps after ``warmup`` steps,
+``ratio = t_distill / (t_student + t_teacher_forward)`` with a 95 % bootstrap interval, and
 ``ratio_without_heads = (t_distill - t_heads) / (t_student + t_teacher_forward)``: the
 framework's share (tapping, the teacher on the shared batch, dispatch), apart from the compute
 a method's own loss needs (e.g. MGD's generators).
@@ -19,8 +20,9 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -30,27 +32,24 @@ from ..config import load_config
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
 from ..prototypes.refresh import prototype_banks
+from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
 
 
-def _time_steps(step, batches, warmup: int) -> List[float]:
-    times = []
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        step(batch)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def _train_step(model, optimizer):
+def _train_step(model, optimizer) -> Callable[[List[Dict]], None]:
     def step(batch):
         losses = model(batch)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
     return step
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _as_leaves(value):
@@ -66,28 +65,20 @@ def _as_leaves(value):
     return value
 
 
-def _time_teacher_and_heads(model: torch.nn.Module, batches: List, warmup: int
-                            ) -> Tuple[List[float], List[float]]:
-    """Per batch (one in memory at a time): the student's taps, untimed; then timed, the
-    teachers' no-grad forward on them and the distillation heads' losses + backward on them."""
-    teacher_times, head_times = [], []
-    for i, batch in enumerate(batches):
-        with torch.no_grad():
-            _, taps = model.student_losses_and_taps(batch)
-            start = time.perf_counter()
-            outputs = model.teacher_outputs(taps)
-            teacher_time = time.perf_counter() - start
-        taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
-                                ("features", "dense_predictions", "rpn_predictions",
-                                 "roi_predictions")})
+def _time_teacher_and_heads(model: torch.nn.Module, batch: List[Dict]) -> Tuple[float, float]:
+    """On one batch: the student's taps, untimed; then timed, the teachers' no-grad forward on
+    them and the distillation heads' losses + backward on them."""
+    with torch.no_grad():
+        _, taps = model.student_losses_and_taps(batch)
         start = time.perf_counter()
-        sum(model.head_losses(taps, outputs).values()).backward()
-        head_time = time.perf_counter() - start
-        model.zero_grad(set_to_none=True)
-        if i >= warmup:
-            teacher_times.append(teacher_time)
-            head_times.append(head_time)
-    return teacher_times, head_times
+        outputs = model.teacher_outputs(taps)
+        teacher_time = time.perf_counter() - start
+    taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
+                            ("features", "dense_predictions", "rpn_predictions",
+                             "roi_predictions")})
+    head_time = _timed(lambda: sum(model.head_losses(taps, outputs).values()).backward())
+    model.zero_grad(set_to_none=True)
+    return teacher_time, head_time
 
 
 def _fill_prototype_banks(model: torch.nn.Module) -> None:
@@ -100,28 +91,73 @@ def _fill_prototype_banks(model: torch.nn.Module) -> None:
                                     torch.randn(bank.student.shape[2:]))
 
 
+def measure_times(cfg, batches: List[List[Dict]], warmup: int) -> Dict[str, List[float]]:
+    """Paired step times, all in this process: per batch a student-alone training step (its own
+    model and optimizer), the teachers' forward, the heads alone and a distillation training
+    step, alternating whether the student or the distillation step comes first. Pairing on the
+    batch and the process removes the between-process spread (±5 % for identical work) that
+    separate processes add to a ratio."""
+    student = build_model(student_config(cfg))
+    student.train()
+    student_step = _train_step(student, build_optimizer(cfg, student))
+    model = build_model(cfg)
+    model.train()
+    _fill_prototype_banks(model)
+    distill_step = _train_step(model, build_optimizer(cfg, model))
+    times: Dict[str, List[float]] = {"student": [], "teacher_forward": [], "heads": [],
+                                     "distill": []}
+    for i, batch in enumerate(batches):
+        t_distill = _timed(lambda: distill_step(batch)) if i % 2 else None
+        t_student = _timed(lambda: student_step(batch))
+        t_teacher, t_heads = _time_teacher_and_heads(model, batch)
+        if t_distill is None:
+            t_distill = _timed(lambda: distill_step(batch))
+        if i >= warmup:
+            for key, value in zip(times, (t_student, t_teacher, t_heads, t_distill)):
+                times[key].append(value)
+    return times
+
+
+def _ratio(times: Dict[str, np.ndarray]) -> float:
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    return median["distill"] / (median["student"] + median["teacher_forward"])
+
+
+def ratio_interval(times: Dict[str, List[float]], resamples: int = 2000,
+                   seed: int = 0) -> Tuple[float, float]:
+    """95 % bootstrap interval of ``ratio`` over the paired steps (steps resampled whole)."""
+    arrays = {k: np.asarray(v) for k, v in times.items()}
+    steps = len(arrays["distill"])
+    rng = np.random.default_rng(seed)
+    ratios = [_ratio({k: v[idx] for k, v in arrays.items()})
+              for idx in rng.integers(0, steps, size=(resamples, steps))]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def measure_peak_rss(cfg, batches: List[List[Dict]], mode: str) -> float:
+    """Peak RSS (MB) of this process after training steps of ``mode`` ("student" or
+    "distill") on ``batches``: run alone in a fresh process so that the peak is its own."""
+    model = build_model(student_config(cfg) if mode == "student" else cfg)
+    model.train()
+    if mode == "distill":
+        _fill_prototype_banks(model)
+    step = _train_step(model, build_optimizer(cfg, model))
+    for batch in batches:
+        step(batch)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
-    """One process's measurement (``mode``: "student" or "distill")."""
+    """One process's measurement (``mode``: "times", "student" or "distill")."""
     cfg = load_config(config_file, opts)
+    if cfg.D2KD.RETAIN_HOST_MEMORY:  # as DistillTrainer does for training
+        retain_freed_host_memory()
     batches = seeded_training_batches(cfg, iters + warmup)
-    result = {}
     with EventStorage():
-        if mode == "student":
-            model = build_model(student_config(cfg))
-            model.train()
-            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
-            result["t_student"] = statistics.median(times)
-        else:
-            model = build_model(cfg)
-            model.train()
-            _fill_prototype_banks(model)
-            teacher_times, head_times = _time_teacher_and_heads(model, batches, warmup)
-            result["t_teacher_forward"] = statistics.median(teacher_times)
-            result["t_heads"] = statistics.median(head_times)
-            times = _time_steps(_train_step(model, build_optimizer(cfg, model)), batches, warmup)
-            result["t_distill"] = statistics.median(times)
-    result[f"peak_rss_{mode}_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+        if mode == "times":
+            return {"step_times": measure_times(cfg, batches, warmup)}
+        return {f"peak_rss_{mode}_mb": measure_peak_rss(cfg, batches, mode)}
 
 
 def _random_teacher_weights(cfg_file: str, opts: Sequence[str], directory: str) -> List[str]:
@@ -144,15 +180,19 @@ def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, wa
             opts += ["DISTILL.TEACHER.WEIGHTS", repr(weights)]
         result = {"config": config_file, "iters": iters, "warmup": warmup, "opts": opts,
                   "random_teacher": random_teacher, "threads": torch.get_num_threads()}
-        for mode in ("student", "distill"):
+        for mode in ("times", "student", "distill"):
             out = os.path.join(tmp, f"{mode}.json")
             cmd = [sys.executable, "-m", "d2kd.benchmark.overhead", mode, config_file,
                    str(iters), str(warmup), json.dumps(opts), out]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             with open(out) as f:
                 result.update(json.load(f))
+    times = result["step_times"]
+    for key, values in times.items():
+        result[f"t_{key}"] = statistics.median(values)
     base = result["t_student"] + result["t_teacher_forward"]
     result["ratio"] = result["t_distill"] / base
+    result["ratio_ci95"] = ratio_interval(times)
     result["ratio_without_heads"] = (result["t_distill"] - result["t_heads"]) / base
     atomic_write_json(json_path, result)
     return result
@@ -168,11 +208,12 @@ def summarize_overhead(json_files: Sequence[str], json_path: str, markdown_path:
             results.append(json.load(f))
     rows = [[os.path.splitext(os.path.basename(r["config"]))[0], round(r["t_student"], 3),
              round(r["t_teacher_forward"], 3), round(r["t_heads"], 3), round(r["t_distill"], 3),
-             round(r["ratio"], 2), round(r["ratio_without_heads"], 2),
+             round(r["ratio"], 2), "[{:.2f}, {:.2f}]".format(*r["ratio_ci95"]),
+             round(r["ratio_without_heads"], 2),
              round(r["peak_rss_student_mb"]), round(r["peak_rss_distill_mb"]), r["threads"]]
             for r in results]
     headers = ["config", "t_student s", "t_teacher_fwd s", "t_heads s", "t_distill s", "ratio",
-               "ratio without heads", "peak RSS student MB", "peak RSS distill MB", "threads"]
+               "ratio 95 % interval", "ratio without heads", "peak RSS student MB", "peak RSS distill MB", "threads"]
     atomic_write_json(json_path, {"runs": results})
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results

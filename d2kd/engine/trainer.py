@@ -14,6 +14,7 @@ from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..modeling import DistillationDetector
 from ..prototypes.refresh import prototype_banks
+from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json
 from .export import StudentExportHook
 from .optimizer import build_optimizer
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 class DistillTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` for d2kd models.
 
-    Differences from the parent: DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
+    Differences from the parent: freed host memory stays in the process between steps
+    (``D2KD.RETAIN_HOST_MEMORY``), DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
     AdamW, checkpoints hold the optimizer state on every detectron2 version, fresh
     distillation runs initialise the student from ``MODEL.WEIGHTS``, and evaluation is a
     :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
@@ -39,6 +41,8 @@ class DistillTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if cfg.D2KD.RETAIN_HOST_MEMORY:
+            retain_freed_host_memory()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

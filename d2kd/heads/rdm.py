@@ -33,12 +33,14 @@ def local_feature_loss(student: torch.Tensor, teacher: torch.Tensor, fg_weights:
     with d = adapted student - teacher (N, D, H, W), M (N, 1, H, W) the foreground mask holding
     each KD box's robustness weight, and B the cells where M = 0 (background).
     """
-    squared = (student - teacher).pow(2)
     channels = student.shape[1]
-    background = (fg_weights == 0).to(squared.dtype)
-    fg = (squared * fg_weights).sum() / torch.clamp(2 * channels * fg_weights.sum(), min=1.0)
-    bg = (squared * background).sum() / torch.clamp(2 * channels * background.sum(), min=1.0)
-    return fg_lambda * fg + bg_lambda * bg
+    background = (fg_weights == 0).to(fg_weights.dtype)
+    # Both terms as one per-cell weight on the channel-summed squares (N, 1, H, W): the masks
+    # do not depend on the channel, and full-size products would cost more than the loss.
+    cell_weights = (fg_lambda * fg_weights / torch.clamp(2 * channels * fg_weights.sum(), min=1.0)
+                    + bg_lambda * background
+                    / torch.clamp(2 * channels * background.sum(), min=1.0))
+    return ((student - teacher).pow(2).sum(dim=1, keepdim=True) * cell_weights).sum()
 
 
 def weighted_response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

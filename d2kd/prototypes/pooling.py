@@ -1,6 +1,5 @@
 """``box_pool``: exact average of a feature map over the cells a box covers (integral image)."""
 import torch
-import torch.nn.functional as F
 
 
 def box_cells(boxes: torch.Tensor, stride: int, height: int, width: int):
@@ -33,7 +32,7 @@ def batched_box_pool(features: torch.Tensor, boxes: torch.Tensor, images: torch.
         features: (N, C, H, W) a level's maps of stride ``stride``.
         boxes: (M, 4) XYXY in input-image pixels; images: (M,) the image of each box.
     Returns:
-        (M, C). O(1) per box after one (N, C, H+1, W+1) integral image.
+        (M, C). O(1) per box after one (N, C, H, W) integral image.
     """
     _, channels, height, width = features.shape
     if len(boxes) == 0:
@@ -41,11 +40,15 @@ def batched_box_pool(features: torch.Tensor, boxes: torch.Tensor, images: torch.
     # The integral image of the map minus its per-image, per-channel mean: its entries stay
     # O(sqrt(H W)) instead of O(H W), so single precision keeps box means exact to ~1e-6.
     mean = features.mean(dim=(2, 3))  # (N, C)
-    centred = features - mean[:, :, None, None]
-    integral = F.pad(centred.cumsum(2).cumsum(3), (1, 0, 1, 0))  # (N, C, H+1, W+1)
+    integral = (features - mean[:, :, None, None]).cumsum(2).cumsum(3)  # sums over [0..y, 0..x]
     x0, y0, x1, y1 = box_cells(boxes, stride, height, width)
     images = images.long()
-    sums = (integral[images, :, y1 + 1, x1 + 1] - integral[images, :, y0, x1 + 1]
-            - integral[images, :, y1 + 1, x0] + integral[images, :, y0, x0])  # (M, C)
+
+    def corner(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(M, C) integral at (y, x); 0 where y or x is -1 (an empty prefix)."""
+        inside = ((y >= 0) & (x >= 0)).to(integral.dtype)[:, None]
+        return integral[images, :, y.clamp(min=0), x.clamp(min=0)] * inside
+
+    sums = corner(y1, x1) - corner(y0 - 1, x1) - corner(y1, x0 - 1) + corner(y0 - 1, x0 - 1)
     areas = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(sums.dtype)
     return sums / areas[:, None] + mean[images]

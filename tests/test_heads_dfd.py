@@ -72,10 +72,12 @@ def test_measured_hard_fraction_is_rho_within_one_cell_per_image(rho):
         assert not (hard[i] & ~valid[i]).any(), "padded cells are never hard"
 
 
-def test_large_kappa_equals_plain_mse_on_valid_cells():
+@pytest.mark.parametrize("options", [{"KAPPA_SCALE": 1e9}, {"HARD_FRACTION": 0.0}],
+                         ids=["kappa_to_infinity", "no_hard_cells"])
+def test_plain_mse_limits_on_valid_cells(options):
     s, t = _maps(2)
     sizes = [(72, 88), (48, 64)]
-    loss, _ = _run(_head(KAPPA_SCALE=1e9), s, t, sizes)
+    loss, _ = _run(_head(**options), s, t, sizes)
     expected = 0.0
     for i, (h, w) in enumerate(sizes):
         for y in range(math.ceil(h / STRIDE)):

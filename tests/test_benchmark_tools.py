@@ -30,9 +30,10 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
     (done / "benchmark_run.json").write_text(json.dumps(dict(_run("c", 0, 30.0), config="c.yaml")))
     summary = run_accuracy_benchmark(["c.yaml"], [0, 1], str(tmp_path / "runs"),
                                      str(tmp_path / "t.json"), str(tmp_path / "t.md"),
-                                     finished_only=True)
+                                     finished_only=True, plot_path=str(tmp_path / "t.png"))
     assert [(row["name"], row["seeds"]) for row in summary] == [("c", [0])]
     assert not (tmp_path / "runs" / "c" / "seed1").exists()
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_prototype_refresh_share_comes_from_the_runs_metrics(tmp_path):

@@ -3,7 +3,8 @@
 
     # box AP of configs over seeds (each run a tools/train_net.py process; resumable)
     python tools/benchmark.py accuracy --configs A.yaml B.yaml --seeds 0 1 \
-        --output output/bench/recipes --json RESULTS.json --markdown RESULTS.md [KEY VALUE ...]
+        --output output/bench/recipes --json RESULTS.json --markdown RESULTS.md [--plot AP.png] \
+        [KEY VALUE ...]
 
     # per-step cost of distillation vs student alone + teacher forward (JSON)
     python tools/benchmark.py overhead --config-file CFG --json OUT [--iters N] [--random-teacher]
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
     acc.add_argument("--tag", default="", help="variant name for runs with overrides (ablations)")
     acc.add_argument("--finished-only", action="store_true",
                      help="tabulate finished runs only; train nothing")
+    acc.add_argument("--plot", default="", help="also write the table as a PNG chart")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")
     ovh.add_argument("--config-file", required=True)
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
                                args.opts, threads=args.threads, tag=args.tag,
-                               finished_only=args.finished_only)
+                               finished_only=args.finished_only, plot_path=args.plot)
     elif args.command == "overhead":
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)

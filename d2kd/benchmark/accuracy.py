@@ -91,10 +91,11 @@ def markdown_table(summary: List[Dict]) -> str:
 def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output: str,
                            json_path: str, markdown_path: str, opts: Sequence[str] = (),
                            threads: int = 0, tag: str = "",
-                           finished_only: bool = False) -> List[Dict]:
+                           finished_only: bool = False, plot_path: str = "") -> List[Dict]:
     """``tag`` names a variant (e.g. an ablation's overrides): runs go to
     ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``.
-    ``finished_only`` tabulates the finished runs and trains nothing (while a queue runs)."""
+    ``finished_only`` tabulates the finished runs and trains nothing (while a queue runs).
+    ``plot_path``: also a PNG chart of the table (written at the end)."""
     runs, summary = [], []
     for config in configs:
         for seed in seeds:
@@ -108,6 +109,10 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
             atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
             atomic_write_text(markdown_path, markdown_table(summary))
     logger.info("\n%s", markdown_table(summary))
+    if plot_path and summary:
+        from .accuracy_plot import plot_accuracy
+
+        plot_accuracy(summary, runs, plot_path)
     return summary
 
 

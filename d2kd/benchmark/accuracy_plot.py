@@ -1,0 +1,35 @@
+"""The accuracy table as a chart: mean box AP per row, every seed's AP marked."""
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..utils.io import atomic_path  # noqa: E402
+
+
+def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str, title: str = "") -> None:
+    """Horizontal bars of each row's mean box AP (``summary``), with each seed's AP as a dot
+    (``runs``) so that the spread is visible next to the differences."""
+    names = [row["name"] for row in summary]
+    means = [row["bbox/AP"] for row in summary]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    positions = range(len(names))
+    ax.barh(positions, means, color="#8fb3d9")
+    for position, name, mean in zip(positions, names, means):
+        seeds = [r["results"]["bbox"]["AP"] for r in runs if r["name"] == name]
+        ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
+        ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
+    ax.set_yticks(list(positions), names, fontsize=8)
+    ax.invert_yaxis()
+    low = min(r["results"]["bbox"]["AP"] for r in runs)
+    ax.set_xlim(max(0.0, low - 5.0), max(means) + 3.0)
+    ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..utils.io import atomic_path  # noqa: E402
 
 
-def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str, title: str = "") -> None:
+def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
     """Horizontal bars of each row's mean box AP (``summary``), with each seed's AP as a dot
     (``runs``) so that the spread is visible next to the differences."""
     names = [row["name"] for row in summary]
@@ -26,8 +26,6 @@ def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str, title: str =
     low = min(r["results"]["bbox"]["AP"] for r in runs)
     ax.set_xlim(max(0.0, low - 5.0), max(means) + 3.0)
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
-    if title:
-        ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -213,7 +213,8 @@ def summarize_overhead(json_files: Sequence[str], json_path: str, markdown_path:
              round(r["peak_rss_student_mb"]), round(r["peak_rss_distill_mb"]), r["threads"]]
             for r in results]
     headers = ["config", "t_student s", "t_teacher_fwd s", "t_heads s", "t_distill s", "ratio",
-               "ratio 95 % interval", "ratio without heads", "peak RSS student MB", "peak RSS distill MB", "threads"]
+               "ratio 95 % interval", "ratio without heads", "peak RSS student MB",
+               "peak RSS distill MB", "threads"]
     atomic_write_json(json_path, {"runs": results})
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results

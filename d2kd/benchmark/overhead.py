@@ -37,13 +37,22 @@ from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
 
 
-def _train_step(model, optimizer) -> Callable[[List[Dict]], None]:
+def _training_step(cfg, mode: str) -> Tuple[torch.nn.Module, Callable[[List[Dict]], None]]:
+    """A fresh model and its full training step (forward, backward, optimizer step): the
+    student alone (``mode`` "student") or the distillation model ("distill", prototype banks
+    filled)."""
+    model = build_model(student_config(cfg) if mode == "student" else cfg)
+    model.train()
+    if mode == "distill":
+        _fill_prototype_banks(model)
+    optimizer = build_optimizer(cfg, model)
+
     def step(batch):
         losses = model(batch)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    return step
+    return model, step
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -97,13 +106,8 @@ def measure_times(cfg, batches: List[List[Dict]], warmup: int) -> Dict[str, List
     step, alternating whether the student or the distillation step comes first. Pairing on the
     batch and the process removes the between-process spread (±5 % for identical work) that
     separate processes add to a ratio."""
-    student = build_model(student_config(cfg))
-    student.train()
-    student_step = _train_step(student, build_optimizer(cfg, student))
-    model = build_model(cfg)
-    model.train()
-    _fill_prototype_banks(model)
-    distill_step = _train_step(model, build_optimizer(cfg, model))
+    _, student_step = _training_step(cfg, "student")
+    model, distill_step = _training_step(cfg, "distill")
     times: Dict[str, List[float]] = {"student": [], "teacher_forward": [], "heads": [],
                                      "distill": []}
     for i, batch in enumerate(batches):
@@ -138,11 +142,7 @@ def ratio_interval(times: Dict[str, List[float]], resamples: int = 2000,
 def measure_peak_rss(cfg, batches: List[List[Dict]], mode: str) -> float:
     """Peak RSS (MB) of this process after training steps of ``mode`` ("student" or
     "distill") on ``batches``: run alone in a fresh process so that the peak is its own."""
-    model = build_model(student_config(cfg) if mode == "student" else cfg)
-    model.train()
-    if mode == "distill":
-        _fill_prototype_banks(model)
-    step = _train_step(model, build_optimizer(cfg, model))
+    _, step = _training_step(cfg, mode)
     for batch in batches:
         step(batch)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

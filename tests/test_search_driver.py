@@ -166,6 +166,16 @@ def test_stage2_combines_the_inputs_that_beat_the_baseline(tmp_path):
                                        for t in search.trials(s))
 
 
+def test_planned_trials_are_known_up_front_for_one_input_and_after_stage1_for_several(tmp_path):
+    single = fake_search(tmp_path / "one", FakeEvaluator(), 3)
+    assert single.total_trials() == 1 + 3  # baseline + stage 1; one input never has a stage 2
+    several = fake_search(tmp_path / "two", FakeEvaluator(baseline=-1.0), 2, "['logit', 'loc']",
+                          "DISTILL.DETKDS.SEARCH.STAGE2_MAX_GRID", "80")
+    assert several.total_trials() is None  # stage 2 depends on which inputs survive
+    several.run_worker()
+    assert several.total_trials() == 1 + 2 * 2 + 80 == len(several.trials("stage2")) + 5
+
+
 def test_infrastructure_failure_is_retried_not_scored(tmp_path):
     seed = "logit:no|no|softmax_C|kl|w=1"
     evaluator = FakeEvaluator(fail=[seed])

@@ -219,12 +219,15 @@ class DetKDSSearch:
             for i in self.inputs)
 
     def total_trials(self) -> Optional[int]:
-        """Planned trials: baseline + stage 1 + stage 2 (None until stage 2 is known)."""
+        """Planned trials: baseline + stage 1 + stage 2 (None until stage 2 is known; a search
+        of one input has no stage 2)."""
+        stage1 = 1 + self.trials_per_input * len(self.inputs)
+        if len(self.inputs) < 2:
+            return stage1
         if not self.stage1_finished():
             return None
         survivors = self.survivors()
-        stage2 = self.stage2_space(survivors)[2] if len(survivors) >= 2 else 0
-        return 1 + self.trials_per_input * len(self.inputs) + stage2
+        return stage1 + (self.stage2_space(survivors)[2] if len(survivors) >= 2 else 0)
 
     # ---- trials ----------------------------------------------------------------------------
     def lookup(self, genome: str, number: int, stage: str) -> Optional[FrozenTrial]:

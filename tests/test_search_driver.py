@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from d2kd.config import load_config
 from d2kd.search import dry_run, parse_genome
 from d2kd.search.driver import DetKDSSearch
+from d2kd.search.outputs import trial_rows
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
 from d2kd.search.report import best_so_far, compare
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
@@ -335,6 +336,29 @@ def test_more_seed_genomes_than_trials_do_not_stall_the_search(tmp_path):
                                                                TrialState.WAITING]
     assert search.trials("stage1-fgbg")[0].user_attrs["genome"] == \
         "fgbg:no|local_s4|norm_HW|l1|w=2"
+
+
+def test_workers_racing_for_a_stage_s_last_slot_train_it_once(tmp_path):
+    # Two workers choose a stage before either asks for its trial: at start-up both choose the
+    # baseline; at the end of stage 1 both choose its last open slot.
+    storage = optuna.storages.InMemoryStorage()
+    cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", "['logit']")
+    evaluators = [FakeEvaluator(), FakeEvaluator()]
+    workers = [DetKDSSearch(cfg, storage, str(tmp_path / f"w{i}"), "ga", 0, 2, evaluators[i])
+               for i in range(2)]
+    tasks = [w.next_task() for w in workers]
+    assert [t.study_name for t in tasks] == ["ga-seed0/baseline"] * 2
+    assert sorted(w.run_trial(t) for w, t in zip(workers, tasks)) == ["ok", "surplus"]
+    assert workers[0].run_trial(workers[0].next_task()) == "ok"  # stage 1: one of two slots
+    tasks = [w.next_task() for w in workers]
+    assert [t.study_name for t in tasks] == ["ga-seed0/stage1-logit"] * 2
+    assert sorted(w.run_trial(t) for w, t in zip(workers, tasks)) == ["ok", "surplus"]
+    assert [w.next_task() for w in workers] == ["done", "done"]
+    calls = evaluators[0].calls + evaluators[1].calls
+    assert calls.count(None) == 1 and len(calls) == 3  # baseline + the two stage-1 slots
+    rows = trial_rows(workers[0])
+    assert [r["study"] for r in rows] == ["baseline", "stage1-logit", "stage1-logit"]
+    assert all(r["status"] == "ok" for r in rows)
 
 
 def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice(tmp_path):

@@ -35,8 +35,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .genome import Formula, parse_genome
 from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
-from .samplers import (GeneticSampler, GenomeSampler, GridGenomeSampler, RandomGenomeSampler,
-                       fitness)
+from .samplers import (SURPLUS, GeneticSampler, GenomeSampler, GridGenomeSampler,
+                       RandomGenomeSampler, fitness)
 from .space import BASELINE, FormulaSpace, GenomeSpace, WeightSpace, genome_inputs, search_inputs
 from .storage import Heartbeat, fail_and_requeue, is_stale, record_worker
 
@@ -185,6 +185,24 @@ class DetKDSSearch:
         pool = good or candidates
         return (max(pool, key=fitness) if pool else None), bool(good)
 
+    def stage_budget(self, stage: str) -> int:
+        """How many trials ``stage`` runs."""
+        if stage == "baseline":
+            return 1
+        if stage.startswith("stage1-"):
+            return self.trials_per_input
+        return self.stage2_space(self.survivors())[2]
+
+    def is_surplus(self, stage: str, trial_id: int) -> bool:
+        """Whether the running trial ``trial_id`` came after ``stage``'s budget was taken:
+        workers choose a stage (:meth:`next_task`) and then ask for a trial, so two workers can
+        both take its last open slot (at start-up both take the baseline). The trials that
+        started first keep the slots."""
+        mine = self.storage.get_trial(trial_id)
+        first = sum(t.state in COUNTED and (t.datetime_start, t._trial_id)
+                    < (mine.datetime_start, trial_id) for t in self.trials(stage))
+        return first >= self.stage_budget(stage)
+
     def next_task(self):
         """A study to run a trial in, "wait" (other workers hold the last trials of a stage)
         or "done"."""
@@ -244,6 +262,10 @@ class DetKDSSearch:
         stage = study.study_name.split("/", 1)[1]
         space = self._studies[stage][1]
         trial = study.ask()
+        if self.is_surplus(stage, trial._trial_id):
+            trial.set_user_attr("status", SURPLUS)
+            study.tell(trial, state=TrialState.FAIL)
+            return SURPLUS
         record_worker(trial, self.session)
         genome = space.genome(space.suggest(trial)) if space else BASELINE
         trial.set_user_attr("genome", genome)
@@ -318,7 +340,7 @@ class DetKDSSearch:
                 time.sleep(POLL_SECONDS)
                 continue
             status = self.run_trial(task)
-            if status != "infra_failure":
+            if status not in ("infra_failure", SURPLUS):
                 failures = failures + 1 if status == "failed" else 0
             if failures >= BROKEN_AFTER:
                 raise RuntimeError(f"{failures} genomes in a row failed every attempt in this "

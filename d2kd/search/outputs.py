@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from ..utils.io import atomic_write_json, atomic_write_text
 from .report import best_so_far, markdown_cell, plot_best_so_far
-from .samplers import GENERATION_KEY, fitness
+from .samplers import GENERATION_KEY, SURPLUS, fitness
 from .space import genome_inputs
 
 if TYPE_CHECKING:
@@ -32,12 +32,12 @@ TRAINED = ("ok", "rejected", "pruned")
 
 
 def trial_rows(search: "DetKDSSearch") -> List[Dict]:
-    """One row per trial of the search (queued trials left out), stage by stage: the
+    """One row per trial of the search (queued and surplus trials left out), stage by stage: the
     ``CSV_COLUMNS`` plus the ``session`` that ran it."""
     rows = []
     for stage in search.stages():
         for t in search.trials(stage):
-            if t.state == TrialState.WAITING:
+            if t.state == TrialState.WAITING or t.user_attrs.get("status") == SURPLUS:
                 continue
             ap = fitness(t)
             genome = t.user_attrs.get("genome", "")

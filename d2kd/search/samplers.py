@@ -22,6 +22,9 @@ from optuna.trial import FrozenTrial, TrialState
 from .space import GenomeSpace, Params
 
 GENERATION_KEY = "ga:generation"
+#: status of a trial that lost the race for its stage's last slot (DetKDSSearch.is_surplus):
+#: never trained, so samplers and tables ignore it
+SURPLUS = "surplus"
 ATTEMPTS = 200  # breeding attempts before falling back to a random novel genome
 
 
@@ -84,7 +87,8 @@ class GenomeSampler(BaseSampler):
         if not search_space:
             return {}
         rng = random.Random(f"{self.seed}/{study.study_name}/{trial.number}")
-        history = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        history = [t for t in study.get_trials(deepcopy=False)
+                   if t.number != trial.number and t.user_attrs.get("status") != SURPLUS]
         seen = set()
         for t in history:
             params = _queued_params(t)

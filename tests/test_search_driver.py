@@ -2,6 +2,7 @@
 fake evaluator), the real proxy evaluator (rejection, pruning, infrastructure failure) and a
 tiny end-to-end search with kill -9 and resume."""
 import csv
+import datetime
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from d2kd.config import load_config
 from d2kd.search import dry_run, parse_genome
 from d2kd.search.driver import DetKDSSearch
-from d2kd.search.outputs import trial_rows
+from d2kd.search.outputs import idle_at_end_seconds, trial_rows
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
 from d2kd.search.report import best_so_far, compare
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
@@ -322,7 +323,9 @@ def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, 
     assert retry["genome"] == killed[0]["genome"]  # ... re-queued and trained again
     assert trained == 5  # baseline + 3 trials + the killed one: nothing trained twice
     summary = json.load(open(os.path.join(output, "summary.json")))
-    assert summary["best_genome"] and summary["sessions"][-1]["trial_seconds"] > 0
+    session = summary["sessions"][-1]
+    assert summary["best_genome"] and session["trial_seconds"] > 0
+    assert 0 <= session["overhead_without_idle_at_end"] <= session["overhead"] < 1
     assert open(os.path.join(output, "best_genome.txt")).read().strip() == summary["best_genome"]
     assert "GENOME" in open(os.path.join(output, "best_config.yaml")).read()
     assert os.path.isfile(os.path.join(output, "best_so_far.png"))
@@ -359,6 +362,21 @@ def test_workers_racing_for_a_stage_s_last_slot_train_it_once(tmp_path):
     rows = trial_rows(workers[0])
     assert [r["study"] for r in rows] == ["baseline", "stage1-logit", "stage1-logit"]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_idle_at_end_sums_each_worker_s_wait_for_the_session_s_last_trial(tmp_path):
+    search = fake_search(tmp_path, FakeEvaluator(), 2)
+    search.session = "this"
+    study = search.stage1_study("logit")
+    start = datetime.datetime(2026, 1, 1)
+    for session, pid, end in (("this", 1, 100), ("this", 2, 160), ("this", 1, 130),
+                              ("earlier", 3, 40)):
+        trial = optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=1.0,
+            user_attrs={"session": session, "host": "h", "pid": pid})
+        trial.datetime_start, trial.datetime_complete = start, start + datetime.timedelta(0, end)
+        study.add_trial(trial)
+    assert idle_at_end_seconds(search) == 160 - 130  # worker 1 waited for worker 2
 
 
 def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice(tmp_path):

@@ -96,6 +96,20 @@ def best_config_yaml(config_file: str, opts: Sequence[str], genome: str, output_
     return "\n".join(lines) + "\n"
 
 
+def idle_at_end_seconds(search: "DetKDSSearch") -> float:
+    """Worker-seconds of this session spent after a worker's last trial while other workers
+    still trained: for each worker (host, pid), the time from the end of its last trial to
+    the end of the session's last trial."""
+    ends = {}
+    for stage in search.stages():
+        for t in search.trials(stage):
+            if t.user_attrs.get("session") == search.session and t.datetime_complete:
+                worker = (t.user_attrs.get("host"), t.user_attrs.get("pid"))
+                ends[worker] = max(ends.get(worker, t.datetime_complete), t.datetime_complete)
+    last = max(ends.values(), default=None)
+    return sum((last - end).total_seconds() for end in ends.values())
+
+
 def finalize(search: "DetKDSSearch", config_file: str, opts: Sequence[str],
              session: Dict) -> Dict:
     """Write ``best_genome.txt``, ``best_config.yaml``, the tables, ``best_so_far.png`` and
@@ -112,7 +126,10 @@ def finalize(search: "DetKDSSearch", config_file: str, opts: Sequence[str],
     session = dict(session, trials=len(trained),
                    trial_seconds=sum(float(r["seconds"]) for r in trained))
     slots = session["wall_seconds"] * session["workers"]
-    session["overhead"] = (slots - session["trial_seconds"]) / slots if slots > 0 else None
+    idle = session["idle_at_end_seconds"] = idle_at_end_seconds(search)
+    for key, busy in (("overhead", session["trial_seconds"]),
+                      ("overhead_without_idle_at_end", session["trial_seconds"] + idle)):
+        session[key] = (slots - busy) / slots if slots > 0 else None
     previous = []
     if os.path.isfile(summary_path):
         with open(summary_path) as f:

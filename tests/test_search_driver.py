@@ -398,17 +398,32 @@ def test_best_so_far_and_compare(tmp_path):
             {"study": "stage1-fgbg", "status": "pruned", "ap": "8.0", "completed": "4"},
             {"study": "stage1-fgbg", "status": "infra_failure", "ap": "", "completed": "6"}]
     assert best_so_far(rows) == [3.0, 3.0, 3.0, 5.0]
-    for name, ap in (("ga", "4.0"), ("random", "2.0")):
-        out = tmp_path / name
+    # two sessions of 2 workers: 100 s + 50 s wall, 270 s of trials, 10 s idle at the end
+    sessions = [{"wall_seconds": 100.0, "workers": 2, "trial_seconds": 180.0,
+                 "idle_at_end_seconds": 10.0},
+                {"wall_seconds": 50.0, "workers": 2, "trial_seconds": 90.0,
+                 "idle_at_end_seconds": 0.0}]
+    for name, seed, ap in (("ga", 0, "4.0"), ("ga", 1, "6.0"), ("random", 0, "2.0")):
+        out = tmp_path / f"{name}{seed}"
         out.mkdir()
         (out / "trials.csv").write_text("study,input,number,genome,status,ap,seconds,attempt,"
                                         f"generation,completed\nstage1-global,global,0,g,ok,{ap},"
                                         "1,1,0,2020\n")
-        (out / "summary.json").write_text(json.dumps({"arm": f"{name}-seed0", "baseline_ap": 1.0,
-                                                      "best_genome": "global:no|no|no|l1|w=1"}))
-    table = compare([str(tmp_path / "ga"), str(tmp_path / "random")], str(tmp_path / "c.png"))
-    assert "| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 |" in table
+        (out / "summary.json").write_text(json.dumps({
+            "arm": f"{name}-seed{seed}", "baseline_ap": 1.0, "sessions": sessions,
+            "best_genome": "global:no|no|no|l1|w=1"}))
+    dirs = [str(tmp_path / d) for d in ("ga0", "ga1", "random0")]
+    table, results = compare(dirs, str(tmp_path / "c.png"))
+    assert ("| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 | 10.0% (6.7%) |"
+            in table)
+    assert results["samplers"]["ga"] == {"searches": 2, "best_ap": [4.0, 6.0], "best_ap_mean": 5.0}
+    assert results["searches"][2]["sampler"] == "random"
     assert (tmp_path / "c.png").stat().st_size > 0
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "search_net.py"), "--compare",
+                    *dirs, "--plot", str(tmp_path / "d.png"), "--json", str(tmp_path / "c.json"),
+                    "--markdown", str(tmp_path / "c.md")], check=True, capture_output=True)
+    assert json.load(open(tmp_path / "c.json")) == json.loads(json.dumps(results))
+    assert (tmp_path / "c.md").read_text() == table
 
 
 def test_rejected_candidates_count_against_the_budget_with_fitness_minus_inf(tmp_path):

@@ -31,6 +31,7 @@ from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
 from d2kd.search.report import compare
 from d2kd.search.space import BASELINE
 from d2kd.search.storage import open_storage
+from d2kd.utils.io import atomic_write_json, atomic_write_text
 from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("d2kd.search")
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="instead of searching: plot the best-so-far AP of these searches")
     parser.add_argument("--plot", default="best_so_far_comparison.png",
                         help="output PNG of --compare")
+    parser.add_argument("--json", help="also write the --compare table as JSON to this path")
+    parser.add_argument("--markdown", help="also write the --compare table to this path")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     if not args.compare and not (args.config_file and args.output):
@@ -119,7 +122,12 @@ def run_workers(args, session: str) -> list:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
-        print(compare(args.compare, args.plot), end="")
+        table, results = compare(args.compare, args.plot)
+        print(table, end="")
+        if args.json:
+            atomic_write_json(args.json, results)
+        if args.markdown:
+            atomic_write_text(args.markdown, table)
         return
     try:
         load_search_config(args)

@@ -7,7 +7,8 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Sequence
+import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -61,20 +62,57 @@ def plot_best_so_far(curves: Dict[str, List[float]], path: str) -> None:
     plt.close(fig)
 
 
-def compare(output_dirs: Sequence[str], plot_path: str) -> str:
-    """Plot the best-so-far curves of several searches; returns a markdown table of them."""
-    curves, lines = {}, ["| search | arm | trials | best proxy AP | baseline AP | best genome |",
-                         "|---|---|---|---|---|---|"]
+def session_overhead(sessions: Sequence[Dict]) -> Dict[str, Optional[float]]:
+    """Overhead over every session (run of the command) of a search, as ``summary.json``
+    defines it per session: 1 - trial seconds / (workers x wall seconds); and without the
+    workers' idle time at the end when every session recorded it."""
+    slots = sum(s["wall_seconds"] * s["workers"] for s in sessions)
+    busy = sum(s["trial_seconds"] for s in sessions)
+    idle = [s.get("idle_at_end_seconds") for s in sessions]
+    if not sessions or slots <= 0:
+        return {"overhead": None, "overhead_without_idle_at_end": None}
+    return {"overhead": 1 - busy / slots,
+            "overhead_without_idle_at_end": (None if None in idle
+                                             else 1 - (busy + sum(idle)) / slots)}
+
+
+def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
+    """Plot the best-so-far curves of several searches; returns a markdown table of them and
+    the same as a dict (per search, and per sampler: the mean best AP over its searches)."""
+    curves, searches = {}, []
     for directory in output_dirs:
         with open(os.path.join(directory, "summary.json")) as f:
             summary = json.load(f)
         curve = best_so_far(load_rows(directory))
-        label = f"{summary['arm']} ({os.path.basename(os.path.normpath(directory))})"
-        curves[label] = curve
-        best = f"{curve[-1]:.2f}" if curve and math.isfinite(curve[-1]) else "-"
-        baseline = summary.get("baseline_ap")
-        lines.append(f"| {directory} | {summary['arm']} | {len(curve)} | {best} | "
-                     f"{'-' if baseline is None else f'{baseline:.2f}'} | "
-                     f"{markdown_cell(summary.get('best_genome'))} |")
+        curves[f"{summary['arm']} ({os.path.basename(os.path.normpath(directory))})"] = curve
+        searches.append({
+            "directory": directory, "arm": summary["arm"],
+            "sampler": summary["arm"].rsplit("-seed", 1)[0], "trials": len(curve),
+            "best_ap": curve[-1] if curve and math.isfinite(curve[-1]) else None,
+            "baseline_ap": summary.get("baseline_ap"), "best_genome": summary.get("best_genome"),
+            "best_so_far": [v if math.isfinite(v) else None for v in curve],
+            **session_overhead(summary.get("sessions", []))})
     plot_best_so_far(curves, plot_path)
+    by_sampler = {}
+    for search in searches:
+        by_sampler.setdefault(search["sampler"], []).append(search["best_ap"])
+    samplers = {name: {"searches": len(aps), "best_ap": aps,
+                       "best_ap_mean": (statistics.mean(aps) if None not in aps else None)}
+                for name, aps in by_sampler.items()}
+    return compare_markdown(searches, samplers), {"searches": searches, "samplers": samplers}
+
+
+def compare_markdown(searches: Sequence[Dict], samplers: Dict[str, Dict]) -> str:
+    def number(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| search | arm | trials | best proxy AP | baseline AP | best genome | overhead "
+             "(without idle at end) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['directory']} | {s['arm']} | {s['trials']} | {number(s['best_ap'])} | "
+              f"{number(s['baseline_ap'])} | {markdown_cell(s['best_genome'])} | "
+              f"{number(s['overhead'], '.1%')} ({number(s['overhead_without_idle_at_end'], '.1%')})"
+              " |" for s in searches]
+    lines += ["", "| sampler | searches | best proxy AP, mean | per search |", "|---|---|---|---|"]
+    lines += [f"| {name} | {v['searches']} | {number(v['best_ap_mean'])} | "
+              f"{', '.join(number(ap) for ap in v['best_ap'])} |" for name, v in samplers.items()]
     return "\n".join(lines) + "\n"

@@ -103,6 +103,7 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
 
 
 def compare_markdown(searches: Sequence[Dict], samplers: Dict[str, Dict]) -> str:
+    """The two tables of :func:`compare`: one row per search, one per sampler."""
     def number(value, spec=".2f"):
         return "-" if value is None else format(value, spec)
 

@@ -155,6 +155,7 @@ def finalize(search: "DetKDSSearch", config_file: str, opts: Sequence[str],
             logger.warning("[%s] no knowledge input beat the baseline (%.2f AP); "
                            "best_genome.txt holds the best candidate anyway.", search.arm,
                            search.baseline_ap())
-    plot_best_so_far({search.arm: best_so_far(rows)}, os.path.join(output_dir, "best_so_far.png"))
+    plot_best_so_far({search.arm: best_so_far(rows)}, os.path.join(output_dir, "best_so_far.png"),
+                     search.baseline_ap())
     atomic_write_json(summary_path, summary)
     return summary

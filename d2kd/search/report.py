@@ -46,9 +46,13 @@ def best_so_far(rows: Sequence[Dict]) -> List[float]:
     return curve
 
 
-def plot_best_so_far(curves: Dict[str, List[float]], path: str) -> None:
-    """One line per search: best-so-far proxy AP vs trial number."""
+def plot_best_so_far(curves: Dict[str, List[float]], path: str,
+                     baseline_ap: Optional[float] = None) -> None:
+    """One line per search: best-so-far proxy AP vs trial number; the no-distillation
+    baseline's AP as a dashed line when given."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    if baseline_ap is not None:
+        ax.axhline(baseline_ap, color="gray", linestyle="--", label="no distillation")
     for label, curve in curves.items():
         ax.step(range(1, len(curve) + 1), [v if math.isfinite(v) else math.nan for v in curve],
                 where="post", label=label)
@@ -92,7 +96,8 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
             "baseline_ap": summary.get("baseline_ap"), "best_genome": summary.get("best_genome"),
             "best_so_far": [v if math.isfinite(v) else None for v in curve],
             **session_overhead(summary.get("sessions", []))})
-    plot_best_so_far(curves, plot_path)
+    baselines = {s["baseline_ap"] for s in searches}
+    plot_best_so_far(curves, plot_path, baselines.pop() if len(baselines) == 1 else None)
     by_sampler = {}
     for search in searches:
         by_sampler.setdefault(search["sampler"], []).append(search["best_ap"])

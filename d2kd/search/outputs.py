@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, Sequence
 from optuna.trial import TrialState
 
 from ..utils.io import atomic_write_json, atomic_write_text
-from .report import best_so_far, markdown_cell, plot_best_so_far
+from .report import best_so_far, markdown_cell, plot_best_so_far, session_overhead
 from .samplers import GENERATION_KEY, SURPLUS, fitness
 from .space import genome_inputs
 
@@ -125,11 +125,8 @@ def finalize(search: "DetKDSSearch", config_file: str, opts: Sequence[str],
                and r["status"] in TRAINED]
     session = dict(session, trials=len(trained),
                    trial_seconds=sum(float(r["seconds"]) for r in trained))
-    slots = session["wall_seconds"] * session["workers"]
-    idle = session["idle_at_end_seconds"] = idle_at_end_seconds(search)
-    for key, busy in (("overhead", session["trial_seconds"]),
-                      ("overhead_without_idle_at_end", session["trial_seconds"] + idle)):
-        session[key] = (slots - busy) / slots if slots > 0 else None
+    session["idle_at_end_seconds"] = idle_at_end_seconds(search)
+    session.update(session_overhead([session]))
     previous = []
     if os.path.isfile(summary_path):
         with open(summary_path) as f:

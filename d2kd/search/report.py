@@ -67,9 +67,9 @@ def plot_best_so_far(curves: Dict[str, List[float]], path: str,
 
 
 def session_overhead(sessions: Sequence[Dict]) -> Dict[str, Optional[float]]:
-    """Overhead over every session (run of the command) of a search, as ``summary.json``
-    defines it per session: 1 - trial seconds / (workers x wall seconds); and without the
-    workers' idle time at the end when every session recorded it."""
+    """Overhead of the sessions (runs of the command) of a search together:
+    1 - trial seconds / (workers x wall seconds), and the same without the workers' idle time
+    at the end when every session recorded it. ``summary.json`` holds it per session."""
     slots = sum(s["wall_seconds"] * s["workers"] for s in sessions)
     busy = sum(s["trial_seconds"] for s in sessions)
     idle = [s.get("idle_at_end_seconds") for s in sessions]

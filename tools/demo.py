@@ -19,6 +19,7 @@ from tabulate import tabulate
 import d2kd  # noqa: F401
 from d2kd.config import load_config
 from d2kd.data import digitsdet_root, ensure_digitsdet
+from d2kd.utils.io import atomic_save_figure
 from d2kd.utils.train_net_process import run_train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,9 +82,7 @@ def save_chart(results: Dict[str, Dict[str, float]], path: str) -> None:
     ax.set_title("DigitsDet: teacher, student, distilled student")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 if __name__ == "__main__":

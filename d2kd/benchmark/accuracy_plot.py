@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..utils.io import atomic_path  # noqa: E402
+from ..utils.io import atomic_save_figure  # noqa: E402
 
 
 def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
@@ -28,6 +28,4 @@ def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    atomic_save_figure(fig, path)

@@ -21,7 +21,7 @@ from detectron2.utils import comm  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ..config.schedule import TeacherSchedule  # noqa: E402
-from ..utils.io import atomic_path, atomic_write_json  # noqa: E402
+from ..utils.io import atomic_save_figure, atomic_write_json  # noqa: E402
 from .export import save_student  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def plot_stage_ap(records: List[Dict], path: str) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 class StageReporter:

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..utils.io import atomic_save_figure  # noqa: E402
+
 #: statuses of trials that count against the budget (a cached trial repeats an earlier AP)
 BUDGET_STATUSES = ("ok", "cached", "pruned", "rejected")
 
@@ -61,9 +63,7 @@ def plot_best_so_far(curves: Dict[str, List[float]], path: str,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 def session_overhead(sessions: Sequence[Dict]) -> Dict[str, Optional[float]]:

@@ -41,3 +41,12 @@ def atomic_save(obj: Any, path: str) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_save_figure(fig: Any, path: str) -> None:
+    """A matplotlib figure as a PNG (120 dpi) at ``path``, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,5 +1,8 @@
 """Benchmark bookkeeping: per-variant summaries of accuracy runs, run-time log parsing."""
+import os
+
 import pytest
+from conftest import CONFIGS
 
 from d2kd.benchmark.accuracy import markdown_table, summarize
 
@@ -87,3 +90,48 @@ def test_benchmark_processes_get_the_same_training_batches(tiny_digitsdet, tmp_p
     second = signature(seeded_training_batches(cfg, 4))
     assert first == second
     assert len({name for batch in first for name, _ in batch}) > 2  # not one repeated image
+
+
+def _finished_run(run_dir, config_file, saved_overrides):
+    """A finished benchmark run whose saved config.yaml is ``config_file`` + overrides."""
+    import json
+
+    from d2kd.config import load_config
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(load_config(config_file, saved_overrides).dump())
+    (run_dir / "benchmark_run.json").write_text(
+        json.dumps(dict(_run("gk", 0, 38.0), config=config_file)))
+
+
+def test_finished_run_of_an_edited_config_is_an_error_before_anything_trains(tmp_path):
+    from d2kd.benchmark.accuracy import run_accuracy_benchmark
+    from d2kd.config import ConfigError
+
+    gk = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_gk.yaml")
+    # trained while the config still attenuated; the config file no longer does
+    _finished_run(tmp_path / "runs" / "retinanet_R18_from_R50_gk" / "seed0", gk,
+                  ["DISTILL.GK.ATTENUATION", "True", "SEED", "0"])
+    with pytest.raises(ConfigError, match=r"DISTILL\.GK\.ATTENUATION: True -> False"):
+        run_accuracy_benchmark([gk], [0, 1], str(tmp_path / "runs"), str(tmp_path / "t.json"),
+                               str(tmp_path / "t.md"))
+    assert not (tmp_path / "runs" / "retinanet_R18_from_R50_gk" / "seed1").exists()
+    # the same run is the result of the variant that sets the old value
+    summary = run_accuracy_benchmark([gk], [0], str(tmp_path / "runs"), str(tmp_path / "t.json"),
+                                     str(tmp_path / "t.md"), ["DISTILL.GK.ATTENUATION", "True"],
+                                     finished_only=True)
+    assert [row["bbox/AP"] for row in summary] == [38.0]
+
+
+def test_a_run_made_in_another_checkout_matches_its_config(tmp_path):
+    from d2kd.benchmark.accuracy import config_mismatches
+
+    mgd = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.yaml")
+    run = tmp_path / "seed1"
+    _finished_run(run, mgd, ["SEED", "1"])
+    other_checkout = (run / "config.yaml").read_text().replace(
+        CONFIGS, "/elsewhere/d2kd/configs")
+    assert "/elsewhere/d2kd/configs/DigitsDet/retinanet_R50_teacher.yaml" in other_checkout
+    (run / "config.yaml").write_text(other_checkout)
+    assert config_mismatches(str(run), mgd, ["SEED", "1"]) == []
+    assert config_mismatches(str(run), mgd, ["SEED", "2"]) == ["SEED: 1 -> 2"]

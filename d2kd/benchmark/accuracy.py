@@ -1,8 +1,9 @@
 """Accuracy benchmark: box AP of configs over seeds, each run a ``tools/train_net.py`` process.
 
-Finished runs (``OUTPUT_DIR/inference/results.json`` present) are reused, so re-running the
-same command after a kill continues where it stopped. Results are rewritten atomically after
-every run.
+Finished runs (``OUTPUT_DIR/benchmark_run.json`` present) are reused, so re-running the
+same command after a kill continues where it stopped; a finished run whose saved config no
+longer matches its config file and overrides (the file was edited since) is an error, not a
+silently reused result. Results are rewritten atomically after every run.
 """
 import json
 import logging
@@ -10,8 +11,10 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+import yaml
 from tabulate import tabulate
 
+from ..config import ConfigError, load_config
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.train_net_process import run_train_net
 
@@ -24,20 +27,80 @@ def _run_name(config_file: str) -> str:
     return os.path.splitext(os.path.basename(config_file))[0]
 
 
+def _run_dir(output: str, name: str, seed: int) -> str:
+    return os.path.join(output, name, f"seed{seed}")
+
+
+def _flat(node: Dict, prefix: str = "") -> Dict[str, object]:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _same_setting(saved: object, current: object) -> bool:
+    """Equal values; absolute paths (teacher configs resolved by load_config) compare by file
+    name, so that a run made in another checkout of the repository still matches."""
+    def by_name(value):
+        if isinstance(value, str) and os.path.isabs(value):
+            return os.path.basename(value)
+        if isinstance(value, list):
+            return [by_name(v) for v in value]
+        return value
+    return by_name(saved) == by_name(current)
+
+
+def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) -> List[str]:
+    """``KEY: saved -> now`` for each setting of a finished run's saved ``config.yaml`` that
+    ``config_file`` with ``opts`` no longer gives. Compared are the keys both configs have except
+    OUTPUT_DIR: a key added to d2kd after the run took what is now its default, a removed one
+    is no setting any more. Empty when they agree or the run saved no config."""
+    saved_path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return []
+    with open(saved_path) as f:
+        saved = _flat(yaml.safe_load(f))
+    current = _flat(yaml.safe_load(load_config(config_file, opts).dump()))
+    keys = sorted((set(saved) & set(current)) - {"OUTPUT_DIR"})
+    return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in keys
+            if not _same_setting(saved[key], current[key])]
+
+
+def load_finished_run(config_file: str, seed: int, output_dir: str,
+                      opts: Sequence[str]) -> Optional[Dict]:
+    """The record of a finished run of ``config_file`` + ``opts`` at ``seed``, or None.
+
+    Raises:
+        ConfigError: the run was trained with other settings than the config gives now.
+    """
+    record_file = os.path.join(output_dir, "benchmark_run.json")
+    if not os.path.isfile(record_file):
+        return None
+    stale = config_mismatches(output_dir, config_file, [*opts, "SEED", str(seed)])
+    if stale:
+        raise ConfigError(
+            f"The finished run {output_dir} was trained with other settings than {config_file} "
+            f"{' '.join(opts)} gives now: {'; '.join(stale)}. Move the run away (or benchmark "
+            f"the changed config under another --tag / --output) so that its result is not "
+            f"reported for the changed config.")
+    with open(record_file) as f:
+        return json.load(f)
+
+
 def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Sequence[str],
                        threads: int = 0) -> Dict:
-    """One run (reused when finished): its results and wall time (training + evaluation)."""
-    record_file = os.path.join(output_dir, "benchmark_run.json")
-    if os.path.isfile(record_file):
-        with open(record_file) as f:
-            return json.load(f)
+    """Train (resuming an interrupted run) and evaluate; record the results and the wall time
+    (training + evaluation) in ``benchmark_run.json``."""
     seconds = run_train_net(config_file, ["--resume", "SEED", str(seed), "OUTPUT_DIR", output_dir,
                                           *opts], threads=threads)
     with open(os.path.join(output_dir, "inference", "results.json")) as f:
         results = json.load(f)
     record = {"config": config_file, "seed": seed, "opts": list(opts), "results": results,
               "wall_seconds": round(seconds, 1)}
-    atomic_write_json(record_file, record)
+    atomic_write_json(os.path.join(output_dir, "benchmark_run.json"), record)
     return record
 
 
@@ -96,18 +159,23 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
     ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``.
     ``finished_only`` tabulates the finished runs and trains nothing (while a queue runs).
     ``plot_path``: also a PNG chart of the table (written at the end)."""
+    planned = [(config, seed, f"{_run_name(config)}@{tag}" if tag else _run_name(config))
+               for config in configs for seed in seeds]
+    # every finished run is checked against its config before anything trains
+    finished = {(config, seed): load_finished_run(config, seed, _run_dir(output, name, seed), opts)
+                for config, seed, name in planned}
     runs, summary = [], []
-    for config in configs:
-        for seed in seeds:
-            name = f"{_run_name(config)}@{tag}" if tag else _run_name(config)
-            out = os.path.join(output, name, f"seed{seed}")
-            if finished_only and not os.path.isfile(os.path.join(out, "benchmark_run.json")):
+    for config, seed, name in planned:
+        out = _run_dir(output, name, seed)
+        record = finished[config, seed]
+        if record is None:
+            if finished_only:
                 continue
-            runs.append(dict(train_and_evaluate(config, seed, out, opts, threads), name=name,
-                             prototype_refresh_seconds=prototype_refresh_seconds(out)))
-            summary = summarize(runs)
-            atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
-            atomic_write_text(markdown_path, markdown_table(summary))
+            record = train_and_evaluate(config, seed, out, opts, threads)
+        runs.append(dict(record, name=name, prototype_refresh_seconds=prototype_refresh_seconds(out)))
+        summary = summarize(runs)
+        atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
+        atomic_write_text(markdown_path, markdown_table(summary))
     logger.info("\n%s", markdown_table(summary))
     if plot_path and summary:
         from .accuracy_plot import plot_accuracy

@@ -16,7 +16,7 @@
     python tools/benchmark.py loss-scale --configs A.yaml B.yaml --json OUT --markdown OUT
 
     # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
-    python tools/benchmark.py pgm --json OUT [--n 4000 --d 256 --k 10]
+    python tools/benchmark.py pgm --json OUT --markdown OUT [--n 4000 --d 256 --k 10]
 
     # wall time of a run: measured (whole schedule) or projected from --iters iterations
     python tools/benchmark.py run-time --configs A.yaml B.yaml --iters 50 --json OUT --markdown OUT
@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     scl.add_argument("--markdown", required=True)
     pgm = sub.add_parser("pgm", help="PGM selection time vs brute-force objective evaluation")
     pgm.add_argument("--json", required=True)
+    pgm.add_argument("--markdown", required=True)
     pgm.add_argument("--n", type=int, default=4000)
     pgm.add_argument("--d", type=int, default=256)
     pgm.add_argument("--k", type=int, default=10)
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
     elif args.command == "loss-scale":
         run_loss_scale_probe(args.configs, args.json, args.markdown)
     elif args.command == "pgm":
-        logging.getLogger("d2kd.benchmark").info("%s", run_pgm_benchmark(args.json, args.n, args.d, args.k))
+        result = run_pgm_benchmark(args.json, args.markdown, args.n, args.d, args.k)
+        logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "run-time":
         run_time_benchmark(args.configs, args.json, args.markdown, args.iters, args.threads,
                            args.opts)

@@ -15,7 +15,7 @@
     # every loss of each config's model on one batch before training (KD vs detection scale)
     python tools/benchmark.py loss-scale --configs A.yaml B.yaml --json OUT --markdown OUT
 
-    # PGM prototype selection: vectorised rule vs brute-force objective (JSON)
+    # PGM prototype selection: vectorised rule vs brute-force objective (JSON + markdown)
     python tools/benchmark.py pgm --json OUT --markdown OUT [--n 4000 --d 256 --k 10]
 
     # wall time of a run: measured (whole schedule) or projected from --iters iterations

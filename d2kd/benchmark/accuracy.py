@@ -11,10 +11,10 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-import yaml
 from tabulate import tabulate
 
 from ..config import ConfigError, load_config
+from ..config.saved import changed_settings
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.train_net_process import run_train_net
 
@@ -31,42 +31,13 @@ def _run_dir(output: str, name: str, seed: int) -> str:
     return os.path.join(output, name, f"seed{seed}")
 
 
-def _flat(node: Dict, prefix: str = "") -> Dict[str, object]:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _same_setting(saved: object, current: object) -> bool:
-    """Equal values; absolute paths (teacher configs resolved by load_config) compare by file
-    name, so that a run made in another checkout of the repository still matches."""
-    def by_name(value):
-        if isinstance(value, str) and os.path.isabs(value):
-            return os.path.basename(value)
-        if isinstance(value, list):
-            return [by_name(v) for v in value]
-        return value
-    return by_name(saved) == by_name(current)
-
-
 def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) -> List[str]:
-    """``KEY: saved -> now`` for each setting of a finished run's saved ``config.yaml`` that
-    ``config_file`` with ``opts`` no longer gives. Compared are the keys both configs have except
-    OUTPUT_DIR: a key added to d2kd after the run took what is now its default, a removed one
-    is no setting any more. Empty when they agree or the run saved no config."""
-    saved_path = os.path.join(output_dir, "config.yaml")
-    if not os.path.isfile(saved_path):
+    """Settings of a finished run's saved ``config.yaml`` that ``config_file`` with ``opts`` no
+    longer gives (:func:`d2kd.config.saved.changed_settings`); empty when the run saved none."""
+    saved_config = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved_config):
         return []
-    with open(saved_path) as f:
-        saved = _flat(yaml.safe_load(f))
-    current = _flat(yaml.safe_load(load_config(config_file, opts).dump()))
-    keys = sorted((set(saved) & set(current)) - {"OUTPUT_DIR"})
-    return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in keys
-            if not _same_setting(saved[key], current[key])]
+    return changed_settings(saved_config, load_config(config_file, opts))
 
 
 def load_finished_run(config_file: str, seed: int, output_dir: str,

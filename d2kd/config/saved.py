@@ -1,0 +1,41 @@
+"""Comparing the config a run saved (detectron2's ``OUTPUT_DIR/config.yaml``) with a config
+built now, to tell whether the run's results still belong to it."""
+import os
+from typing import Dict, List
+
+import yaml
+from detectron2.config import CfgNode
+
+
+def _flat(node: Dict, prefix: str = "") -> Dict[str, object]:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _same_setting(saved: object, current: object) -> bool:
+    """Equal values; absolute paths (teacher configs resolved by load_config) compare by file
+    name, so that a run made in another checkout of the repository still matches."""
+    def by_name(value):
+        if isinstance(value, str) and os.path.isabs(value):
+            return os.path.basename(value)
+        if isinstance(value, list):
+            return [by_name(v) for v in value]
+        return value
+    return by_name(saved) == by_name(current)
+
+
+def changed_settings(saved_config_file: str, cfg: CfgNode) -> List[str]:
+    """``KEY: saved -> now`` for each setting of ``saved_config_file`` that ``cfg`` no longer
+    has. Compared are the keys both configs have except OUTPUT_DIR: a key added to d2kd after
+    the run took what is now its default, a removed one is no setting any more."""
+    with open(saved_config_file) as f:
+        saved = _flat(yaml.safe_load(f))
+    current = _flat(yaml.safe_load(cfg.dump()))
+    keys = sorted((set(saved) & set(current)) - {"OUTPUT_DIR"})
+    return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in keys
+            if not _same_setting(saved[key], current[key])]

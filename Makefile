@@ -1,20 +1,31 @@
 # The two commands a newcomer needs:  `make demo`  and  `make test`.
 # Both run `make setup` first; set-up is idempotent (a second run takes seconds).
+#
+# `make test-upstream DETECTRON2_SRC=...` runs the whole test suite once more against the real
+# upstream detectron2 (compiled from source) in a second virtualenv; CI (.ci/run) runs both.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d2kd-setup-stamp
-SETUP_INPUTS := setup.py Makefile d2kd/compat/provision.py d2kd/compat/detectron2_C_standin.py
 
-.PHONY: setup demo test collect-env clean-venv
+# Exact versions of the embedded environments. setup.py has lower bounds only (installing d2kd
+# never replaces a user's torch / detectron2); the pins live here and reach every pip call:
+# with -c for the Makefile's own calls, through PIP_CONSTRAINT for d2kd.compat.provision's.
+CONSTRAINTS := requirements/constraints.txt
+PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
+
+SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
+	d2kd/compat/provision.py d2kd/compat/detectron2_C_standin.py
+
+.PHONY: setup demo test collect-env clean-venv test-upstream setup-upstream clean-upstream
 
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "setuptools<81" wheel
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
-	$(PY) -m d2kd.compat.provision
+	$(call PIP,$(PY)) "setuptools<81" wheel
+	$(call PIP,$(PY)) -e ".[test]"
+	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.compat.provision
 	$(PY) -m d2kd.collect_env
 	touch $(STAMP)
 
@@ -29,3 +40,51 @@ collect-env: setup
 
 clean-venv:
 	rm -rf $(VENV) build
+
+# ---------------------------------------------------------------------------------------------
+# Upstream detectron2 main, compiled (the code paths the pure-Python build never runs: _C, the
+# fast COCOeval, ...). DETECTRON2_SRC is anything `pip install` accepts: a git URL (default,
+# needs GitHub), a source tarball whose top folder is detectron2/ (CI passes the offline copy
+# in ../shared/third_party/), or a source folder. The virtualenv gets the same pinned torch /
+# torchvision / setuptools as .venv/, then detectron2 is compiled against them (~75 s on 2 CPU
+# cores; --no-build-isolation: its build must see that torch), then d2kd is installed the way
+# a user would, with no provisioning step: d2kd must take the detectron2 it finds.
+# Idempotent like `make setup`, in two steps: detectron2 is recompiled only when the pins or
+# DETECTRON2_SRC change, d2kd is reinstalled when the set-up inputs change.
+DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
+UPSTREAM_VENV := .venv-upstream
+UPSTREAM_PY := $(UPSTREAM_VENV)/bin/python
+UPSTREAM_D2_STAMP := $(UPSTREAM_VENV)/.detectron2-stamp
+UPSTREAM_STAMP := $(UPSTREAM_VENV)/.d2kd-upstream-stamp
+# Records DETECTRON2_SRC; rewritten (and so newer than the stamps) only when the value changes.
+UPSTREAM_SRC_RECORD := $(UPSTREAM_VENV)/.detectron2-src
+
+setup-upstream: $(UPSTREAM_STAMP)
+
+$(UPSTREAM_SRC_RECORD): FORCE
+	@mkdir -p $(UPSTREAM_VENV)
+	@echo '$(DETECTRON2_SRC)' | cmp -s - $@ || echo '$(DETECTRON2_SRC)' > $@
+
+$(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
+	test -x $(UPSTREAM_PY) || $(PYTHON) -m venv $(UPSTREAM_VENV)
+	$(call PIP,$(UPSTREAM_PY)) "setuptools<81" wheel torch torchvision
+	@# A different source of the same version would count as installed: remove the old one.
+	$(UPSTREAM_PY) -m pip uninstall --quiet --yes detectron2
+	@echo "Compiling detectron2 from $(DETECTRON2_SRC) (about 75 s on 2 CPU cores) ..."
+	$(call PIP,$(UPSTREAM_PY)) --no-build-isolation "$(DETECTRON2_SRC)"
+	touch $(UPSTREAM_D2_STAMP)
+
+$(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
+	$(call PIP,$(UPSTREAM_PY)) -e ".[test]"
+	$(UPSTREAM_PY) -m d2kd.collect_env
+	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
+	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"
+	touch $(UPSTREAM_STAMP)
+
+test-upstream: setup-upstream
+	$(UPSTREAM_PY) -m pytest -q tests
+
+clean-upstream:
+	rm -rf $(UPSTREAM_VENV)
+
+FORCE:

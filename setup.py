@@ -2,6 +2,11 @@
 
 detectron2 itself is not on PyPI, so it is not an install requirement here: `make setup`
 provisions it (see d2kd/compat/provision.py) or uses the one already installed.
+
+install_requires states what d2kd needs with lower bounds only, so that `pip install d2kd`
+leaves an installed torch / torchvision / detectron2 in place (tests/test_install.py checks
+this with pip's resolver). The exact versions of the embedded environment are pinned in
+requirements/constraints.txt, which `make setup` passes to pip with `-c`.
 """
 from setuptools import find_packages, setup
 
@@ -12,12 +17,15 @@ setup(
     packages=find_packages(include=["d2kd", "d2kd.*"]),
     python_requires=">=3.9",
     install_requires=[
-        # The PyPI builds ENVIRONMENT.md verified on CPU (torchvision's nms/roi_align
-        # register); the pre-seeded CPU-only torch 2.13 has no working torchvision.
-        "torch==2.15.*",
-        "torchvision==0.29.*",
-        # detectron2 v0.6 and upstream main import pkg_resources, removed in setuptools 81.
-        "setuptools<81",
+        # Lower bounds only: installing d2kd must never replace the torch / torchvision (and
+        # the detectron2 compiled against them) already in an environment. 1.13 is the first
+        # torch with torch.load(weights_only=...). The exact versions of the embedded
+        # environment that `make setup` builds are in requirements/constraints.txt.
+        "torch>=1.13",
+        "torchvision>=0.14",
+        # No setuptools here: detectron2 (v0.6 and upstream main) imports pkg_resources,
+        # removed in setuptools 81, but an upper bound in install_requires would downgrade a
+        # user's setuptools. The environment provides it (constraints file: setuptools<81).
         "numpy>=1.23",
         "Pillow>=9.0",
         "fvcore>=0.1.5,<0.1.6",

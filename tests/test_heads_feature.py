@@ -101,7 +101,7 @@ def test_teacher_sees_the_student_batch_in_its_own_normalisation():
 
     teacher = FrozenTeacher.__new__(FrozenTeacher)
     teacher.model = Stub()
-    teacher.cfg = type("C", (), {"INPUT": type("I", (), {"FORMAT": "BGR"})()})()
+    teacher.input_format = "BGR"
     raw = torch.rand(2, 3, 5, 7) * 255
     s_mean, s_std = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1), torch.tensor([5.0, 6.0, 7.0]).view(3, 1, 1)
     student_batch = ImageList.from_tensors([(raw[0] - s_mean) / s_std, ((raw[1] - s_mean) / s_std)[:, :4, :6]])

@@ -29,8 +29,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from ..config import load_config
+from ..config.teachers import teacher_specs
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
+from ..modeling.teacher import build_teacher_model
 from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json, atomic_write_text
@@ -164,10 +166,11 @@ def _random_teacher_weights(cfg_file: str, opts: Sequence[str], directory: str) 
     """Untrained checkpoints matching the teachers (step times do not depend on weights)."""
     cfg = load_config(cfg_file, opts)
     paths = []
-    for i, teacher_config in enumerate(cfg.DISTILL.TEACHER.CONFIGS):
-        teacher_cfg = load_config(teacher_config, ["MODEL.WEIGHTS", ""])
-        DetectionCheckpointer(build_model(teacher_cfg), save_dir=directory).save(f"teacher{i}")
-        paths.append(os.path.join(directory, f"teacher{i}.pth"))
+    for spec in teacher_specs(cfg):
+        spec = replace(spec, weights="(random)")  # built, never loaded
+        model = build_teacher_model(spec, cfg)[0]
+        DetectionCheckpointer(model, save_dir=directory).save(f"teacher{spec.index}")
+        paths.append(os.path.join(directory, f"teacher{spec.index}.pth"))
     return paths
 
 

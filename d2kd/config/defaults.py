@@ -43,12 +43,18 @@ def _add_own_keys(cfg: CN) -> None:
     # MODEL.META_ARCHITECTURE is "DistillationDetector"; MODEL.* describes the student.
     cfg.DISTILL.STUDENT_META_ARCHITECTURE = "RetinaNet"
     cfg.DISTILL.TEACHER = CN()
-    # One config file per teacher (a plain detectron2/d2kd detector config).
+    # One config per teacher: a yacs .yaml or LazyConfig .py detector config file, or a
+    # detectron2 model-zoo name "model_zoo://COCO-Detection/retinanet_R_50_FPN_3x.yaml"
+    # (d2kd/config/teachers.py, docs/teachers.md).
     cfg.DISTILL.TEACHER.CONFIGS = []
-    # One weights file per teacher; "" keeps the teacher config's own MODEL.WEIGHTS.
+    # One weights file or URL per teacher; "" takes the model zoo's trained checkpoint for a
+    # model_zoo:// teacher, else the yacs teacher config's own MODEL.WEIGHTS.
     cfg.DISTILL.TEACHER.WEIGHTS = []
-    # KEY VALUE overrides applied to every teacher config (e.g. ["MODEL.DEVICE", "cpu"]).
+    # KEY VALUE overrides applied to every yacs teacher config (e.g. ["MODEL.DEVICE", "cpu"]).
     cfg.DISTILL.TEACHER.OPTS = []
+    # "key=value" overrides applied to every LazyConfig teacher (detectron2's
+    # LazyConfig.apply_overrides), e.g. ["model.roi_heads.num_classes=10"].
+    cfg.DISTILL.TEACHER.LAZY_OVERRIDES = []
     # Distillation heads by name in DISTILL_HEAD_REGISTRY; they combine freely.
     cfg.DISTILL.HEADS = []
     # FPN levels that feature heads distil; each must exist in teacher and student.

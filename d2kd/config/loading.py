@@ -135,14 +135,16 @@ def import_extensions(declared: Sequence[Tuple[str, str]]) -> None:
 
 def _resolve_teacher_configs(cfg: CfgNode, chain: List[Tuple[dict, str]]) -> None:
     """Relative ``DISTILL.TEACHER.CONFIGS`` are relative to the config file that declares
-    them (like ``_BASE_``); paths given on the command line, to the working directory."""
+    them (like ``_BASE_``); paths given on the command line, to the working directory.
+    References with a scheme (``model_zoo://...``) are left as they are."""
     declaring_dir = None
     for data, directory in chain:
         if _lookup(data, "DISTILL.TEACHER.CONFIGS") is not None:
             declaring_dir = directory  # the last (most derived) declaration wins
     resolved = []
     for path in cfg.DISTILL.TEACHER.CONFIGS:
-        if declaring_dir and not os.path.isabs(path) and not os.path.isfile(path):
+        if (declaring_dir and "://" not in path and not os.path.isabs(path)
+                and not os.path.isfile(path)):
             path = os.path.normpath(os.path.join(declaring_dir, path))
         resolved.append(path)
     cfg.DISTILL.TEACHER.CONFIGS = resolved

@@ -9,8 +9,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .. import model_zoo
 from ..data import ensure_digitsdet
-from .loading import ConfigError, load_config
+from .loading import ConfigError
 from .schedule import TeacherSchedule
+from .teachers import YACS, load_teacher_config, teacher_specs, teacher_weights
 
 # Annotation files up to this size are parsed up front to catch corrupt files early.
 _MAX_PARSED_ANNOTATION_BYTES = 64 * 2**20
@@ -76,22 +77,14 @@ def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
 
 
 def check_teachers(cfg: CfgNode) -> None:
-    """Every teacher config loads and its weights file exists."""
-    configs, weights = cfg.DISTILL.TEACHER.CONFIGS, cfg.DISTILL.TEACHER.WEIGHTS
-    if not configs:
-        raise ConfigError("MODEL.META_ARCHITECTURE is DistillationDetector but "
-                          "DISTILL.TEACHER.CONFIGS is empty; list the teacher config files.")
-    if weights and len(weights) != len(configs):
-        raise ConfigError(f"DISTILL.TEACHER.WEIGHTS has {len(weights)} entries for "
-                          f"{len(configs)} teacher configs; give one per teacher.")
-    for i, config_file in enumerate(configs):
-        teacher_cfg = load_config(config_file, cfg.DISTILL.TEACHER.OPTS)
-        path = weights[i] if weights and weights[i] else teacher_cfg.MODEL.WEIGHTS
-        if not path or ("://" not in path and not os.path.isfile(path)):
-            raise ConfigError(
-                f"Teacher {i} ({config_file}) weights {path or '(none)'} do not exist. Train the "
-                f"teacher first: tools/train_net.py --config-file {config_file}"
-            )
+    """Every teacher config loads and its local weights file exists."""
+    for spec in teacher_specs(cfg):
+        path = teacher_weights(spec, load_teacher_config(spec, cfg))
+        if "://" not in path and not os.path.isfile(path):
+            train = (f" Train the teacher first: tools/train_net.py --config-file "
+                     f"{spec.config_file}" if spec.kind == YACS else "")
+            raise ConfigError(f"Teacher {spec.index} ({spec.reference}) weights {path} do not "
+                              f"exist.{train}")
 
 
 def check_inputs(cfg: CfgNode, resume: bool = False) -> None:

@@ -25,7 +25,7 @@ from fvcore.common.param_scheduler import CompositeParamScheduler, ParamSchedule
 from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..config.loading import ConfigError
 from ..config.schedule import TeacherSchedule
-from ..modeling.distillation_detector import build_teacher
+from ..modeling.teacher import build_teacher
 from ..utils.io import atomic_write_json
 from .exact_resume import ExactResumeHook
 from .stage_report import StageReporter

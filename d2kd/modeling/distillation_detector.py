@@ -10,11 +10,10 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from torch import nn
 
-from ..config.loading import load_config
 from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
 from .taps import StudentTapper, StudentTaps
-from .teacher import FrozenTeacher
+from .teacher import FrozenTeacher, build_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -25,22 +24,6 @@ def student_config(cfg: CfgNode) -> CfgNode:
     student_cfg.defrost()
     student_cfg.MODEL.META_ARCHITECTURE = cfg.DISTILL.STUDENT_META_ARCHITECTURE
     return student_cfg
-
-
-def build_teacher(cfg: CfgNode, index: int) -> FrozenTeacher:
-    """The :class:`FrozenTeacher` of entry ``index`` of ``DISTILL.TEACHER.CONFIGS``."""
-    configs, weights = list(cfg.DISTILL.TEACHER.CONFIGS), list(cfg.DISTILL.TEACHER.WEIGHTS)
-    if not configs:
-        raise ValueError("DistillationDetector needs DISTILL.TEACHER.CONFIGS (one per teacher).")
-    if weights and len(weights) != len(configs):
-        raise ValueError(f"DISTILL.TEACHER.WEIGHTS has {len(weights)} entries for "
-                         f"{len(configs)} teacher configs; give one per teacher (or none).")
-    opts = list(cfg.DISTILL.TEACHER.OPTS) + ["MODEL.DEVICE", cfg.MODEL.DEVICE]
-    teacher_cfg = load_config(configs[index], opts)
-    if weights and weights[index]:
-        teacher_cfg.MODEL.WEIGHTS = weights[index]
-    teacher_cfg.freeze()
-    return FrozenTeacher(teacher_cfg)
 
 
 def copy_neck_and_heads(teacher: nn.Module, student: nn.Module) -> List[str]:

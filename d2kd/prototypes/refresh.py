@@ -73,7 +73,7 @@ class PrototypeRefresher:
         weights, levels, test size, input format and the index."""
         teacher = self.model.teachers[self.model.active_teacher]
         sha = hashlib.sha1(json.dumps({
-            "weights": teacher.cfg.MODEL.WEIGHTS, "levels": self.levels,
+            "weights": teacher.weights, "levels": self.levels,
             "test_size": [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST],
             "format": self.model.input_format}, sort_keys=True).encode())
         for image in self.index:  # the index itself: files, boxes and classes

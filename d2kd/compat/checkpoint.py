@@ -1,0 +1,71 @@
+"""Loading weights with the keys that did not match, on every detectron2 build.
+
+detectron2's public ``DetectionCheckpointer.load()`` resolves URLs (``detectron2://``, http)
+through ``PathManager``, reads ``.pth`` and model-zoo ``.pkl`` files and renames Caffe2-style
+keys, but it only *logs* the keys that did not match. The one hook both detectron2 v0.6 and
+upstream ``main`` share for seeing them is ``_load_model`` (upstream ``main`` asserts that
+``_load_file`` is only called from inside ``load()``), so it is overridden here and nowhere
+else.
+"""
+import pickle
+from typing import List, NamedTuple, Tuple
+
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+
+class LoadReport(NamedTuple):
+    """What did not match when a checkpoint was loaded into a model."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+    incorrect_shapes: List[Tuple[str, tuple, tuple]]  # (key, checkpoint shape, model shape)
+
+    @property
+    def problems(self) -> List[str]:
+        """One phrase per kind of mismatch; empty when everything matched."""
+        found = []
+        if self.missing_keys:
+            found.append(f"missing keys: {sorted(self.missing_keys)}")
+        if self.unexpected_keys:
+            found.append(f"unexpected keys: {sorted(self.unexpected_keys)}")
+        if self.incorrect_shapes:
+            found.append("shape mismatches (key, checkpoint, model): "
+                         f"{sorted(self.incorrect_shapes)}")
+        return found
+
+
+class UnreadableCheckpoint(ValueError):
+    """The file exists but is not a checkpoint (truncated, corrupt or another format)."""
+
+
+class _ReportingCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that keeps the incompatible keys of its last ``load()``."""
+
+    report: LoadReport = LoadReport([], [], [])
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        self.report = LoadReport(list(incompatible.missing_keys),
+                                 list(incompatible.unexpected_keys),
+                                 list(incompatible.incorrect_shapes))
+        return incompatible
+
+
+_UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, AttributeError,
+               ValueError, UnicodeDecodeError)
+
+
+def load_weights(model: nn.Module, weights: str) -> LoadReport:
+    """Load ``weights`` (local path or any URL ``PathManager`` resolves) into ``model`` with
+    detectron2's own checkpoint handling; return what did not match.
+
+    Raises:
+        UnreadableCheckpoint: the file cannot be read as a checkpoint.
+    """
+    checkpointer = _ReportingCheckpointer(model)
+    try:
+        checkpointer.load(weights, checkpointables=[])
+    except _UNREADABLE as e:
+        raise UnreadableCheckpoint(f"{type(e).__name__}: {e}") from None
+    return checkpointer.report

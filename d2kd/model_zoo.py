@@ -18,6 +18,7 @@ import torch
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import PathHandler
 
+from .compat.file_io import register_path_handler
 from .data import digitsdet_root, ensure_digitsdet
 from .utils.io import atomic_save
 from .utils.train_net_process import REPO, run_train_net
@@ -82,5 +83,4 @@ class DigitsDetPretrainedHandler(PathHandler):
         return os.path.isfile(pretrain_config(path[len(PREFIX):]))
 
 
-if PREFIX not in PathManager._path_handlers:
-    PathManager.register_handler(DigitsDetPretrainedHandler())
+register_path_handler(DigitsDetPretrainedHandler())

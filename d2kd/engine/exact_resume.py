@@ -23,6 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..compat.distributed import unwrap_ddp
+from ..compat.engine import data_loader_iterator
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ExactResumeHook(HookBase):
         if start == 0:
             return
         began = time.perf_counter()
-        data = self.trainer._trainer._data_loader_iter
+        data = data_loader_iterator(self.trainer)
         for iteration in range(start):
             self._reseed(iteration)
             next(data)

@@ -17,12 +17,13 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase
-from detectron2.engine.hooks import EvalHook, LRScheduler, PeriodicCheckpointer
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.solver import LRMultiplier, build_lr_scheduler
 from detectron2.utils import comm
 from fvcore.common.param_scheduler import CompositeParamScheduler, ParamScheduler
 
 from ..compat.distributed import create_ddp_model, unwrap_ddp
+from ..compat.engine import point_lr_logging_at, scheduler_multiplier
 from ..config.loading import ConfigError
 from ..config.schedule import TeacherSchedule
 from ..modeling.teacher import build_teacher
@@ -45,7 +46,7 @@ def stage_multiplier(cfg: CfgNode, schedule: TeacherSchedule) -> ParamScheduler:
         stage_cfg.defrost()
         stage_cfg.SOLVER.MAX_ITER = iters
         scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.SOLVER.BASE_LR)
-        parts.append(build_lr_scheduler(stage_cfg, scratch)._multiplier)
+        parts.append(scheduler_multiplier(build_lr_scheduler(stage_cfg, scratch)))
     if len(parts) == 1:
         return parts[0]
     total = sum(schedule.stage_iters)
@@ -150,10 +151,7 @@ class TeacherScheduleHook(HookBase):
         trainer.optimizer = optimizer
         trainer.scheduler = build_stage_lr_scheduler(self.cfg, optimizer, self.schedule,
                                                      last_iter)
-        for hook in trainer._hooks:
-            if isinstance(hook, LRScheduler):  # it logs the LR of the optimizer it was given
-                hook._optimizer = optimizer
-                hook._best_param_group_id = LRScheduler.get_best_param_group_id(optimizer)
+        point_lr_logging_at(trainer, optimizer)
         self.stage = stage
         logger.info("Stage %d/%d (iterations %d-%d): teacher(s) %s, heads %s",
                     stage + 1, self.schedule.num_stages, self.schedule.boundaries[stage],

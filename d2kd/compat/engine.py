@@ -1,0 +1,32 @@
+"""Trainer internals d2kd needs that detectron2 exposes under private names only.
+
+Both detectron2 v0.6 and upstream ``main`` have these attributes (checked by the suite on
+both builds); this module is the one place that reads or writes them.
+"""
+from typing import Iterator
+
+import torch
+from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.engine.hooks import LRScheduler
+from detectron2.solver import LRMultiplier
+from fvcore.common.param_scheduler import ParamScheduler
+
+
+def scheduler_multiplier(scheduler: LRMultiplier) -> ParamScheduler:
+    """The fvcore ``ParamScheduler`` behind a detectron2 ``LRMultiplier``."""
+    return scheduler._multiplier
+
+
+def data_loader_iterator(trainer: DefaultTrainer) -> Iterator:
+    """The iterator the ``SimpleTrainer`` / ``AMPTrainer`` inside a ``DefaultTrainer`` draws
+    its batches from."""
+    return trainer._trainer._data_loader_iter
+
+
+def point_lr_logging_at(trainer: TrainerBase, optimizer: torch.optim.Optimizer) -> None:
+    """Make the trainer's ``LRScheduler`` hooks log the learning rate of ``optimizer`` (after
+    the optimizer was rebuilt mid-run)."""
+    for hook in trainer._hooks:
+        if isinstance(hook, LRScheduler):
+            hook._optimizer = optimizer
+            hook._best_param_group_id = LRScheduler.get_best_param_group_id(optimizer)

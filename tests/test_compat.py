@@ -69,3 +69,30 @@ def test_source_fixes_reject_unexpected_sources(tmp_path):
     (tmp_path / "m.py").write_text("x = 1\n")
     with pytest.raises(RuntimeError, match="unexpected sdist contents"):
         apply_source_fixes(tmp_path)
+
+
+# Private attributes of objects that are not detectron2's: torch's Module._apply, Optuna's
+# trial ids and storage, iopath handler methods d2kd's own handler overrides.
+_NOT_DETECTRON2 = {"_apply", "_trial_id", "_storage", "_get_local_path", "_open", "_exists"}
+
+
+def test_private_detectron2_attributes_are_used_only_in_compat():
+    """Outside d2kd/compat/, no ``obj._name`` on anything but ``self``/``cls`` (detectron2's
+    private API differs between v0.6 and main: e.g. ``_load_file`` asserts on main)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = []
+    for path in list((root / "d2kd").rglob("*.py")) + list((root / "tools").glob("*.py")):
+        if "compat" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("detectron2"):
+                found += [f"{path.name}: import {a.name}" for a in node.names
+                          if a.name.startswith("_")]
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and node.attr not in _NOT_DETECTRON2
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
+    assert not found, found

@@ -96,3 +96,20 @@ def test_private_detectron2_attributes_are_used_only_in_compat():
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
                 found.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
     assert not found, found
+
+
+def test_padded_size_follows_divisibility_and_square_padding():
+    from d2kd.compat.padding import padded_size
+
+    class V06Backbone:  # detectron2 v0.6: size_divisibility only
+        size_divisibility = 32
+
+    class SquareBackbone(V06Backbone):  # upstream main, ViTDet / LSJ recipes
+        padding_constraints = {"square_size": 256}
+
+    class OverridingBackbone(V06Backbone):
+        padding_constraints = {"size_divisibility": 64}
+
+    assert padded_size(V06Backbone(), 144, 190) == (160, 192)
+    assert padded_size(SquareBackbone(), 144, 190) == (256, 256)
+    assert padded_size(OverridingBackbone(), 144, 190) == (192, 192)

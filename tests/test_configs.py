@@ -1,6 +1,7 @@
 """Every shipped config loads with known keys only and builds its model."""
 import glob
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from d2kd.config import load_config
+from d2kd.config.teachers import TeacherSpec, teacher_specs
+from d2kd.modeling.teacher import build_teacher_model
 
 from conftest import CONFIGS
 
@@ -32,13 +35,13 @@ def untrained_teachers(tmp_path_factory):
     """config path -> a checkpoint matching it (teachers must load complete weights)."""
     cache = {}
 
-    def weights_for(teacher_config: str) -> str:
-        if teacher_config not in cache:
-            cfg = load_config(teacher_config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    def weights_for(spec: TeacherSpec, cfg) -> str:
+        if spec.reference not in cache:
+            model = build_teacher_model(replace(spec, weights="(random)"), cfg)[0]
             out = tmp_path_factory.mktemp("teacher")
-            DetectionCheckpointer(build_model(cfg), save_dir=str(out)).save("model_final")
-            cache[teacher_config] = str(out / "model_final.pth")
-        return cache[teacher_config]
+            DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
+            cache[spec.reference] = str(out / "model_final.pth")
+        return cache[spec.reference]
 
     return weights_for
 
@@ -48,7 +51,7 @@ def test_config_builds(config_file, untrained_teachers):
     cfg = load_config(os.path.join(CONFIGS, config_file))
     cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
-        cfg.DISTILL.TEACHER.WEIGHTS = [untrained_teachers(c) for c in cfg.DISTILL.TEACHER.CONFIGS]
+        cfg.DISTILL.TEACHER.WEIGHTS = [untrained_teachers(spec, cfg) for spec in teacher_specs(cfg)]
         assert cfg.DISTILL.HEADS, "a distillation config names its heads"
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -165,3 +165,13 @@ def test_teacher_references_are_checked_before_anything_is_built(tmp_path):
     spec = teacher_specs(cfg)[0]
     with pytest.raises(ConfigError, match="defines no `model`"):
         build_teacher_model(spec, cfg)
+
+
+@pytest.mark.parametrize("name, content", [("corrupt.pth", b"not a checkpoint"),
+                                           ("truncated.pkl", pickle.dumps({"model": {}})[:7])])
+def test_unreadable_teacher_weights_are_one_clear_error(name, content, tiny_digitsdet, tmp_path):
+    (tmp_path / name).write_bytes(content)
+    cfg = _teacher_cfg("lazy-zoo-retinanet", str(tmp_path), str(tmp_path / name))
+    with pytest.raises(ConfigError, match=rf"{name} cannot be read as a checkpoint \(.+\); "
+                                          "re-download or re-export the file"):
+        build_model(cfg)

@@ -67,5 +67,9 @@ def load_weights(model: nn.Module, weights: str) -> LoadReport:
     try:
         checkpointer.load(weights, checkpointables=[])
     except _UNREADABLE as e:
-        raise UnreadableCheckpoint(f"{type(e).__name__}: {e}") from None
+        # torch's own messages run over many lines (and suggest weights_only=False, which
+        # does not help a corrupt file): keep the error type and a short first line only
+        lines = str(e).strip().splitlines()
+        detail = f": {lines[0]}" if lines and len(lines[0]) <= 100 else ""
+        raise UnreadableCheckpoint(f"{type(e).__name__}{detail}") from None
     return checkpointer.report

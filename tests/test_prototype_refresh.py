@@ -1,5 +1,6 @@
 """Instance index, instance-feature extraction and the distributed prototype refresh."""
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -89,6 +90,42 @@ def test_extraction_pools_each_instance_from_its_test_time_image(tiny_digitsdet,
         assert features["student"][level].shape == (sum(len(i.classes) for i in index), 64)
         torch.testing.assert_close(features["student"][level], torch.stack(expected[level]),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_extraction_streams_images_batch_by_batch(tiny_digitsdet, tmp_path, monkeypatch):
+    """Images are read when their batch is forwarded, never the shard up front; records
+    without sizes and loader processes give the same features."""
+    from d2kd.prototypes import extraction
+
+    weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
+    student = build_model(_gk_cfg(tmp_path, weights)).eval().student
+    index = build_instance_index(DatasetCatalog.get("digitsdet_tiny_train"), 10, 4.0, 2, 0)
+    reads, reads_at_forward = [], []
+    read_image = extraction.detection_utils.read_image
+    monkeypatch.setattr(extraction.detection_utils, "read_image",
+                        lambda *a, **k: reads.append(1) or read_image(*a, **k))
+
+    def encode(images):
+        reads_at_forward.append((len(reads), len(images)))
+        return student.backbone(images.tensor)
+
+    strides = {"student": {"p3": 8}}
+    features = extract_features(index, student, {"student": encode}, strides, "RGB", 144, 192,
+                                batch_size=2, show_progress=False)
+    forwarded = 0
+    for read, batch in reads_at_forward:  # read so far == the images forwarded so far
+        forwarded += batch
+        assert read == forwarded
+    assert forwarded == len(index) and len(reads_at_forward) > 2
+
+    monkeypatch.setattr(extraction.detection_utils, "read_image", read_image)
+    unsized = [replace(image, record={k: v for k, v in image.record.items()
+                                      if k not in ("height", "width")}) for image in index]
+    again = extract_features(unsized, student,
+                             {"student": lambda images: student.backbone(images.tensor)},
+                             strides, "RGB", 144, 192, batch_size=2, num_workers=2,
+                             show_progress=False)
+    torch.testing.assert_close(again["student"]["p3"], features["student"]["p3"])
 
 
 def test_bank_built_before_first_step_then_every_period(tiny_digitsdet, tmp_path):

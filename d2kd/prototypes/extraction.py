@@ -7,15 +7,21 @@ normalisation (the student through ``preprocess_image``, a teacher through
 batches of equally sized images (so a feature never depends on which images share its batch),
 and the index is sharded over ranks (image j on rank j mod world size); rank 0 receives the
 features in index order.
+
+Memory does not grow with the index: the batches are planned from the records' sizes alone
+(``height`` / ``width``, else the image file's header), and images are read batch by batch
+(by ``num_workers`` loader processes, a few batches ahead), so a process holds a few batches of
+images plus the pooled features — (M, C) per level, what rank 0 gathers — never its shard.
 """
 import logging
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.structures import ImageList
 from detectron2.utils import comm
+from PIL import Image
 from tqdm import tqdm
 
 from .index import IndexedImage
@@ -27,13 +33,14 @@ logger = logging.getLogger(__name__)
 Encoder = Callable[[ImageList], Dict[str, torch.Tensor]]
 
 
-def _load(image: IndexedImage, resize: T.Augmentation, input_format: str):
-    """(3, H, W) float image resized as at test time, and its boxes (M, 4) in those pixels."""
-    array = detection_utils.read_image(image.record["file_name"], format=input_format)
-    transform = resize.get_transform(array)
-    resized = transform.apply_image(array)
-    boxes = torch.as_tensor(transform.apply_box(image.boxes.numpy()), dtype=torch.float32)
-    return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), boxes
+def _resized_size(record: Dict, min_size_test: int, max_size_test: int) -> Tuple[int, int]:
+    """(H, W) of the record's image after the test-time resize, without decoding it."""
+    if "height" in record and "width" in record:
+        height, width = record["height"], record["width"]
+    else:
+        with Image.open(record["file_name"]) as image:  # reads the header only
+            width, height = image.size
+    return T.ResizeShortestEdge.get_output_shape(height, width, min_size_test, max_size_test)
 
 
 def _size_batches(sizes: Sequence[tuple], batch_size: int) -> List[List[int]]:
@@ -45,11 +52,35 @@ def _size_batches(sizes: Sequence[tuple], batch_size: int) -> List[List[int]]:
             for i in range(0, len(members), batch_size)]
 
 
+class _BatchReader(torch.utils.data.Dataset):
+    """Batch ``i`` of a plan: [(3, H, W) float image resized as at test time, its indexed boxes
+    (M, 4) in those pixels] for each of its images."""
+
+    def __init__(self, images: Sequence[IndexedImage], batches: List[List[int]],
+                 input_format: str, min_size_test: int, max_size_test: int):
+        self.images, self.batches = images, batches
+        self.input_format = input_format
+        self.resize = T.ResizeShortestEdge(min_size_test, max_size_test)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [self._load(self.images[position]) for position in self.batches[i]]
+
+    def _load(self, image: IndexedImage) -> Tuple[torch.Tensor, torch.Tensor]:
+        array = detection_utils.read_image(image.record["file_name"], format=self.input_format)
+        transform = self.resize.get_transform(array)
+        resized = transform.apply_image(array)
+        boxes = torch.as_tensor(transform.apply_box(image.boxes.numpy()), dtype=torch.float32)
+        return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), boxes
+
+
 @torch.no_grad()
 def extract_features(index: Sequence[IndexedImage], student: torch.nn.Module,
                      encoders: Dict[str, Encoder], strides: Dict[str, Dict[str, int]],
                      input_format: str, min_size_test: int, max_size_test: int,
-                     batch_size: int = 8, show_progress: bool = True
+                     batch_size: int = 8, num_workers: int = 0, show_progress: bool = True
                      ) -> Dict[str, Dict[str, torch.Tensor]]:
     """Pooled features of every indexed instance, per encoder and level.
 
@@ -58,25 +89,30 @@ def extract_features(index: Sequence[IndexedImage], student: torch.nn.Module,
         student: the student detector; its ``preprocess_image`` normalises the images.
         encoders: name (e.g. "student", "teacher") -> function of the student-normalised batch.
         strides: encoder name -> level -> stride of that encoder's map.
+        batch_size: images per forward (equal sizes only).
+        num_workers: processes reading images ahead (0: read in this process).
     Returns:
         On rank 0, encoder -> level -> (M, C) features of the M indexed instances in index
         order (image by image, instances in index order); on other ranks, ``{}``.
     """
     rank, world = comm.get_rank(), comm.get_world_size()
     shard = list(index[rank::world])
-    resize = T.ResizeShortestEdge(min_size_test, max_size_test)
-    loaded = [_load(image, resize, input_format) for image in shard]
+    batches = _size_batches([_resized_size(image.record, min_size_test, max_size_test)
+                             for image in shard], batch_size)
+    reader = torch.utils.data.DataLoader(
+        _BatchReader(shard, batches, input_format, min_size_test, max_size_test),
+        batch_size=None, num_workers=num_workers)
     pooled: Dict[str, Dict[str, List[torch.Tensor]]] = {
         name: {level: [None] * len(shard) for level in strides[name]} for name in encoders}
-    batches = _size_batches([tuple(img.shape[-2:]) for img, _ in loaded], batch_size)
-    for batch in tqdm(batches, desc="prototype features", unit="batch",
-                      disable=not (show_progress and comm.is_main_process())):
-        images = student.preprocess_image([{"image": loaded[p][0]} for p in batch])
+    for batch, loaded in tqdm(zip(batches, reader), total=len(batches),
+                              desc="prototype features", unit="batch",
+                              disable=not (show_progress and comm.is_main_process())):
+        images = student.preprocess_image([{"image": image} for image, _ in loaded])
         for name, encode in encoders.items():
             features = encode(images)
             for level, stride in strides[name].items():
-                for row, position in enumerate(batch):
-                    boxes = loaded[position][1].to(features[level].device)
+                for row, (position, (_, boxes)) in enumerate(zip(batch, loaded)):
+                    boxes = boxes.to(features[level].device)
                     pooled[name][level][position] = box_pool(features[level][row], boxes,
                                                              stride).cpu()
     gathered = comm.gather(pooled, dst=0)

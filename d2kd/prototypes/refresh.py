@@ -111,7 +111,7 @@ class PrototypeRefresher:
             features = extract_features(
                 self.index, student, encoders, strides, self.model.input_format,
                 self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST,
-                self.options.EXTRACT_BATCH_SIZE)
+                self.options.EXTRACT_BATCH_SIZE, self.cfg.DATALOADER.NUM_WORKERS)
         finally:
             student.train(was_training)
         if need_teacher and comm.is_main_process():

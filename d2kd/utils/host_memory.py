@@ -12,7 +12,8 @@ leaves the mmap threshold at 128 KiB, and the step faults on nearly every tensor
 
 The cost: the heap no longer shrinks after the peak step, i.e. the resident size stays at the
 peak the process reached (which the next step needs again anyway). Where the C library is not
-glibc (macOS, musl) this does nothing. ``D2KD.RETAIN_HOST_MEMORY`` switches it off.
+glibc (macOS, musl) this does nothing. ``D2KD.RETAIN_HOST_MEMORY`` (off by default, a CPU
+training tuning; the DigitsDet configs switch it on) controls it.
 """
 import ctypes
 import ctypes.util

@@ -21,6 +21,10 @@
     # wall time of a run: measured (whole schedule) or projected from --iters iterations
     python tools/benchmark.py run-time --configs A.yaml B.yaml --iters 50 --json OUT --markdown OUT
 
+    # peak memory of one prototype refresh for several index sizes (fresh process each)
+    python tools/benchmark.py refresh-memory --config-file GK.yaml --sizes 100 1000 10000 \
+        --json OUT --markdown OUT [--plot OUT.png]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -33,6 +37,7 @@ from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
 from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
+from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
 
 
@@ -81,6 +86,13 @@ def main(argv=None) -> None:
                      help="run this many iterations and project the schedule (default: run it all)")
     rtm.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     rtm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    mem = sub.add_parser("refresh-memory", help="peak RSS of one prototype refresh vs index size")
+    mem.add_argument("--config-file", required=True, help="a global-knowledge distillation config")
+    mem.add_argument("--sizes", nargs="+", type=int, default=[100, 1000, 10000])
+    mem.add_argument("--json", required=True)
+    mem.add_argument("--markdown", required=True)
+    mem.add_argument("--plot", default="")
+    mem.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -105,6 +117,9 @@ def main(argv=None) -> None:
     elif args.command == "run-time":
         run_time_benchmark(args.configs, args.json, args.markdown, args.iters, args.threads,
                            args.opts)
+    elif args.command == "refresh-memory":
+        run_refresh_memory_benchmark(args.config_file, args.sizes, args.json, args.markdown,
+                                     args.plot, args.opts)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

@@ -24,19 +24,17 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from ..config import load_config
-from ..config.teachers import teacher_specs
 from ..engine.optimizer import build_optimizer
 from ..modeling.distillation_detector import student_config
-from ..modeling.teacher import build_teacher_model
 from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
+from .random_teachers import save_random_teachers
 
 
 def _training_step(cfg, mode: str) -> Tuple[torch.nn.Module, Callable[[List[Dict]], None]]:
@@ -162,24 +160,12 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
         return {f"peak_rss_{mode}_mb": measure_peak_rss(cfg, batches, mode)}
 
 
-def _random_teacher_weights(cfg_file: str, opts: Sequence[str], directory: str) -> List[str]:
-    """Untrained checkpoints matching the teachers (step times do not depend on weights)."""
-    cfg = load_config(cfg_file, opts)
-    paths = []
-    for spec in teacher_specs(cfg):
-        spec = replace(spec, weights="(random)")  # built, never loaded
-        model = build_teacher_model(spec, cfg)[0]
-        DetectionCheckpointer(model, save_dir=directory).save(f"teacher{spec.index}")
-        paths.append(os.path.join(directory, f"teacher{spec.index}.pth"))
-    return paths
-
-
 def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, warmup: int = 3,
                            opts: Sequence[str] = (), random_teacher: bool = False) -> Dict:
     opts = list(opts)
     with tempfile.TemporaryDirectory() as tmp:
         if random_teacher:
-            weights = _random_teacher_weights(config_file, opts, tmp)
+            weights = save_random_teachers(load_config(config_file, opts), tmp)
             opts += ["DISTILL.TEACHER.WEIGHTS", repr(weights)]
         result = {"config": config_file, "iters": iters, "warmup": warmup, "opts": opts,
                   "random_teacher": random_teacher, "threads": torch.get_num_threads()}

@@ -1,0 +1,122 @@
+"""Peak memory of one prototype refresh against the size of the instance index.
+
+Each size runs in a fresh process: a global-knowledge distillation model with random teachers
+is built, the training set is repeated to ``num_images`` records (every record kept in the
+index: ``MAX_IMAGES_PER_CLASS`` 0, boxes of any size), the kernel's peak-RSS counter is reset
+(``/proc/self/clear_refs``), one refresh runs (extraction of student and teacher features,
+PGM selection, bank fill), and the new peak is read (``VmHWM``). The refresh itself must not
+grow with the index; what rank 0 gathers — the pooled (M, C) features of the M instances —
+does, so the table reports the peak both with and without it.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from ..config import load_config
+from ..prototypes.refresh import PrototypeRefresher
+from ..utils.host_memory import retain_freed_host_memory
+from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from .random_teachers import save_random_teachers
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (kB) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def measure(config_file: str, num_images: int, opts: Sequence[str]) -> Dict:
+    """One refresh over ``num_images`` repeated training records, in this process."""
+    cfg = load_config(config_file, list(opts) + [
+        "DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS", "0", "DISTILL.PROTOTYPES.MIN_BOX_SIZE", "0.0"])
+    if cfg.D2KD.RETAIN_HOST_MEMORY:  # as DistillTrainer does
+        retain_freed_host_memory()
+    model = build_model(cfg)
+    base = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    dicts = [dict(base[i % len(base)], image_id=i) for i in range(num_images)]
+    refresher = PrototypeRefresher(cfg, model, dicts)
+    rss_before = _status_mb("VmRSS")
+    _reset_peak_rss()
+    stats = refresher.refresh()
+    peak = _status_mb("VmHWM")
+    instances = len(refresher.classes)
+    channels = sum(bank.teacher.shape[-1] + bank.student.shape[-1]
+                   for bank in refresher.banks for _ in bank.levels)
+    pooled_mb = instances * channels * 4 / 2**20  # float32 (M, C) per level, both models
+    return {"num_images": num_images, "index_images": len(refresher.index),
+            "instances": instances, "rss_before_mb": rss_before, "peak_rss_mb": peak,
+            "refresh_increase_mb": peak - rss_before, "pooled_features_mb": pooled_mb,
+            "increase_without_pooled_mb": peak - rss_before - pooled_mb,
+            "seconds": stats["seconds"], "threads": torch.get_num_threads()}
+
+
+def run_refresh_memory_benchmark(config_file: str, sizes: Sequence[int], json_path: str,
+                                 markdown_path: str, plot_path: str = "",
+                                 opts: Sequence[str] = ()) -> List[Dict]:
+    """:func:`measure` for each index size in a fresh process; JSON, markdown, optional PNG."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_random_teachers(load_config(config_file, opts), tmp)
+        run_opts = list(opts) + ["DISTILL.TEACHER.WEIGHTS", repr(weights), "OUTPUT_DIR", tmp,
+                                 "MODEL.WEIGHTS", ""]
+        for size in sizes:
+            out = os.path.join(tmp, f"{size}.json")
+            subprocess.run([sys.executable, "-m", "d2kd.benchmark.refresh_memory", config_file,
+                            str(size), json.dumps(run_opts), out], check=True)
+            with open(out) as f:
+                results.append(json.load(f))
+            _write(results, config_file, json_path, markdown_path, plot_path)
+    return results
+
+
+def _write(results: List[Dict], config_file: str, json_path: str, markdown_path: str,
+           plot_path: str) -> None:
+    from tabulate import tabulate
+
+    atomic_write_json(json_path, {"config": config_file, "runs": results})
+    rows = [[r["num_images"], r["instances"], round(r["rss_before_mb"]),
+             round(r["peak_rss_mb"]), round(r["refresh_increase_mb"], 1),
+             round(r["pooled_features_mb"], 1), round(r["increase_without_pooled_mb"], 1),
+             round(r["seconds"], 1)] for r in results]
+    headers = ["index images", "instances", "RSS before MB", "peak RSS MB",
+               "refresh increase MB", "pooled features MB", "increase without pooled MB",
+               "refresh s"]
+    atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
+    if plot_path:
+        from matplotlib.figure import Figure  # no pyplot: the process's backend stays
+
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        sizes = [r["num_images"] for r in results]
+        ax.plot(sizes, [r["refresh_increase_mb"] for r in results], "o-",
+                label="peak RSS increase of the refresh")
+        ax.plot(sizes, [r["increase_without_pooled_mb"] for r in results], "s--",
+                label="... without the pooled features")
+        ax.set_xscale("log")
+        ax.set_xlabel("images in the prototype index")
+        ax.set_ylabel("MB")
+        ax.set_title("One prototype refresh: memory vs index size")
+        ax.legend()
+        atomic_save_figure(fig, plot_path)
+
+
+if __name__ == "__main__":  # one measuring process: CONFIG NUM_IMAGES OPTS_JSON OUT_JSON
+    import d2kd  # noqa: F401  (registrations in the measuring process)
+
+    config, size, extra, out_path = sys.argv[1:5]
+    atomic_write_json(out_path, measure(config, int(size), json.loads(extra)))

@@ -11,6 +11,7 @@ from d2kd.config import get_d2kd_cfg
 from d2kd.heads import DFDHead, TeacherOutputs
 from d2kd.heads.dfd import shifted_pseudo_huber, upper_quantile
 from d2kd.modeling.taps import StudentTaps
+from d2kd.utils.step_scalars import flush_tensor_scalars
 
 STRIDE = 8
 
@@ -45,6 +46,7 @@ def _maps(seed, n=2, h=9, w=11):
 def _run(head, s, t, sizes):
     with EventStorage() as storage:
         loss = head(_taps(s, sizes), TeacherOutputs(features={"p3": t}))["loss_kd_dfd_feat"]
+        flush_tensor_scalars(storage)  # as DistillationDetector does once per step
         return loss, storage
 
 

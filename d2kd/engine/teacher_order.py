@@ -11,9 +11,10 @@ with the mean per level and channel (so c = 0: a linear map of the student; c = 
 than the teacher's channel means). Order: the non-target teachers by increasing cost, then the
 target (the last-listed teacher, the strongest) last.
 """
+import functools
 import itertools
 import logging
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,18 +25,40 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterFit:
-    """Sufficient statistics of one level's least-squares 1x1 adapter, accumulated in float64."""
+    """Sufficient statistics of one level's least-squares 1x1 adapter, accumulated in float64.
 
-    def __init__(self, student_channels: int, teacher_channels: int):
-        d = student_channels + 1  # + bias
-        self.xx = torch.zeros(d, d, dtype=torch.float64)  # sum [x;1][x;1]^T
-        self.xy = torch.zeros(d, teacher_channels, dtype=torch.float64)  # sum [x;1] y^T
-        self.yy = torch.zeros(teacher_channels, dtype=torch.float64)  # sum y_c^2
-        self.y = torch.zeros(teacher_channels, dtype=torch.float64)  # sum y_c
-        self.count = torch.zeros((), dtype=torch.float64)  # cells
+    The accumulators live on the device of the features (``device``, or that of the first
+    batch given to :meth:`add`), so that accumulating is device-local and the all-reduce uses
+    tensors on the process group's device (NCCL: CUDA). Nothing is read back to the host until
+    :meth:`residual_and_total`, once per fit.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 device: Optional[torch.device] = None):
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.xx = self.xy = self.yy = self.y = self.count = None
+        if device is not None:
+            self._allocate(torch.device(device))
+
+    def _allocate(self, device: torch.device) -> None:
+        d = self.student_channels + 1  # + bias
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=device)
+        self.xx = zeros(d, d)  # sum [x;1][x;1]^T
+        self.xy = zeros(d, self.teacher_channels)  # sum [x;1] y^T
+        self.yy = zeros(self.teacher_channels)  # sum y_c^2
+        self.y = zeros(self.teacher_channels)  # sum y_c
+        self.count = zeros(())  # cells
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Where the statistics live (None before the first batch when built without one)."""
+        return None if self.xx is None else self.xx.device
 
     def add(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Add one batch: student (N, C_s, H_s, W_s), teacher (N, C_t, H_t, W_t)."""
+        if self.xx is None:
+            self._allocate(teacher.device)
         if student.shape[-2:] != teacher.shape[-2:]:
             student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear",
                                     align_corners=False)
@@ -49,17 +72,31 @@ class AdapterFit:
         self.count += len(y)
 
     def all_reduce(self) -> None:
-        """Sum the statistics over processes (every process then fits the same adapter)."""
+        """Sum the statistics over processes (every process then fits the same adapter).
+
+        Every process must hold statistics (built with ``device`` or given a batch): a process
+        with none would leave the others waiting in the collective."""
         if comm.get_world_size() > 1:
+            if self.xx is None:
+                raise RuntimeError("AdapterFit.all_reduce before any batch: build it with a "
+                                   "device, or add at least one batch on every process.")
             for tensor in (self.xx, self.xy, self.yy, self.y, self.count):
                 dist.all_reduce(tensor)
 
-    def residual_and_total(self) -> Tuple[float, float]:
-        """(sum of squared residuals of the best adapter, sum of squares about the mean)."""
+    def residual_and_total_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squared residuals of the best adapter, sum of squares about the mean) as
+        0-dim float64 tensors on the statistics' device (no host read)."""
+        if self.xx is None:
+            raise RuntimeError("AdapterFit has no statistics: add at least one batch.")
         w = torch.linalg.pinv(self.xx) @ self.xy  # (C_s + 1, C_t), minimum-norm LS solution
         residual = self.yy.sum() - 2 * (w * self.xy).sum() + (w * (self.xx @ w)).sum()
         total = (self.yy - self.y.pow(2) / self.count).sum()
-        return max(float(residual), 0.0), float(total)
+        return residual.clamp(min=0.0), total
+
+    def residual_and_total(self) -> Tuple[float, float]:
+        """:meth:`residual_and_total_tensors` as floats: one host read, once per fit."""
+        residual, total = torch.stack(self.residual_and_total_tensors()).tolist()
+        return residual, total
 
 
 def normalized_residual(fits: Iterable[AdapterFit]) -> float:
@@ -109,7 +146,9 @@ def adaptation_costs(model, batches: Sequence[List[Dict]], candidates: Sequence[
                 images, student.pixel_mean, student.pixel_std, model.input_format))
             if fits is None:
                 fits = {level: AdapterFit(student_features[level].shape[1],
-                                          teacher_features[level].shape[1]) for level in levels}
+                                          teacher_features[level].shape[1],
+                                          device=teacher_features[level].device)
+                        for level in levels}
             for level in levels:
                 fits[level].add(student_features[level], teacher_features[level])
         del teacher

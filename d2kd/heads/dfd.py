@@ -67,10 +67,11 @@ def upper_quantile(values: torch.Tensor, mask: torch.Tensor, rho: float) -> torc
     flat, selected = values.flatten(1), mask.flatten(1)
     count = selected.sum(dim=1)  # (N,)
     keep = count - (rho * count.double()).round().long()  # rank of the threshold, 1-based
-    ordered = torch.where(selected, flat, flat.new_tensor(float("inf"))).sort(dim=1).values
+    inf = flat.new_full((), float("inf"))  # a fill on the device, not a host-to-device copy
+    ordered = torch.where(selected, flat, inf).sort(dim=1).values
     kth = ordered.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0]
     thresholds = torch.where(keep == 0, ordered[:, 0] - 1.0, kth)  # rho = 1: every cell above
-    return torch.where(count == 0, flat.new_tensor(float("inf")), thresholds)  # (N,)
+    return torch.where(count == 0, inf, thresholds)  # (N,)
 
 
 def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
@@ -172,12 +173,25 @@ class DFDHead(_FeatureHead):
         return (generated - t).pow(2).sum(dim=1)
 
     def _log_stats(self, stats) -> None:
-        storage = get_event_storage()
-        if self.stats_period <= 0 or storage.iter % self.stats_period:
+        """Every ``STATS_PERIOD`` steps, per level: the hard fraction of valid cells, the mean
+        disparity of easy and of hard cells (0 without such cells) and the mean threshold over
+        valid cells. Masked means on the device: nothing is read back here."""
+        if self.stats_period <= 0 or get_event_storage().iter % self.stats_period:
             return
-        for level, (hard, easy, valid, d, theta) in stats.items():
-            n_valid = valid.sum().clamp(min=1)
-            storage.put_scalar(f"kd/dfd/hard_fraction/{level}", float(hard.sum() / n_valid))
-            storage.put_scalar(f"kd/dfd/d_easy/{level}", float(d[easy].mean()) if easy.any() else 0.0)
-            storage.put_scalar(f"kd/dfd/d_hard/{level}", float(d[hard].mean()) if hard.any() else 0.0)
-            storage.put_scalar(f"kd/dfd/theta/{level}", float(theta[valid].mean()))
+        with torch.no_grad():
+            for term, index in (("hard_fraction", 0), ("d_easy", 1), ("d_hard", 2),
+                                ("theta", 3)):
+                self.log(term, {level: _stats(*values)[index]
+                                for level, values in stats.items()})
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (same shapes), 0 for an empty mask."""
+    total = torch.where(mask, values, values.new_zeros(())).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def _stats(hard, easy, valid, d, theta):
+    """(hard fraction, mean d on easy cells, mean d on hard cells, mean theta on valid cells)."""
+    return (hard.sum() / valid.sum().clamp(min=1), _masked_mean(d, easy),
+            _masked_mean(d, hard), _masked_mean(theta, valid))

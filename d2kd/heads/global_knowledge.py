@@ -18,6 +18,7 @@ with the attenuation ``a = 1 - iter / ATTENUATION_ITERS`` (as released; switchab
 prototype bank (``self.bank``) is rebuilt by the prototype refresh; with an empty bank every
 weight is 1 and the global loss is 0.
 """
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -86,45 +87,49 @@ class GlobalKnowledgeHead(DistillHead):
 
     # ---- KD instances --------------------------------------------------------------------
     def kd_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
+        """The positive instances of each level. Their numbers depend on the data: one host
+        synchronisation per step (the per-level counts), shared by every level."""
         return self._dense_instances(student) if self.dense else self._rcnn_instances(student)
 
     def _rcnn_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
         num_classes = student.roi_predictions[0].shape[1] - 1
-        boxes, classes, images, rows, offset = [], [], [], [], 0
-        for i, proposals in enumerate(student.sampled_proposals):
-            positive = (proposals.gt_classes >= 0) & (proposals.gt_classes < num_classes)
-            index = positive.nonzero().squeeze(1)
-            boxes.append(proposals.proposal_boxes.tensor[index])
-            classes.append(proposals.gt_classes[index])
-            images.append(torch.full_like(index, i))
-            rows.append(index + offset)
-            offset += len(proposals)
-        boxes, classes = torch.cat(boxes), torch.cat(classes)
-        images, rows = torch.cat(images), torch.cat(rows)
+        proposals = student.sampled_proposals
+        boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])  # (R, 4)
+        classes = torch.cat([p.gt_classes for p in proposals])  # (R,)
+        images = torch.cat([torch.full((len(p),), i, dtype=torch.long, device=classes.device)
+                            for i, p in enumerate(proposals)])
+        positive = (classes >= 0) & (classes < num_classes)
         level = assign_boxes_to_levels([Boxes(boxes)], min(self.level_ids), max(self.level_ids),
                                        224, 4)
-        return {l: KDInstances(boxes[level == k], classes[level == k], images[level == k],
-                               rows[level == k]) for k, l in enumerate(self.levels)}
+        picks = _set_entries([positive & (level == k) for k in range(len(self.levels))])
+        return {l: KDInstances(boxes[rows], classes[rows], images[rows], rows)
+                for l, rows in zip(self.levels, picks)}
 
     def _dense_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
         labels = torch.stack(student.anchor_labels)  # (N, R over all head levels)
         num_classes = _dense_num_classes(student)
-        sizes = [len(a) for a in student.anchors]
-        starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        starts = list(itertools.accumulate([0] + [len(a) for a in student.anchors]))
+        positive = (labels >= 0) & (labels < num_classes)
+        spans = [(starts[i], starts[i + 1]) for i in
+                 (self.anchor_level_index[level] for level in self.levels)]
+        picks = _set_entries([positive[:, lo:hi] for lo, hi in spans])
         out = {}
-        for level in self.levels:
+        for level, (lo, _), pick in zip(self.levels, spans, picks):
+            images, anchor = pick.unbind(dim=1)
             level_index = self.anchor_level_index[level]
-            lo, hi = starts[level_index], starts[level_index + 1]
-            level_labels = labels[:, lo:hi]
-            images, anchor = ((level_labels >= 0) & (level_labels < num_classes)).nonzero(as_tuple=True)
             out[level] = KDInstances(student.anchors[level_index].tensor[anchor],
-                                     level_labels[images, anchor], images,
+                                     labels[images, lo + anchor], images,
                                      images * labels.shape[1] + lo + anchor)
         return out
 
     # ---- losses --------------------------------------------------------------------------
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
-        instances = self.kd_instances(student)
+        return self.instance_losses(student, teacher, self.kd_instances(student))
+
+    def instance_losses(self, student: StudentTaps, teacher: TeacherOutputs,
+                        instances: Dict[str, KDInstances]) -> Dict[str, torch.Tensor]:
+        """The three losses on given KD instances (fixed shapes from here on: no host
+        synchronisation)."""
         glob, feat, weights, per_level = [], [], [], {}
         for level_index, level in enumerate(self.levels):
             kd = instances[level]
@@ -149,10 +154,9 @@ class GlobalKnowledgeHead(DistillHead):
         a = self._attenuation()
         w_glob, w_feat, w_resp = self.weights
         all_w = torch.cat(weights)
-        storage = get_event_storage()
         if len(all_w):
-            storage.put_scalar("kd/gk/weight_mean", float(all_w.mean()))
-            storage.put_scalar("kd/gk/weight_min", float(all_w.min()))
+            self.log_scalar("weight_mean", all_w.mean())
+            self.log_scalar("weight_min", all_w.min())
         self.log("feat", per_level)
         return {"loss_kd_gk_global": w_glob * a * glob_loss,
                 "loss_kd_gk_feat": w_feat * a * feat_loss,
@@ -181,3 +185,15 @@ class GlobalKnowledgeHead(DistillHead):
         if self.attenuation_iters <= 0:
             return 1.0
         return max(0.0, 1.0 - get_event_storage().iter / self.attenuation_iters)
+
+
+def _set_entries(masks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The indices of the set entries of each bool mask: (P,) for a 1-d mask, (P, 2) for a
+    2-d one, in row-major order. One host read (the counts of all masks together); with
+    ``torch.nonzero_static`` the indices then need none."""
+    counts = torch.stack([m.sum() for m in masks]).tolist() if masks else []
+    if not hasattr(torch, "nonzero_static"):  # torch < 2.1: one more read per mask
+        picks = [m.nonzero() for m in masks]
+    else:
+        picks = [torch.nonzero_static(m, size=c) for m, c in zip(masks, counts)]
+    return [p.squeeze(1) if m.dim() == 1 else p for p, m in zip(picks, masks)]

@@ -87,13 +87,14 @@ def random_keep_mask(x: torch.Tensor, drop_ratio: float) -> torch.Tensor:
 
 def valid_cell_masks(image_sizes: List[Tuple[int, int]], shape: torch.Size, stride: int,
                      device=None) -> torch.Tensor:
-    """(N, 1, H, W) bool: cells whose top-left pixel lies inside the image (not padding)."""
+    """(N, 1, H, W) bool on ``device``: cells whose top-left pixel lies inside the image (not
+    padding). ``image_sizes`` are (height, width) Python numbers (as in ``ImageList``): they
+    enter as kernel scalars, so no host-to-device copy (a synchronisation on CUDA) is made."""
     _, _, h, w = shape
-    sizes = torch.as_tensor(image_sizes, device=device).view(-1, 2)  # (N, 2): height, width
     ys = torch.arange(h, device=device) * stride
     xs = torch.arange(w, device=device) * stride
-    return ((ys[None, :, None] < sizes[:, 0, None, None])
-            & (xs[None, None, :] < sizes[:, 1, None, None]))[:, None]
+    return torch.stack([(ys[:, None] < height) & (xs[None, :] < width)
+                        for height, width in image_sizes])[:, None]
 
 
 def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,

@@ -17,12 +17,16 @@ def global_relation_loss(f_s: torch.Tensor, f_t: torch.Tensor, w: torch.Tensor,
 
     Args:
         f_s: (M, D_s), f_t: (M, D_t) pooled instance features; w: (M,) robustness weights.
+
+    Computed over every prototype slot with the invalid classes' columns masked out (fixed
+    shapes: no boolean indexing, no host synchronisation); 0 without valid prototypes.
     """
-    a_s = bank.relations(f_s, level, "student")
-    a_t = bank.relations(f_t, level, "teacher")
-    if a_s.numel() == 0:
-        return f_s.sum() * 0.0
-    return F.smooth_l1_loss(w[:, None] * a_s, w[:, None] * a_t, beta=1.0)
+    a_s = bank.all_relations(f_s, level, "student")  # (M, C*K)
+    a_t = bank.all_relations(f_t, level, "teacher")
+    valid = bank.valid_columns(level)  # (C*K,)
+    elementwise = F.smooth_l1_loss(w[:, None] * a_s, w[:, None] * a_t, beta=1.0, reduction="none")
+    total = torch.where(valid, elementwise, elementwise.new_zeros(())).sum()
+    return total / (len(f_s) * valid.sum()).clamp(min=1)
 
 
 def local_feature_loss(student: torch.Tensor, teacher: torch.Tensor, fg_weights: torch.Tensor,

@@ -10,6 +10,7 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from ..modeling.taps import StudentTaps
+from ..utils.step_scalars import put_tensor_scalar
 
 DISTILL_HEAD_REGISTRY = Registry("DISTILL_HEAD")
 DISTILL_HEAD_REGISTRY.__doc__ = """
@@ -34,18 +35,24 @@ class DistillHead(nn.Module):
 
     Subclasses set ``name`` (the short name in their loss keys and logs) and
     ``teacher_needs`` (subset of ``{"features", "dense_predictions", "roi_predictions",
-    "rpn_predictions"}``), and
-    log per-level scalars with :meth:`log`.
+    "rpn_predictions"}``), and log scalars with :meth:`log` / :meth:`log_scalar`: they take
+    device tensors and never read them (no host synchronisation in ``forward``); the values
+    reach detectron2's EventStorage (and ``metrics.json``) with one host transfer per step
+    for all heads together (d2kd/utils/step_scalars.py).
     """
 
     name: str = ""
     teacher_needs: FrozenSet[str] = frozenset({"features"})
 
     def log(self, term: str, values: Dict[str, torch.Tensor]) -> None:
-        """Per-level scalars ``kd/<name>/<term>/<level>`` into detectron2's EventStorage."""
+        """Per-level scalars ``kd/<name>/<term>/<level>`` (0-dim tensors) for this step."""
         storage = get_event_storage()
         for level, value in values.items():
-            storage.put_scalar(f"kd/{self.name}/{term}/{level}", float(value.detach()))
+            put_tensor_scalar(f"kd/{self.name}/{term}/{level}", value, storage)
+
+    def log_scalar(self, key: str, value: torch.Tensor) -> None:
+        """One scalar ``kd/<name>/<key>`` (a 0-dim tensor) for this step."""
+        put_tensor_scalar(f"kd/{self.name}/{key}", value)
 
 
 def build_distill_heads(cfg: CfgNode, student_shapes: Dict[str, ShapeSpec],

@@ -71,9 +71,12 @@ class LogitKDHead(_ResponseHead):
                 selected = _positive_anchors(student)
             else:
                 selected = torch.sigmoid(t).amax(dim=-1) > self.confidence
-            kl = binary_kl(t[selected] / self.temperature, s[selected] / self.temperature)
-            loss = kl.mean() * t2 if selected.any() else s.sum() * 0.0
-            self.log("selected_locations", {"all": selected.float().sum()})
+            # Mean over the selected anchors and classes as a masked sum: no boolean indexing
+            # (its data-dependent size is a host synchronisation); 0 when none is selected.
+            kl = binary_kl(t / self.temperature, s / self.temperature)
+            count = selected.sum()
+            loss = (_masked_sum(kl, selected) / (count * num_classes).clamp(min=1)) * t2
+            self.log("selected_locations", {"all": count.float()})
         else:
             s_scores, _ = student.roi_predictions
             t_scores, _ = teacher.roi_predictions
@@ -101,17 +104,18 @@ class LocKDHead(_ResponseHead):
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         if self.dense:
-            positive = _positive_anchors(student)
-            s = _flatten_dense(student.dense_predictions[1], 4)[positive]
-            t = _flatten_dense(teacher.dense_predictions[1], 4)[positive]
+            positive = _positive_anchors(student)  # (N, R)
+            s = _flatten_dense(student.dense_predictions[1], 4)  # (N, R, 4)
+            t = _flatten_dense(teacher.dense_predictions[1], 4)
         else:
-            s, t = _rcnn_gt_class_deltas(student, teacher)
-        if s.numel() == 0:
-            return {"loss_kd_loc_box": student.features[next(iter(student.features))].sum() * 0.0}
+            positive, s, t = _rcnn_gt_class_deltas(student, teacher)  # (R,), (R, 4), (R, 4)
+        # Mean over positives x 4 coordinates as a masked sum (no boolean indexing, no host
+        # synchronisation); 0 without positives.
         if self.loss_type == "l1":
-            loss = F.l1_loss(s, t)
+            elementwise = F.l1_loss(s, t, reduction="none")
         else:
-            loss = F.smooth_l1_loss(s, t, beta=self.beta)
+            elementwise = F.smooth_l1_loss(s, t, reduction="none", beta=self.beta)
+        loss = _masked_sum(elementwise, positive) / (4 * positive.sum()).clamp(min=1)
         return {"loss_kd_loc_box": self.weight * loss}
 
 
@@ -127,20 +131,28 @@ def _positive_anchors(student: StudentTaps) -> torch.Tensor:
     return (labels >= 0) & (labels < _dense_num_classes(student))
 
 
-def _rcnn_gt_class_deltas(student: StudentTaps,
-                          teacher: TeacherOutputs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(P, 4) student and teacher deltas of the positive sampled RoIs, for their GT class."""
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` (mask.shape + trailing dims) where ``mask`` is set; a ``where``, not a
+    product, so that non-finite values elsewhere do not leak in."""
+    mask = mask.reshape(mask.shape + (1,) * (values.dim() - mask.dim()))
+    return torch.where(mask, values, values.new_zeros(())).sum()
+
+
+def _rcnn_gt_class_deltas(student: StudentTaps, teacher: TeacherOutputs
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over all R sampled RoIs: which are positive (R,) bool, and the student's and teacher's
+    (R, 4) deltas for each RoI's GT class (class 0's for background RoIs, masked by callers)."""
     _, s_deltas = student.roi_predictions
     _, t_deltas = teacher.roi_predictions
     gt_classes = torch.cat([p.gt_classes for p in student.sampled_proposals])
     num_classes = student.roi_predictions[0].shape[1] - 1
     positive = (gt_classes >= 0) & (gt_classes < num_classes)
-    rows = positive.nonzero().squeeze(1)
+    cols = (torch.where(positive, gt_classes, 0)[:, None] * 4
+            + torch.arange(4, device=gt_classes.device))
 
     def pick(deltas: torch.Tensor) -> torch.Tensor:
         if deltas.shape[1] == 4:  # class-agnostic regression
-            return deltas[rows]
-        cols = gt_classes[rows, None] * 4 + torch.arange(4, device=deltas.device)
-        return deltas[rows[:, None], cols]
+            return deltas
+        return deltas.gather(1, cols)
 
-    return pick(s_deltas), pick(t_deltas)
+    return positive, pick(s_deltas), pick(t_deltas)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
+from ..utils.step_scalars import flush_tensor_scalars
 from .taps import StudentTapper, StudentTaps
 from .teacher import FrozenTeacher, build_teacher
 
@@ -174,10 +175,12 @@ class DistillationDetector(nn.Module):
     def student_losses_and_taps(self, batched_inputs: List[Dict]
                                 ) -> Tuple[Dict[str, torch.Tensor], StudentTaps]:
         """The step's one student forward: its own losses and what it exposed to the heads
-        (with the batch's ground truth)."""
+        (with the batch's ground truth: the student's device copy when tapped, else copied
+        here)."""
         with StudentTapper(self.student) as taps:
             losses = self.student(batched_inputs)
-        taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if taps.gt_instances is None or len(taps.gt_instances) != len(batched_inputs):
+            taps.gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         return losses, taps
 
     def teacher_outputs(self, taps: StudentTaps) -> Dict[int, TeacherOutputs]:
@@ -187,7 +190,11 @@ class DistillationDetector(nn.Module):
     def head_losses(self, taps: StudentTaps,
                     outputs: Dict[int, TeacherOutputs]) -> Dict[str, torch.Tensor]:
         """Every head's losses against its teacher's outputs; with several teachers (joint
-        schedule) suffixed ``_t<index>`` and weighted by the teacher's weight."""
+        schedule) suffixed ``_t<index>`` and weighted by the teacher's weight.
+
+        The heads' logged scalars (device tensors) reach the EventStorage here, after every
+        head, with one host transfer for all of them: the step's only host synchronisation
+        for KD statistics."""
         losses = {}
         for key, head in self.heads.items():
             index = self.head_teacher[key]
@@ -196,6 +203,7 @@ class DistillationDetector(nn.Module):
                 weight = self.teacher_weights[index]
                 head_losses = {f"{k}_t{index}": weight * v for k, v in head_losses.items()}
             losses.update(head_losses)
+        flush_tensor_scalars()
         return losses
 
     def run_teacher(self, teacher: FrozenTeacher, taps: StudentTaps) -> TeacherOutputs:

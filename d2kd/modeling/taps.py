@@ -5,7 +5,9 @@ per-instance method wrappers for the duration of one student forward and records
 distillation heads read:
 
 - every detector: the normalised padded batch (``images``), its ground truth
-  (``gt_instances``, boxes in the same pixels) and the backbone outputs (``features``,
+  (``gt_instances``, boxes in the same pixels: the student's own device copy where its
+  training code passes it through a tapped method — dense detectors, R-CNN — so that the step
+  copies the ground truth to the device once) and the backbone outputs (``features``,
   name -> (N, C, H/s, W/s));
 - dense detectors (RetinaNet, FCOS): the head outputs per kind and level
   (``dense_predictions``: [logits, deltas, ...], each a list of (N, A*K, H/s, W/s)), the anchors
@@ -83,8 +85,7 @@ class StudentTapper(contextlib.AbstractContextManager):
         if getattr(student, "roi_heads", None) is not None:
             roi_heads = student.roi_heads
             self._undo.append(_wrap_method(
-                roi_heads, "label_and_sample_proposals",
-                lambda args, out: setattr(taps, "sampled_proposals", out)))
+                roi_heads, "label_and_sample_proposals", self._on_label_and_sample))
             hook = roi_heads.box_predictor.register_forward_hook(
                 lambda module, args, out: setattr(taps, "roi_predictions", out))
             self._undo.append(hook.remove)
@@ -99,8 +100,14 @@ class StudentTapper(contextlib.AbstractContextManager):
         self.taps.backbone_calls += 1
 
     def _on_dense_training(self, args, result) -> None:
-        _, _, predictions, _ = args
+        _, _, predictions, gt_instances = args
         self.taps.dense_predictions = list(predictions)
+        self.taps.gt_instances = gt_instances
+
+    def _on_label_and_sample(self, args, result) -> None:
+        self.taps.sampled_proposals = result
+        if len(args) > 1 and args[1] is not None:  # (proposals, targets)
+            self.taps.gt_instances = args[1]
 
     def _on_label_anchors(self, args, result) -> None:
         anchors, _ = args

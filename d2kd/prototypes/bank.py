@@ -52,7 +52,21 @@ class PrototypeBank(nn.Module):
             return torch.where(self.valid[level, classes], w, torch.ones_like(w))
 
     def relations(self, features: torch.Tensor, level: int, space: str) -> torch.Tensor:
-        """(M, V*K) cosines of each feature to every prototype of the level's valid classes."""
+        """(M, V*K) cosines of each feature to every prototype of the level's valid classes.
+
+        Its width depends on ``valid`` (boolean indexing: a host synchronisation on a GPU);
+        per-step code uses :meth:`all_relations` with :meth:`valid_columns` instead."""
         prototypes = getattr(self, space)[level][self.valid[level]]  # (V, K, D)
         prototypes = prototypes.flatten(0, 1)
         return F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).t()
+
+    def all_relations(self, features: torch.Tensor, level: int, space: str) -> torch.Tensor:
+        """(M, C*K) cosines of each feature to every prototype slot of the level, valid or not
+        (fixed shape; the columns of :meth:`relations` are those :meth:`valid_columns` marks)."""
+        prototypes = getattr(self, space)[level].flatten(0, 1)  # (C*K, D)
+        return F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).t()
+
+    def valid_columns(self, level: int) -> torch.Tensor:
+        """(C*K,) bool: the columns of :meth:`all_relations` that belong to valid classes."""
+        k = self.teacher.shape[2]
+        return self.valid[level].repeat_interleave(k)

@@ -125,12 +125,15 @@ def kmeans_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, seed: int = 
     Clustering runs on the concatenation of both L2-normalised spaces, so that a centre is one
     point seen in both; its two halves are the teacher (K, D_t) and student (K, D_s)
     prototypes. With fewer than K distinct instances the centres repeat cyclically.
+    Clustering runs on the host (scikit-learn); the centres come back on ``x_t``'s device.
     """
     from sklearn.cluster import KMeans
 
     joint = torch.cat([F.normalize(x_t.float(), dim=1), F.normalize(x_s.float(), dim=1)], 1)
+    joint = joint.double().cpu()
     clusters = min(k, len(torch.unique(joint, dim=0)))
     centres = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(
-        joint.double().numpy()).cluster_centers_
+        joint.numpy()).cluster_centers_
     centres = torch.as_tensor(centres, dtype=x_t.dtype)[torch.arange(k) % clusters]
+    centres = centres.to(x_t.device)
     return centres[:, :x_t.shape[1]], centres[:, x_t.shape[1]:]

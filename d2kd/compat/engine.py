@@ -3,8 +3,6 @@
 Both detectron2 v0.6 and upstream ``main`` have these attributes (checked by the suite on
 both builds); this module is the one place that reads or writes them.
 """
-from typing import Iterator
-
 import torch
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine.hooks import LRScheduler
@@ -17,10 +15,15 @@ def scheduler_multiplier(scheduler: LRMultiplier) -> ParamScheduler:
     return scheduler._multiplier
 
 
-def data_loader_iterator(trainer: DefaultTrainer) -> Iterator:
-    """The iterator the ``SimpleTrainer`` / ``AMPTrainer`` inside a ``DefaultTrainer`` draws
-    its batches from."""
-    return trainer._trainer._data_loader_iter
+def restart_data_loader(trainer: DefaultTrainer) -> None:
+    """Make the ``SimpleTrainer`` / ``AMPTrainer`` inside a ``DefaultTrainer`` draw its next
+    batch from a new iterator of its data loader (e.g. after its sampler was repositioned)."""
+    inner = trainer._trainer
+    if hasattr(inner, "reset_data_loader"):  # upstream main: the iterator is made lazily
+        loader = inner.data_loader
+        inner.reset_data_loader(lambda: loader)
+    else:  # v0.6: made in __init__
+        inner._data_loader_iter = iter(inner.data_loader)
 
 
 def point_lr_logging_at(trainer: TrainerBase, optimizer: torch.optim.Optimizer) -> None:

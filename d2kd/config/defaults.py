@@ -90,9 +90,6 @@ def _add_own_keys(cfg: CN) -> None:
     cfg.DISTILL.SCHEDULE.PROBE_IMAGES = 16
     # joint: one loss weight per teacher; [] averages (1/K each).
     cfg.DISTILL.SCHEDULE.JOINT_WEIGHTS = []
-    # With a schedule, --resume is bit-exact: every step reseeds the RNGs from (SEED,
-    # iteration, rank) and a resumed run replays the data stream up to its start iteration.
-    cfg.DISTILL.SCHEDULE.EXACT_RESUME = True
 
     # FitNet: MSE between adapted student and teacher maps on every cell.
     cfg.DISTILL.FITNET = CN()

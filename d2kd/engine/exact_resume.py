@@ -1,21 +1,26 @@
-"""Bit-exact ``--resume``: random state and data position as functions of the iteration.
+"""Exact, cheap ``--resume``: random state and data position as functions of the iteration.
 
 detectron2 restores the model, optimizer and scheduler on resume, but not the random number
-generators (MGD's masks, data augmentation, re-initialised heads) nor the position of the
-data stream: a resumed run restarts the sampler. This hook makes both a function of the
-iteration: every step starts from RNGs seeded with ``(seed, iteration, rank)``, and a resumed
-run replays the data stream up to its start iteration (batch ``i`` loaded under the seeds of
-step ``i``, as in an uninterrupted run), so that it continues exactly where it stopped. Two
-more states detectron2 leaves out are handled: the dense detectors' loss-normaliser moving
-averages (Python attributes, not buffers) go into the checkpoint, and TorchScript graph
+generators (MGD's masks, re-initialised heads) nor the position of the data stream: a resumed
+run restarts its sampler. With this hook both are functions of the iteration:
+
+- the training loader is d2kd's :func:`~d2kd.data.step_loader.build_step_train_loader`, whose
+  batch of iteration ``i`` (images and their augmentation) depends on ``(SEED, i)`` only; a
+  resumed run positions it at its start iteration in O(1): no past batch is loaded again;
+- every step starts from RNGs seeded with ``(SEED, iteration, rank)``.
+
+Two more states detectron2 leaves out are handled: the dense detectors' loss-normaliser
+moving averages (Python attributes, not buffers) go into the checkpoint, and TorchScript graph
 optimisation is off during training (focal loss is scripted; its optimised graph, used from
-the second call on, rounds differently from the first calls a resumed process makes).
+the second call on, rounds differently from the first calls a resumed process makes). On CPU
+with ``DATALOADER.NUM_WORKERS`` of any value the resumed run is bit-identical to an
+uninterrupted one (every image is augmented from its own seed, whichever process maps it);
+on CUDA, kernels that are not deterministic (atomics in backward passes) make it close, not
+bit-identical, unless ``torch.use_deterministic_algorithms`` is on.
 """
 import logging
-import time
 from typing import Dict
 
-import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -23,27 +28,36 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..compat.distributed import unwrap_ddp
-from ..compat.engine import data_loader_iterator
+from ..compat.engine import restart_data_loader
+from ..data.step_sampler import StepBatchSampler, derived_seed
 
 logger = logging.getLogger(__name__)
 
 
 EMA_ATTRIBUTE = "loss_normalizer"  # DenseDetector._ema_update's moving average
+_STEP = 5  # derived_seed key of per-step model randomness (after step_sampler's)
 
 
 def step_seed(base_seed: int, iteration: int, rank: int) -> int:
     """A 31-bit seed for one step of one process."""
-    return int(np.random.SeedSequence([base_seed, iteration, rank]).generate_state(1)[0] >> 1)
+    return derived_seed(base_seed, _STEP, iteration, rank)
 
 
 class ExactResumeHook(HookBase):
-    """Reseeds every step; on resume, fast-forwards the data iterator. Register it first so
-    that it seeds before any other hook's ``before_step``."""
+    """Reseeds every step; positions the training stream at the start iteration. Register it
+    first so that it seeds before any other hook's ``before_step``.
 
-    def __init__(self, seed: int):
-        """``seed < 0``: a random base seed, drawn once and kept in the checkpoints."""
-        self.seed = seed if seed >= 0 else comm.shared_random_seed()
+    Args:
+        sampler: the training loader's batch sampler.
+    """
+
+    def __init__(self, sampler: StepBatchSampler):
+        self.sampler = sampler
         self._no_jit_optimization = torch.jit.optimized_execution(False)
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
 
     def _dense_detectors(self) -> Dict[str, DenseDetector]:
         model = unwrap_ddp(self.trainer.model)
@@ -54,16 +68,11 @@ class ExactResumeHook(HookBase):
 
     def before_train(self) -> None:
         self._no_jit_optimization.__enter__()
-        start = self.trainer.iter
-        if start == 0:
-            return
-        began = time.perf_counter()
-        data = data_loader_iterator(self.trainer)
-        for iteration in range(start):
-            self._reseed(iteration)
-            next(data)
-        logger.info("Replayed the data stream up to iteration %d in %.1f s (exact resume)",
-                    start, time.perf_counter() - began)
+        if self.sampler.start_iter != self.trainer.iter:
+            self.sampler.start_iter = self.trainer.iter
+            restart_data_loader(self.trainer)
+            logger.info("Training stream positioned at iteration %d (exact resume)",
+                        self.trainer.iter)
 
     def before_step(self) -> None:
         self._reseed(self.trainer.iter)
@@ -77,7 +86,7 @@ class ExactResumeHook(HookBase):
         return {"seed": self.seed, "loss_normalizers": normalizers}
 
     def load_state_dict(self, state_dict) -> None:
-        self.seed = state_dict["seed"]
+        self.sampler.seed = state_dict["seed"]  # a drawn SEED (< 0 in the config) persists
         detectors = self._dense_detectors()
         for name, value in state_dict.get("loss_normalizers", {}).items():
             setattr(detectors[name], EMA_ATTRIBUTE, value)

@@ -28,7 +28,6 @@ from ..config.loading import ConfigError
 from ..config.schedule import TeacherSchedule
 from ..modeling.teacher import build_teacher
 from ..utils.io import atomic_write_json
-from .exact_resume import ExactResumeHook
 from .stage_report import StageReporter
 from .teacher_order import adaptation_costs, greedy_order, probe_batches
 
@@ -210,8 +209,8 @@ def schedule_of(cfg: CfgNode) -> Optional[TeacherSchedule]:
 
 def insert_schedule_hooks(hooks: List[Optional[HookBase]], cfg: CfgNode
                           ) -> Optional[TeacherScheduleHook]:
-    """Insert the schedule's hooks into detectron2's default list (in place): exact resume
-    first, stage switching before the checkpointer, the final-stage record after the final
+    """Insert the schedule's hooks into detectron2's default list (in place): stage switching
+    before the checkpointer, the final-stage record after the final
     evaluation. Returns the switching hook (None without a schedule)."""
     schedule = schedule_of(cfg)
     if schedule is None:
@@ -222,6 +221,4 @@ def insert_schedule_hooks(hooks: List[Optional[HookBase]], cfg: CfgNode
     checkpointer = next(i for i, h in enumerate(hooks) if isinstance(h, (PeriodicCheckpointer,
                                                                          EvalHook)))
     hooks.insert(checkpointer, switching)
-    if cfg.DISTILL.SCHEDULE.EXACT_RESUME:
-        hooks.insert(0, ExactResumeHook(cfg.SEED))
     return switching

@@ -12,10 +12,12 @@ from detectron2.utils.logger import setup_logger
 
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model, unwrap_ddp
+from ..data.step_loader import build_step_train_loader
 from ..modeling import DistillationDetector
 from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json
+from .exact_resume import ExactResumeHook
 from .export import StudentExportHook
 from .optimizer import build_optimizer
 from .stages import build_stage_lr_scheduler, insert_schedule_hooks, schedule_of
@@ -27,8 +29,10 @@ logger = logging.getLogger(__name__)
 class DistillTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` for d2kd models.
 
-    Differences from the parent: freed host memory stays in the process between steps
-    (``D2KD.RETAIN_HOST_MEMORY``), DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
+    Differences from the parent: ``--resume`` is exact and its cost does not grow with the
+    iteration (the training data is a stream addressed by iteration, every step is seeded
+    from ``(SEED, iteration, rank)``: :class:`ExactResumeHook`), freed host memory may stay
+    in the process between steps (``D2KD.RETAIN_HOST_MEMORY``), DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
     AdamW, checkpoints hold the optimizer state on every detectron2 version, fresh
     distillation runs initialise the student from ``MODEL.WEIGHTS``, and evaluation is a
     :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
@@ -44,6 +48,11 @@ class DistillTrainer(DefaultTrainer):
         if cfg.D2KD.RETAIN_HOST_MEMORY:
             retain_freed_host_memory()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SEED < 0:  # the data stream and per-step seeds need one (kept in checkpoints)
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SEED = comm.shared_random_seed()
+            cfg.freeze()
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -84,6 +93,7 @@ class DistillTrainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        hooks.insert(0, ExactResumeHook(self.data_loader.batch_sampler))  # first: seeds steps
         self.schedule_hook = insert_schedule_hooks(hooks, self.cfg)  # MTPD teacher schedule
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
@@ -101,6 +111,12 @@ class DistillTrainer(DefaultTrainer):
         if schedule is None:
             return super().build_lr_scheduler(cfg, optimizer)
         return build_stage_lr_scheduler(cfg, optimizer, schedule)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's training data, as a stream addressed by iteration (exact, O(1)
+        ``--resume``; d2kd/data/step_loader.py)."""
+        return build_step_train_loader(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -69,4 +69,4 @@ class PrototypeBank(nn.Module):
     def valid_columns(self, level: int) -> torch.Tensor:
         """(C*K,) bool: the columns of :meth:`all_relations` that belong to valid classes."""
         k = self.teacher.shape[2]
-        return self.valid[level].repeat_interleave(k)
+        return self.valid[level][:, None].expand(-1, k).reshape(-1)

@@ -142,14 +142,16 @@ def apply_formula(formula: Formula, student: torch.Tensor, teacher: torch.Tensor
 
 
 def dry_run(genome: Genome, batch_size: int, channels: int = 8, size: int = 8) -> None:
-    """Evaluate every formula on random (N, C, S, S) tensors: a finite scalar or GenomeError."""
-    g = torch.Generator().manual_seed(0)
+    """Evaluate every formula on random (N, C, S, S) CPU tensors: a finite scalar or
+    GenomeError. A build-time check: the tensors are made on the CPU explicitly, whatever the
+    default device (``with torch.device("cuda"):`` around model building)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
     for formula in genome.formulas:
         if formula.distance == "correlation" and batch_size < 4:
             raise GenomeError(f"{formula.input}: distance 'correlation' needs a batch of at "
                               f"least 4, got {batch_size}.")
-        s = torch.randn(batch_size, channels, size, size, generator=g)
-        t = torch.randn(batch_size, channels, size, size, generator=g)
+        s = torch.randn(batch_size, channels, size, size, generator=g, device="cpu")
+        t = torch.randn(batch_size, channels, size, size, generator=g, device="cpu")
         value = apply_formula(formula, s, t)
         if value.dim() != 0 or not torch.isfinite(value):
             raise GenomeError(f"{formula}: the dry run gave {value}, not a finite scalar.")

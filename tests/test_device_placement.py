@@ -367,7 +367,7 @@ HEAD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(HEAD_CASES))
-def test_head_losses_forward_and_backward_on_cuda(env, case, monkeypatch):
+def test_head_losses_forward_and_backward(env, case, monkeypatch):
     name, arch, options = HEAD_CASES[case]
     if isinstance(env, FakeCuda):  # its value check cannot run on fake tensors (listed)
         monkeypatch.setattr(d2kd.heads.detkds, "dry_run", lambda genome, batch_size: None)
@@ -582,10 +582,10 @@ COVERED_UNDER_FAKE_TENSORS: Dict[str, Callable] = {
     "AdapterFit (add, all_reduce, residual_and_total_tensors)": test_teacher_ordering_statistics,
     "DetKDS slot ops": test_detkds_op,
     "DetKDS distances": test_detkds_distance,
-    "GlobalKnowledgeHead.instance_losses": test_head_losses_forward_and_backward_on_cuda,
+    "GlobalKnowledgeHead.instance_losses": test_head_losses_forward_and_backward,
 }
 for _case, (_head, _, _) in HEAD_CASES.items():
-    COVERED_UNDER_FAKE_TENSORS.setdefault(_head, test_head_losses_forward_and_backward_on_cuda)
+    COVERED_UNDER_FAKE_TENSORS.setdefault(_head, test_head_losses_forward_and_backward)
 
 #: The components the device-placement requirement names (d2kd's issue "Runs where users
 #: train", item 1), each of which must be covered or listed.

@@ -33,13 +33,20 @@ from test_distillation_core import distill_cfg, save_untrained_teacher
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import export_student as export_tool  # noqa: E402
 
-# The documented outputs of an exported RetinaNet / Faster R-CNN (docs/deploy.md).
+# The documented outputs of an exported detector (docs/deploy.md); Mask R-CNN adds pred_masks.
 OUTPUTS = ["pred_boxes", "pred_classes", "scores", "image_size"]
 STUDENTS = {"retinanet": "DigitsDet/retinanet_R18_student.yaml",
-            "faster_rcnn": "DigitsDet/faster_rcnn_R18_student.yaml"}
+            "faster_rcnn": "DigitsDet/faster_rcnn_R18_student.yaml",
+            "fcos": "DigitsDet/fcos_R18_student.yaml",
+            "mask_rcnn": "DigitsDet/mask_rcnn_R18_student.yaml"}
 # Untrained RetinaNet scores sit just above its 0.01 prior: 0.015 keeps ~100 detections from a
-# number of candidates that differs between images and levels.
-OVERRIDES = {"retinanet": ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.015"], "faster_rcnn": []}
+# number of candidates that differs between images and levels. FCOS keeps a few dozen at 0.
+OVERRIDES = {"retinanet": ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.015"], "faster_rcnn": [],
+             "fcos": ["MODEL.FCOS.SCORE_THRESH_TEST", "0.0"], "mask_rcnn": []}
+
+
+def outputs(family: str):
+    return OUTPUTS[:2] + ["pred_masks"] + OUTPUTS[2:] if family == "mask_rcnn" else OUTPUTS
 
 
 def val_images(root: str, count: int = 3):
@@ -51,8 +58,10 @@ def distilled(tiny_digitsdet, tmp_path_factory):
     """A finished 1-iteration DigitsDet RetinaNet distillation: (its OUTPUT_DIR, the model)."""
     out = tmp_path_factory.mktemp("distilled")
     teacher = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", out / "teacher")
-    trainer = DistillTrainer(distill_cfg(str(out / "run"), teacher, max_iter=1))
+    cfg = distill_cfg(str(out / "run"), teacher, max_iter=1)
+    trainer = DistillTrainer(cfg)
     trainer.train()
+    (out / "run" / "config.yaml").write_text(cfg.dump())  # as tools/train_net.py's default_setup
     return out / "run", trainer.model.eval()
 
 
@@ -82,7 +91,8 @@ def eager_model(config: str, opts):
 
 def assert_same_detections(expected, got) -> None:
     """Equal counts, and every eager detection has its own exported counterpart of the same
-    class, score (to 1e-5) and box (to 1e-3 px): the order of near-equal scores may differ."""
+    class, score (to 1e-5), box (to 1e-3 px) and mask: the order of near-equal scores may
+    differ."""
     assert len(expected) == len(got) > 0
     close = ((expected.pred_classes[:, None] == got.pred_classes[None, :])
              & ((expected.scores[:, None] - got.scores[None, :]).abs() <= 1e-5)
@@ -93,6 +103,8 @@ def assert_same_detections(expected, got) -> None:
         j = next((j for j in close[i].nonzero()[:, 0].tolist() if j in unmatched), None)
         assert j is not None, f"eager detection {i} has no exported counterpart"
         unmatched.remove(j)
+        if expected.has("pred_masks"):  # pasted at 0.5: a pixel may flip on float noise
+            assert (expected.pred_masks[i] != got.pred_masks[j]).float().mean() < 1e-3
 
 
 def test_distillation_writes_a_plain_student_config_detectron2_builds_and_loads(
@@ -123,6 +135,32 @@ def test_distillation_writes_a_plain_student_config_detectron2_builds_and_loads(
     assert torch.equal(ours.scores, theirs.scores)
 
 
+def test_export_tool_writes_the_student_and_its_config_from_any_checkpoint(distilled, tmp_path):
+    run = distilled[0]
+    export_tool.main([str(run / "model_final.pth"), str(tmp_path / "student.pth"),
+                      "--config-file", str(run / "config.yaml")])
+    cfg = load_student_config(str(tmp_path / "student.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert cfg.MODEL.WEIGHTS == str(tmp_path / "student.pth")
+    ours = torch.load(tmp_path / "student.pth", weights_only=False)["model"]
+    final = torch.load(run / "model_final_student.pth", weights_only=False)["model"]
+    assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
+
+
+def assert_export_matches_eager(run, family: str, config: str, opts, images) -> None:
+    """``run(image)`` (an exported model) against the eager student on DigitsDet images at the
+    config's input size, and on one at the original 192 x 256 (traced at the former)."""
+    cfg, model = eager_model(config, opts)
+    other_size = cfg.clone()
+    other_size.INPUT.MIN_SIZE_TEST, other_size.INPUT.MAX_SIZE_TEST = 192, 256
+    for input_cfg, path in [(cfg, path) for path in images] + [(other_size, images[1])]:
+        image, (height, width) = read_test_image(input_cfg, path)
+        with torch.no_grad():
+            expected = model([{"image": image, "height": height, "width": width}])[0]["instances"]
+            got = detections(run(image), outputs(family), height, width)
+        assert_same_detections(expected, got)
+
+
 @pytest.mark.parametrize("family", STUDENTS)
 def test_torchscript_matches_the_eager_student(students, family, tiny_digitsdet, tmp_path):
     weights, config, opts = students[family]
@@ -130,14 +168,7 @@ def test_torchscript_matches_the_eager_student(students, family, tiny_digitsdet,
     output = str(tmp_path / "student.ts")
     export_tool.main([weights, output, "--format", "torchscript", "--config-file", config,
                       "--sample-image", images[0], "--opts", *opts])
-    traced = torch.jit.load(output)
-    cfg, model = eager_model(config, opts)
-    for path in images:
-        image, (height, width) = read_test_image(cfg, path)
-        with torch.no_grad():
-            expected = model([{"image": image, "height": height, "width": width}])[0]["instances"]
-            got = detections(traced(image), OUTPUTS, height, width)
-        assert_same_detections(expected, got)
+    assert_export_matches_eager(torch.jit.load(output), family, config, opts, images)
 
 
 @pytest.mark.parametrize("family", STUDENTS)
@@ -150,14 +181,9 @@ def test_onnx_matches_the_eager_student(students, family, tiny_digitsdet, tmp_pa
     export_tool.main([weights, output, "--format", "onnx", "--config-file", config,
                       "--sample-image", images[0], "--opts", *opts])
     session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == OUTPUTS
-    cfg, model = eager_model(config, opts)
-    for path in images:
-        image, (height, width) = read_test_image(cfg, path)
-        with torch.no_grad():
-            expected = model([{"image": image, "height": height, "width": width}])[0]["instances"]
-        got = detections(session.run(None, {"image": image.numpy()}), OUTPUTS, height, width)
-        assert_same_detections(expected, got)
+    assert [o.name for o in session.get_outputs()] == outputs(family)
+    assert_export_matches_eager(lambda image: session.run(None, {"image": image.numpy()}),
+                                family, config, opts, images)
 
 
 def test_traced_dense_decoding_caps_candidates_as_the_eager_one(students):
@@ -236,7 +262,8 @@ def test_predictor_writes_one_picture_per_image(distilled, tiny_digitsdet, tmp_p
     for path in images:
         original = np.asarray(Image.open(path).convert("RGB"))
         with Image.open(tmp_path / "pictures" / os.path.basename(path)) as picture:
-            assert picture.format == "PNG" and picture.size == (original.shape[1], original.shape[0])
+            assert picture.format == "PNG"
+            assert picture.size == (original.shape[1], original.shape[0])
             drawn = np.asarray(picture.convert("RGB"))
         assert (drawn != original).any()  # the detections are drawn
 

@@ -14,14 +14,20 @@ import sys
 
 import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from d2kd.config import ConfigError
-from d2kd.engine.predict import check_weights_exist, expand_inputs, predict_images, set_score_threshold
+from d2kd.engine.predict import (
+    check_weights_exist,
+    expand_inputs,
+    predict_images,
+    set_score_threshold,
+)
 from d2kd.engine.student_config import load_student_config
 from detectron2.utils.logger import setup_logger
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True, help="e.g. OUTPUT_DIR/model_final_student.yaml")
+    parser.add_argument("--config-file", required=True,
+                        help="e.g. OUTPUT_DIR/model_final_student.yaml")
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
     parser.add_argument("--output", required=True, help="folder for the pictures")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,

@@ -14,6 +14,7 @@ The file starts with a comment saying which case it is.
 """
 import logging
 import os
+import textwrap
 from typing import List, Sequence
 
 from detectron2.config import CfgNode, get_cfg
@@ -101,7 +102,8 @@ def plain_student_config(cfg: CfgNode, weights: str) -> CfgNode:
         else cfg.clone()
     student.defrost()
     student.MODEL.WEIGHTS = weights
-    _drop_unknown_keys(student, get_cfg(), keep_model_keys=bool(components_outside_detectron2(student)))
+    outside = components_outside_detectron2(student)
+    _drop_unknown_keys(student, get_cfg(), keep_model_keys=bool(outside))
     return student
 
 
@@ -116,7 +118,8 @@ def _header(outside: List[str]) -> str:
                   "Import them first (`import d2kd`), then load it with "
                   "d2kd.config.get_d2kd_cfg().merge_from_file(), or with detectron2's get_cfg() "
                   "after cfg.set_new_allowed(True) (the d2kd MODEL keys they read are below)."]
-    return "".join(f"# {line}\n" for line in lines)
+    return "".join(f"# {line}\n" for paragraph in lines
+                   for line in textwrap.wrap(paragraph, 92))
 
 
 def write_student_config(cfg: CfgNode, weights_path: str) -> str:

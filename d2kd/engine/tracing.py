@@ -158,7 +158,8 @@ def export_onnx(model: nn.Module, image: Tensor, path: str) -> List[str]:
     names = output_names(adapter)
     with trace_safe_dense_decode(), atomic_path(path) as tmp:
         torch.onnx.export(adapter, (image,), tmp, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["image"], output_names=names)
+                          input_names=["image"], output_names=names,
+                          dynamic_axes={"image": {1: "height", 2: "width"}})
     logger.info("Wrote ONNX (opset %d) to %s; outputs: %s", ONNX_OPSET, path, ", ".join(names))
     return names
 

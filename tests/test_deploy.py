@@ -135,8 +135,9 @@ def test_distillation_writes_a_plain_student_config_detectron2_builds_and_loads(
     assert torch.equal(ours.scores, theirs.scores)
 
 
-def test_export_tool_writes_the_student_and_its_config_from_any_checkpoint(distilled, tmp_path):
-    run = distilled[0]
+def test_export_tool_takes_a_distillation_checkpoint_and_config(distilled, tiny_digitsdet,
+                                                                  tmp_path):
+    run, distillation_model = distilled
     export_tool.main([str(run / "model_final.pth"), str(tmp_path / "student.pth"),
                       "--config-file", str(run / "config.yaml")])
     cfg = load_student_config(str(tmp_path / "student.yaml"))
@@ -145,6 +146,17 @@ def test_export_tool_writes_the_student_and_its_config_from_any_checkpoint(disti
     ours = torch.load(tmp_path / "student.pth", weights_only=False)["model"]
     final = torch.load(run / "model_final_student.pth", weights_only=False)["model"]
     assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
+    image_file = val_images(tiny_digitsdet)[0]
+    export_tool.main([str(run / "model_final.pth"), str(tmp_path / "student.ts"), "--format",
+                      "torchscript", "--config-file", str(run / "config.yaml"), "--sample-image",
+                      image_file, "--opts", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
+    image, (height, width) = read_test_image(cfg, image_file)
+    distillation_model.student.test_score_thresh = 0.0
+    with torch.no_grad():
+        expected = distillation_model([{"image": image, "height": height, "width": width}])
+        got = detections(torch.jit.load(str(tmp_path / "student.ts"))(image), OUTPUTS, height,
+                         width)
+    assert_same_detections(expected[0]["instances"], got)
 
 
 def assert_export_matches_eager(run, family: str, config: str, opts, images) -> None:

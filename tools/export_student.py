@@ -15,6 +15,7 @@ The weights load as MODEL.WEIGHTS of a vanilla detectron2 config of the student;
 outputs of the traced formats: docs/deploy.md.
 """
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -61,6 +62,8 @@ def main(argv=None) -> None:
             export_student(args.checkpoint, args.output, cfg)
         elif not args.config_file:
             raise ConfigError(f"--format {args.format} needs --config-file (the model to build).")
+        elif args.format == "onnx" and importlib.util.find_spec("onnx") is None:
+            raise ConfigError("--format onnx needs the onnx package (pip install onnx).")
         else:
             export_traced(args)
     except ConfigError as e:

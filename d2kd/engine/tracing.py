@@ -41,15 +41,17 @@ ONNX_OPSET = 17
 
 
 def _import_export_flatten():
-    """``detectron2.export.flatten``; on detectron2 <= 0.6, whose ``detectron2.export``
-    imports caffe2, without running that package's ``__init__`` (as newer detectron2 does)."""
+    """``detectron2.export.flatten``. detectron2 <= 0.6's ``detectron2.export`` imports caffe2;
+    there the package is set up without its ``__init__``, exposing ``TracingAdapter`` as newer
+    detectron2's does."""
     try:
         import detectron2.export  # noqa: F401
     except ImportError as e:
         if "caffe2" not in str(e):
             raise
-        spec = importlib.util.find_spec("detectron2.export")
-        sys.modules["detectron2.export"] = importlib.util.module_from_spec(spec)
+        package = importlib.util.module_from_spec(importlib.util.find_spec("detectron2.export"))
+        sys.modules["detectron2.export"] = package
+        package.TracingAdapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
     return importlib.import_module("detectron2.export.flatten")
 
 

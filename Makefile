@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(PY)) "setuptools<81" wheel
-	$(call PIP,$(PY)) -e ".[test]"
+	$(call PIP,$(PY)) -e ".[test,deploy]"
 	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.compat.provision
 	$(PY) -m d2kd.collect_env
 	touch $(STAMP)
@@ -75,7 +75,7 @@ $(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
 	touch $(UPSTREAM_D2_STAMP)
 
 $(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
-	$(call PIP,$(UPSTREAM_PY)) -e ".[test]"
+	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy]"
 	$(UPSTREAM_PY) -m d2kd.collect_env
 	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
 	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"

@@ -36,7 +36,14 @@ setup(
         "tensorboard",
         "tqdm",
         "yacs>=0.1.8",
+        # LazyConfig teachers (d2kd/config/teachers.py); detectron2 depends on it as well
+        "omegaconf>=2.1",
         "optuna>=4.0",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # tools/predict.py (detectron2's Visualizer imports cv2) and ONNX export; headless
+        # OpenCV is not a hard requirement: it conflicts with an installed opencv-python
+        "deploy": ["opencv-python-headless", "onnx>=1.14", "onnxruntime>=1.16"],
+    },
 )

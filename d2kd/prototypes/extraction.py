@@ -108,13 +108,16 @@ def extract_features(index: Sequence[IndexedImage], student: torch.nn.Module,
                               desc="prototype features", unit="batch",
                               disable=not (show_progress and comm.is_main_process())):
         images = student.preprocess_image([{"image": image} for image, _ in loaded])
+        boxes = [b.to(images.tensor.device) for _, b in loaded]  # one copy per batch
+        counts = [len(b) for b in boxes]
         for name, encode in encoders.items():
             features = encode(images)
             for level, stride in strides[name].items():
-                for row, (position, (_, boxes)) in enumerate(zip(batch, loaded)):
-                    boxes = boxes.to(features[level].device)
-                    pooled[name][level][position] = box_pool(features[level][row], boxes,
-                                                             stride).cpu()
+                per_image = [box_pool(features[level][row], boxes[row], stride)
+                             for row in range(len(batch))]
+                # one device-to-host copy per batch and level
+                for position, part in zip(batch, torch.cat(per_image).cpu().split(counts)):
+                    pooled[name][level][position] = part
     gathered = comm.gather(pooled, dst=0)
     if not comm.is_main_process():
         return {}

@@ -102,26 +102,53 @@ def extract_features(index: Sequence[IndexedImage], student: torch.nn.Module,
     reader = torch.utils.data.DataLoader(
         _BatchReader(shard, batches, input_format, min_size_test, max_size_test),
         batch_size=None, num_workers=num_workers)
-    pooled: Dict[str, Dict[str, List[torch.Tensor]]] = {
-        name: {level: [None] * len(shard) for level in strides[name]} for name in encoders}
+    # rows of each shard image's instances in this shard's (M_shard, C) output
+    offsets = torch.tensor([0] + [len(image.classes) for image in shard]).cumsum(0).tolist()
+    pooled: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in encoders}
     for batch, loaded in tqdm(zip(batches, reader), total=len(batches),
                               desc="prototype features", unit="batch",
                               disable=not (show_progress and comm.is_main_process())):
         images = student.preprocess_image([{"image": image} for image, _ in loaded])
         boxes = [b.to(images.tensor.device) for _, b in loaded]  # one copy per batch
-        counts = [len(b) for b in boxes]
         for name, encode in encoders.items():
             features = encode(images)
             for level, stride in strides[name].items():
-                per_image = [box_pool(features[level][row], boxes[row], stride)
-                             for row in range(len(batch))]
                 # one device-to-host copy per batch and level
-                for position, part in zip(batch, torch.cat(per_image).cpu().split(counts)):
-                    pooled[name][level][position] = part
+                parts = torch.cat([box_pool(features[level][row], boxes[row], stride)
+                                   for row in range(len(batch))]).cpu()
+                out = pooled[name].get(level)
+                if out is None:
+                    out = pooled[name][level] = parts.new_empty(offsets[-1], parts.shape[1])
+                row = 0
+                for position in batch:
+                    count = offsets[position + 1] - offsets[position]
+                    out[offsets[position]:offsets[position + 1]] = parts[row:row + count]
+                    row += count
+    return _gather_in_index_order(pooled, index, rank, world)
+
+
+def _gather_in_index_order(pooled: Dict[str, Dict[str, torch.Tensor]],
+                           index: Sequence[IndexedImage], rank: int, world: int
+                           ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Rank 0: every shard's (M_shard, C) rows interleaved back into index order (image j
+    is image j // world of shard j % world)."""
+    if world == 1:
+        return pooled
     gathered = comm.gather(pooled, dst=0)
-    if not comm.is_main_process():
+    if rank != 0:
         return {}
-    return {name: {level: torch.cat([gathered[j % world][name][level][j // world]
-                                     for j in range(len(index))])
-                   for level in strides[name]}
-            for name in encoders}
+    counts = [len(image.classes) for image in index]
+    shard_offsets = [torch.tensor([0] + counts[r::world]).cumsum(0).tolist()
+                     for r in range(world)]
+    result = {}
+    for name in gathered[0]:
+        result[name] = {}
+        for level in {level for shard in gathered for level in shard[name]}:
+            shards = [gathered[r][name].get(level) for r in range(world)]  # None: no images
+            result[name][level] = torch.cat([
+                shards[j % world][shard_offsets[j % world][j // world]:
+                                  shard_offsets[j % world][j // world + 1]]
+                for j in range(len(index))])
+            for r in range(world):
+                gathered[r][name][level] = None  # free each shard once it is interleaved
+    return result

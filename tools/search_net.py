@@ -23,8 +23,9 @@ import uuid
 import optuna
 
 import d2kd  # noqa: F401  (registrations)
-from d2kd.config import ConfigError, check_inputs, load_config
+from d2kd.config import ConfigError, load_config
 from d2kd.config.validation import check_weights
+from d2kd.engine.preflight import check_run
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import finalize
 from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_search_config(args):
     """The config, checked before any worker starts (bad input: ConfigError / ValueError)."""
     cfg = load_config(args.config_file, args.opts)
-    check_inputs(cfg, resume=False)
+    check_run(cfg)
     check_weights(cfg.DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS, "DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS")
     proxy_config(cfg, BASELINE, args.output)  # the proxy's own requirements
     return cfg

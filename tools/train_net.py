@@ -5,15 +5,17 @@
     python tools/train_net.py --config-file CFG --num-gpus 2 SOLVER.IMS_PER_BATCH 16
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
 
-Bad input (unknown config key, unregistered dataset, missing weights, corrupt annotations)
-is reported in one line before any process starts.
+Bad input (unknown config key, unregistered dataset, missing or mismatching weights, corrupt
+annotations, bad head options, an unreadable checkpoint on --resume, ...) is reported in one
+line before any process starts (d2kd/engine/preflight.py).
 """
 import sys
 
 import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from d2kd.compat.distributed import launch
-from d2kd.config import ConfigError, check_inputs, load_config
+from d2kd.config import ConfigError, load_config
 from d2kd.engine import DistillTrainer
+from d2kd.engine.preflight import check_run
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -43,8 +45,8 @@ def main(args):
 
 
 def check_args(args) -> None:
-    """Validate the config and the files it names in the launching process."""
-    check_inputs(load_config(args.config_file, args.opts), resume=args.resume)
+    """Validate the config, the files it names and the model in the launching process."""
+    check_run(load_config(args.config_file, args.opts), resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ def save_random_teachers(cfg: CfgNode, directory: str, model_zoo_format: bool = 
     ``.pth`` checkpoint, or (``model_zoo_format``) a ``.pkl`` as detectron2's model zoo
     distributes trained models (numpy arrays in a pickle). Returns the paths, in teacher
     order."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"  # the teachers' device (a COCO config may say cuda)
     paths = []
     for spec in teacher_specs(cfg):
         torch.manual_seed(seed + spec.index)

@@ -1,6 +1,7 @@
 """Checks of the inputs a config refers to (datasets, weights), run before training starts."""
 import difflib
 import json
+import math
 import os
 from typing import Iterable
 
@@ -87,10 +88,33 @@ def check_teachers(cfg: CfgNode) -> None:
                               f"exist.{train}")
 
 
+def _loss_weight_keys(node: CfgNode, prefix: str):
+    """(key, value) of every loss weight under ``node``: keys named ``*WEIGHT`` /
+    ``*WEIGHTS`` (numbers or lists of them) and the loss scales named ``ALPHA``."""
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, CfgNode):
+            yield from _loss_weight_keys(value, key + ".")
+        elif name.endswith(("WEIGHT", "WEIGHTS")) or name == "ALPHA":
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                yield key, values
+
+
+def check_loss_weights(cfg: CfgNode) -> None:
+    """Every distillation loss weight is a finite number >= 0."""
+    for key, values in _loss_weight_keys(cfg.DISTILL, "DISTILL."):
+        for value in values:
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{key} = {value}: a loss weight must be a finite number "
+                                  ">= 0 (0 switches the term off).")
+
+
 def check_inputs(cfg: CfgNode, resume: bool = False) -> None:
     """Raise :class:`ConfigError` for the first bad input of ``cfg``."""
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
+        check_loss_weights(cfg)
         check_teachers(cfg)
         TeacherSchedule.from_config(cfg)  # DISTILL.SCHEDULE is consistent
     has_checkpoint = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))

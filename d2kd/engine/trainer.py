@@ -3,7 +3,6 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
@@ -17,6 +16,7 @@ from ..modeling import DistillationDetector
 from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json
+from .checkpoint import AtomicCheckpointer
 from .exact_resume import ExactResumeHook
 from .export import StudentExportHook
 from .optimizer import build_optimizer
@@ -60,7 +60,7 @@ class DistillTrainer(DefaultTrainer):
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_class(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -1,0 +1,92 @@
+"""Checkpoints that a crash or a kill cannot tear, and the checkpoint ``--resume`` uses.
+
+detectron2 writes ``model_XXXXXXX.pth`` and then the ``last_checkpoint`` tag in place, so a
+kill during either leaves a torn file. :class:`AtomicCheckpointer` writes both to a temporary
+sibling and renames it (local paths). :func:`resume_checkpoint` picks what ``--resume`` loads:
+the tagged checkpoint if it can be read, else — with a warning naming the unreadable file —
+the newest readable ``model_*.pth``, to which it re-points the tag.
+"""
+import glob
+import logging
+import os
+import re
+from typing import List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ..config.loading import ConfigError
+from ..utils.io import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"  # detectron2's tag file
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose files appear whole or not at all."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_text(os.path.join(self.save_dir, LAST_CHECKPOINT), last_filename_basename)
+
+
+def _readable(path: str) -> Optional[str]:
+    """None if ``path`` opens as a checkpoint (memory-mapped: cheap), else why not."""
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # any failure to read means: do not resume from it
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
+def _by_iteration(output_dir: str) -> List[str]:
+    """``model_*.pth`` of ``output_dir``, newest iteration first (``model_final`` first)."""
+    def key(path: str):
+        match = re.search(r"model_(\d+)\.pth$", path)
+        return int(match.group(1)) if match else float("inf")
+
+    return sorted(glob.glob(os.path.join(output_dir, "model_*.pth")), key=key, reverse=True)
+
+
+def resume_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` should load from ``output_dir`` (None: none, start fresh).
+
+    Raises:
+        ConfigError: checkpoints exist but none of them can be read.
+    """
+    tag = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(tag):
+        return None
+    with open(tag) as f:
+        tagged = os.path.join(output_dir, f.read().strip())
+    problem = _readable(tagged) if os.path.isfile(tagged) else "missing"
+    if problem is None:
+        return tagged
+    bad = [f"{tagged} ({problem})"]
+    for candidate in _by_iteration(output_dir):
+        if candidate == tagged:
+            continue
+        problem = _readable(candidate)
+        if problem is None:
+            logger.warning("Checkpoint %s cannot be read; resuming from %s instead.", bad[0],
+                           candidate)
+            atomic_write_text(tag, os.path.basename(candidate))
+            return candidate
+        bad.append(f"{candidate} ({problem})")
+    raise ConfigError(f"--resume: no readable checkpoint in {output_dir}: {'; '.join(bad)}. "
+                      "Delete the unreadable files to start over, or run without --resume "
+                      "in a new OUTPUT_DIR.")

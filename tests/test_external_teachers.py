@@ -175,3 +175,17 @@ def test_unreadable_teacher_weights_are_one_clear_error(name, content, tiny_digi
     with pytest.raises(ConfigError, match=rf"{name} cannot be read as a checkpoint \(.+\); "
                                           "re-download or re-export the file"):
         build_model(cfg)
+
+
+def test_detectron2_url_weights_resolve_through_pathmanager_without_download(
+        teacher_files, tiny_digitsdet, tmp_path, monkeypatch):
+    """``detectron2://X`` is detectron2's model-zoo host; a file already in iopath's cache is
+    used as is (nothing is downloaded here)."""
+    cache, files = teacher_files
+    monkeypatch.setenv("FVCORE_CACHE", cache)
+    reference = TEACHERS["yacs-zoo-rcnn"][0]
+    url = model_zoo.get_checkpoint_url(reference[len(MODEL_ZOO_PREFIX):])
+    short = "detectron2://" + url.split("/detectron2/", 1)[1]
+    cfg = _teacher_cfg("yacs-zoo-rcnn", str(tmp_path), short)
+    model = build_model(cfg)
+    assert model.teachers[0].weights == short

@@ -1,4 +1,4 @@
-"""PGM prototype selection (Tang et al., ECCV 2022; ../shared/methods/global_knowledge.md).
+"""PGM prototype selection (Tang et al., ECCV 2022; docs/global_knowledge.md).
 
 Per class and level, choose K real instances Γ whose teacher and student features jointly
 reconstruct all instances in both spaces:
@@ -13,23 +13,33 @@ coefficients minimising the objective are
     w^s = ((1 + alpha) c^s + alpha c^t) / (1 + 2 alpha),
 
 and the objective then equals sum_n ||r_n||^2 - (w^t c^t + w^s c^s): the best atom maximises
-sum_n (w^t c^t + w^s c^s) (the "cheap" rule). Nothing loops over candidates or instances:
-one correlation product per space, then a few matrix-vector products per pick.
+sum_n (w^t c^t + w^s c^s) (the "cheap" rule). Nothing loops over candidates or instances: a
+D x D Gram matrix of the instances per space pair, then a few matrix-vector products per pick;
+memory grows linearly with the class's instances (the density filter works in row blocks).
 """
 import torch
 import torch.nn.functional as F
 
 DENSITY_BANDWIDTH = 0.1
 DENSITY_PERCENTILE = 0.4
+# Largest temporary of the density filter, in elements (16 MB of float32).
+_BLOCK_ELEMENTS = 2**22
 
 
 def density(x_hat: torch.Tensor) -> torch.Tensor:
-    """(N,) rho_i = sum_j exp(-((1 - x_i . x_j) / 0.1)^2) for L2-normalised rows (N, D)."""
-    kernel = x_hat @ x_hat.t()  # (N, N), transformed in place: no N x N temporaries
-    # Exponents are capped at 80: exp(-80) ~ 2e-35 is still a normal float32, so the (slow)
-    # denormal range is never entered; the error is below 1e-31 per instance.
-    kernel.sub_(1.0).div_(DENSITY_BANDWIDTH).square_().clamp_(max=80.0).neg_().exp_()
-    return kernel.sum(dim=1, dtype=torch.float64)
+    """(N,) rho_i = sum_j exp(-((1 - x_i . x_j) / 0.1)^2) for L2-normalised rows (N, D).
+
+    Computed in blocks of rows, so memory is O(N) per block, never N x N."""
+    n = len(x_hat)
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    rho = torch.empty(n, dtype=torch.float64, device=x_hat.device)
+    for start in range(0, n, rows):
+        kernel = x_hat[start:start + rows] @ x_hat.t()  # (rows, N), transformed in place
+        # Exponents are capped at 80: exp(-80) ~ 2e-35 is still a normal float32, so the
+        # (slow) denormal range is never entered; the error is below 1e-31 per instance.
+        kernel.sub_(1.0).div_(DENSITY_BANDWIDTH).square_().clamp_(max=80.0).neg_().exp_()
+        rho[start:start + rows] = kernel.sum(dim=1, dtype=torch.float64)
+    return rho
 
 
 def density_candidates(xt_hat: torch.Tensor, xs_hat: torch.Tensor) -> torch.Tensor:
@@ -81,42 +91,49 @@ def _greedy_pursuit(xt: torch.Tensor, xs: torch.Tensor, atoms_t: torch.Tensor,
                     allow_duplicates: bool) -> torch.Tensor:
     """Picks (indices into the atoms) of the cheap rule, with low-rank residual bookkeeping.
 
-    After m picks with coefficient matrices W^t, W^s (N, m) and atom Grams G (m, |C|), the
-    residual correlations are C^t = C0^t - W^t G^t (likewise s). Their column sums of squares
-    and cross products, all the gain needs, expand into C0 terms computed once plus
-    (m, |C|) projections W^T C0 that grow by one matrix-vector product per pick.
+    With correlations C0 = X A^T (N, |C|), coefficient matrices W^t, W^s (N, m) after m picks
+    and the picked atoms' Gram rows G (m, |C|), the residual correlations are
+    C^t = C0^t - W^t G^t (likewise s). The gain needs only their column sums of squares and
+    cross products, which expand into C0 terms and (m, |C|) projections W^T C0. None of them
+    needs C0 itself: its column sums of squares are diag(A (X^T X) A^T) (a D x D Gram of the
+    instances), a projection W^T C0 is (W^T X) A^T, and the picked column X a. Memory is
+    O((N + |C|) (D + k)), never N x |C| or |C| x |C|.
     """
-    c0t, c0s = xt @ atoms_t.t(), xs @ atoms_s.t()  # (N, |C|); small bookkeeping in float64
-    gram_t, gram_s = (atoms_t @ atoms_t.t()).double(), (atoms_s @ atoms_s.t()).double()
-    base_tt = (c0t * c0t).sum(0, dtype=torch.float64)
-    base_ss = (c0s * c0s).sum(0, dtype=torch.float64)
-    base_ts = (c0t * c0s).sum(0, dtype=torch.float64)
-    n, num_atoms = c0t.shape
-    wt = gram_t.new_zeros(n, 0)
-    ws = gram_t.new_zeros(n, 0)
-    proj = {key: gram_t.new_zeros(0, num_atoms) for key in ("tt", "ts", "st", "ss")}  # W^T C0
-    available = torch.ones(num_atoms, dtype=torch.bool, device=c0t.device)
+    xt, xs = xt.double(), xs.double()
+    atoms_t, atoms_s = atoms_t.double(), atoms_s.double()
+    base_tt = ((atoms_t @ (xt.t() @ xt)) * atoms_t).sum(1)
+    base_ss = ((atoms_s @ (xs.t() @ xs)) * atoms_s).sum(1)
+    base_ts = ((atoms_t @ (xt.t() @ xs)) * atoms_s).sum(1)
+    n, num_atoms = len(xt), len(atoms_t)
+    wt, ws = xt.new_zeros(n, 0), xt.new_zeros(n, 0)
+    gram_t, gram_s = xt.new_zeros(0, num_atoms), xt.new_zeros(0, num_atoms)  # picked rows
+    proj = {key: xt.new_zeros(0, num_atoms) for key in ("tt", "ts", "st", "ss")}  # W^T C0
+    available = torch.ones(num_atoms, dtype=torch.bool, device=xt.device)
     picks = []
     for _ in range(k):
-        gt, gs = gram_t[picks], gram_s[picks]  # (m, |C|)
-        s_tt = base_tt - 2 * (gt * proj["tt"]).sum(0) + (gt * ((wt.t() @ wt) @ gt)).sum(0)
-        s_ss = base_ss - 2 * (gs * proj["ss"]).sum(0) + (gs * ((ws.t() @ ws) @ gs)).sum(0)
-        s_ts = (base_ts - (gs * proj["st"]).sum(0) - (gt * proj["ts"]).sum(0)
-                + (gt * ((wt.t() @ ws) @ gs)).sum(0))
+        s_tt = (base_tt - 2 * (gram_t * proj["tt"]).sum(0)
+                + (gram_t * ((wt.t() @ wt) @ gram_t)).sum(0))
+        s_ss = (base_ss - 2 * (gram_s * proj["ss"]).sum(0)
+                + (gram_s * ((ws.t() @ ws) @ gram_s)).sum(0))
+        s_ts = (base_ts - (gram_s * proj["st"]).sum(0) - (gram_t * proj["ts"]).sum(0)
+                + (gram_t * ((wt.t() @ ws) @ gram_s)).sum(0))
         gain = ((1 + alpha) * (s_tt + s_ss) + 2 * alpha * s_ts) / (1 + 2 * alpha)
         if not allow_duplicates:
             gain = gain.masked_fill(~available, float("-inf"))
         best = int(torch.argmax(gain))
-        ct_best = c0t[:, best].double() - wt @ gram_t[picks, best]
-        cs_best = c0s[:, best].double() - ws @ gram_s[picks, best]
+        ct_best = xt @ atoms_t[best] - wt @ gram_t[:, best]
+        cs_best = xs @ atoms_s[best] - ws @ gram_s[:, best]
         w_t, w_s = coupled_coefficients(ct_best, cs_best, alpha)
         wt = torch.cat([wt, w_t[:, None]], dim=1)
         ws = torch.cat([ws, w_s[:, None]], dim=1)
-        for key, w, c0 in (("tt", w_t, c0t), ("ts", w_t, c0s), ("st", w_s, c0t), ("ss", w_s, c0s)):
-            proj[key] = torch.cat([proj[key], (w.float() @ c0).double()[None]])
+        gram_t = torch.cat([gram_t, (atoms_t @ atoms_t[best])[None]])
+        gram_s = torch.cat([gram_s, (atoms_s @ atoms_s[best])[None]])
+        for key, w, x, atoms in (("tt", w_t, xt, atoms_t), ("ts", w_t, xs, atoms_s),
+                                 ("st", w_s, xt, atoms_t), ("ss", w_s, xs, atoms_s)):
+            proj[key] = torch.cat([proj[key], ((w @ x) @ atoms.t())[None]])
         available[best] = False
         picks.append(best)
-    return torch.tensor(picks, device=c0t.device)
+    return torch.tensor(picks, device=xt.device)
 
 
 def kmeans_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, seed: int = 0):

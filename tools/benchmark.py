@@ -25,6 +25,14 @@
     python tools/benchmark.py refresh-memory --config-file GK.yaml --sizes 100 1000 10000 \
         --json OUT --markdown OUT [--plot OUT.png]
 
+    # start-up cost of --resume at iteration 10 vs 100,000 (fresh process each)
+    python tools/benchmark.py resume-startup --config-file CFG --iters 10 100000 \
+        --json OUT --markdown OUT [--plot OUT.png]
+
+    # two training steps of every COCO distillation config at COCO resolution (DigitsDet data,
+    # random model-zoo-format teachers; fresh process each): step/refresh time, peak RSS
+    python tools/benchmark.py coco-runs --json OUT --markdown OUT [--device cuda] [--configs ...]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -34,10 +42,12 @@ import sys
 
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
+from d2kd.benchmark.coco_runs import run_coco_runs_benchmark
 from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
 from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
+from d2kd.benchmark.resume_startup import run_resume_startup_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
 
 
@@ -93,6 +103,28 @@ def main(argv=None) -> None:
     mem.add_argument("--markdown", required=True)
     mem.add_argument("--plot", default="")
     mem.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    rsm = sub.add_parser("resume-startup", help="--resume start-up vs the iteration resumed at")
+    rsm.add_argument("--config-file", required=True)
+    rsm.add_argument("--iters", nargs="+", type=int, default=[10, 100000])
+    rsm.add_argument("--json", required=True)
+    rsm.add_argument("--markdown", required=True)
+    rsm.add_argument("--plot", default="")
+    rsm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    coco = sub.add_parser("coco-runs", help="two steps of every COCO distillation config")
+    coco.add_argument("--configs", nargs="*", default=[], help="files or folders (configs/COCO)")
+    coco.add_argument("--json", required=True)
+    coco.add_argument("--markdown", required=True)
+    coco.add_argument("--work-dir", default="output/bench/coco_runs", help="runs' directories")
+    coco.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run")
+    coco.add_argument("--ims-per-batch", type=int, default=2)
+    coco.add_argument("--iters", type=int, default=2)
+    coco.add_argument("--max-images-per-class", type=int, default=2)
+    coco.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    coco.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+    coco.add_argument("--include-plain", action="store_true", help="also train teachers/students")
+    coco.add_argument("--rerun", action="store_true", help="repeat configs already ok in --json")
+    coco.add_argument("--keep-files", action="store_true", help="keep teachers and checkpoints")
+    coco.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -120,6 +152,14 @@ def main(argv=None) -> None:
     elif args.command == "refresh-memory":
         run_refresh_memory_benchmark(args.config_file, args.sizes, args.json, args.markdown,
                                      args.plot, args.opts)
+    elif args.command == "resume-startup":
+        run_resume_startup_benchmark(args.config_file, args.iters, args.json, args.markdown,
+                                     args.plot, args.opts)
+    elif args.command == "coco-runs":
+        run_coco_runs_benchmark(args.configs, args.json, args.markdown, args.work_dir,
+                                args.device, args.ims_per_batch, args.iters,
+                                args.max_images_per_class, args.threads, args.include_plain,
+                                args.rerun, args.timeout, args.keep_files, args.opts)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

@@ -9,8 +9,6 @@ grow with the index; what rank 0 gathers — the pooled (M, C) features of the M
 does, so the table reports the peak both with and without it.
 """
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from typing import Dict, List, Sequence
@@ -22,7 +20,8 @@ from detectron2.modeling import build_model
 from ..config import load_config
 from ..prototypes.refresh import PrototypeRefresher
 from ..utils.host_memory import retain_freed_host_memory
-from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text
+from .fresh_process import measure_in_fresh_process, save_curves
 from .random_teachers import save_random_teachers
 
 
@@ -68,18 +67,16 @@ def measure(config_file: str, num_images: int, opts: Sequence[str]) -> Dict:
 def run_refresh_memory_benchmark(config_file: str, sizes: Sequence[int], json_path: str,
                                  markdown_path: str, plot_path: str = "",
                                  opts: Sequence[str] = ()) -> List[Dict]:
-    """:func:`measure` for each index size in a fresh process; JSON, markdown, optional PNG."""
+    """:func:`measure` for each index size in a fresh process; JSON, markdown, optional PNG
+    (rewritten after every size)."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_random_teachers(load_config(config_file, opts), tmp)
         run_opts = list(opts) + ["DISTILL.TEACHER.WEIGHTS", repr(weights), "OUTPUT_DIR", tmp,
                                  "MODEL.WEIGHTS", ""]
         for size in sizes:
-            out = os.path.join(tmp, f"{size}.json")
-            subprocess.run([sys.executable, "-m", "d2kd.benchmark.refresh_memory", config_file,
-                            str(size), json.dumps(run_opts), out], check=True)
-            with open(out) as f:
-                results.append(json.load(f))
+            results.append(measure_in_fresh_process(
+                "d2kd.benchmark.refresh_memory", [config_file, str(size), json.dumps(run_opts)]))
             _write(results, config_file, json_path, markdown_path, plot_path)
     return results
 
@@ -98,21 +95,13 @@ def _write(results: List[Dict], config_file: str, json_path: str, markdown_path:
                "refresh s"]
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     if plot_path:
-        from matplotlib.figure import Figure  # no pyplot: the process's backend stays
-
-        fig = Figure(figsize=(6, 4))
-        ax = fig.subplots()
-        sizes = [r["num_images"] for r in results]
-        ax.plot(sizes, [r["refresh_increase_mb"] for r in results], "o-",
-                label="peak RSS increase of the refresh")
-        ax.plot(sizes, [r["increase_without_pooled_mb"] for r in results], "s--",
-                label="... without the pooled features")
-        ax.set_xscale("log")
-        ax.set_xlabel("images in the prototype index")
-        ax.set_ylabel("MB")
-        ax.set_title("One prototype refresh: memory vs index size")
-        ax.legend()
-        atomic_save_figure(fig, plot_path)
+        save_curves(plot_path, [r["num_images"] for r in results], [
+            ([r["refresh_increase_mb"] for r in results], "o-",
+             "peak RSS increase of the refresh"),
+            ([r["increase_without_pooled_mb"] for r in results], "s--",
+             "... without the pooled features")],
+            "images in the prototype index", "MB",
+            "One prototype refresh: memory vs index size")
 
 
 if __name__ == "__main__":  # one measuring process: CONFIG NUM_IMAGES OPTS_JSON OUT_JSON

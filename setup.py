@@ -45,5 +45,8 @@ setup(
         # tools/predict.py (detectron2's Visualizer imports cv2) and ONNX export; headless
         # OpenCV is not a hard requirement: it conflicts with an installed opencv-python
         "deploy": ["opencv-python-headless", "onnx>=1.14", "onnxruntime>=1.16"],
+        # transformer teachers from detectron2's ViTDet project (docs/transformer_teachers.md):
+        # detectron2 main's ViT, Swin and MViTv2 backbones import timm's DropPath / Mlp
+        "vitdet": ["timm>=0.9"],
     },
 )

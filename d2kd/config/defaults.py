@@ -45,9 +45,10 @@ def _add_own_keys(cfg: CN) -> None:
     # MODEL.META_ARCHITECTURE is "DistillationDetector"; MODEL.* describes the student.
     cfg.DISTILL.STUDENT_META_ARCHITECTURE = "RetinaNet"
     cfg.DISTILL.TEACHER = CN()
-    # One config per teacher: a yacs .yaml or LazyConfig .py detector config file, or a
-    # detectron2 model-zoo name "model_zoo://COCO-Detection/retinanet_R_50_FPN_3x.yaml"
-    # (d2kd/config/teachers.py, docs/teachers.md).
+    # One config per teacher: a yacs .yaml or LazyConfig .py detector config file, a
+    # detectron2 model-zoo name "model_zoo://COCO-Detection/retinanet_R_50_FPN_3x.yaml", or a
+    # file of detectron2's projects/ folder "detectron2_projects://ViTDet/configs/COCO/..."
+    # (found via $DETECTRON2_PROJECTS; d2kd/config/teachers.py, docs/teachers.md).
     cfg.DISTILL.TEACHER.CONFIGS = []
     # One weights file or URL per teacher; "" takes the model zoo's trained checkpoint for a
     # model_zoo:// teacher, else the yacs teacher config's own MODEL.WEIGHTS.
@@ -57,9 +58,14 @@ def _add_own_keys(cfg: CN) -> None:
     # "key=value" overrides applied to every LazyConfig teacher (detectron2's
     # LazyConfig.apply_overrides), e.g. ["model.roi_heads.num_classes=10"].
     cfg.DISTILL.TEACHER.LAZY_OVERRIDES = []
+    # A Cascade R-CNN teacher's class scores on the student's RoIs (every stage on the same
+    # boxes; deltas always the last stage's): "mean" of the stages' probabilities, as Cascade
+    # inference scores, or "last" stage only (docs/transformer_teachers.md).
+    cfg.DISTILL.TEACHER.CASCADE_STAGE = "mean"
     # Distillation heads by name in DISTILL_HEAD_REGISTRY; they combine freely.
     cfg.DISTILL.HEADS = []
-    # FPN levels that feature heads distil; each must exist in teacher and student.
+    # FPN levels that feature heads distil, by the student's names; each must exist in the
+    # student and match a teacher level (same name and stride, else the same stride).
     cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     # Learnable 1x1 adapters on student maps whose channels differ from the teacher's; when
     # False, a channel mismatch is an error at build time.

@@ -9,7 +9,12 @@
 - a name in detectron2's model zoo, written ``model_zoo://<path in the zoo>``, e.g.
   ``model_zoo://COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml`` or
   ``model_zoo://new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py``, resolved with
-  ``detectron2.model_zoo``; its weights default to the zoo's trained model.
+  ``detectron2.model_zoo``; its weights default to the zoo's trained model;
+- a file of detectron2's ``projects/`` folder (not part of a pip-installed detectron2),
+  written ``detectron2_projects://<path under projects/>``, e.g.
+  ``detectron2_projects://ViTDet/configs/COCO/cascade_mask_rcnn_swin_b_in21k_50ep.py``,
+  found under ``$DETECTRON2_PROJECTS`` or the ``projects/`` of the source checkout detectron2
+  runs from (d2kd/compat/projects.py); its weights must be given.
 
 Weights, in order: ``DISTILL.TEACHER.WEIGHTS[i]`` when given; the zoo's trained checkpoint
 for a model-zoo name; the yacs file's ``MODEL.WEIGHTS``. A LazyConfig file's
@@ -24,9 +29,11 @@ from typing import List, Union
 from detectron2.config import CfgNode, LazyConfig
 from omegaconf import DictConfig
 
+from ..compat.projects import missing_transformer_backbones, projects_dir, projects_dir_candidates
 from .loading import ConfigError, load_config
 
 MODEL_ZOO_PREFIX = "model_zoo://"
+PROJECTS_PREFIX = "detectron2_projects://"
 
 YACS, LAZY = "yacs", "lazy"
 
@@ -72,6 +79,22 @@ def _zoo_config_file(name: str) -> str:
             f"{MODEL_ZOO_PREFIX}COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml.") from None
 
 
+def _projects_config_file(name: str) -> str:
+    """The file ``name`` (a path under detectron2's ``projects/``) on this machine."""
+    root = projects_dir()
+    if root is None:
+        raise ConfigError(
+            f"DISTILL.TEACHER.CONFIGS: {PROJECTS_PREFIX}{name} needs detectron2's projects/ "
+            "folder, which a pip-installed detectron2 does not contain; set "
+            "DETECTRON2_PROJECTS to the projects/ folder of a detectron2 source checkout "
+            f"(looked at {projects_dir_candidates()}).")
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"DISTILL.TEACHER.CONFIGS: {PROJECTS_PREFIX}{name}: no file {path} "
+                          f"(detectron2 projects/ folder {root}).")
+    return path
+
+
 def _zoo_weights(name: str) -> str:
     from detectron2 import model_zoo
 
@@ -96,6 +119,8 @@ def teacher_specs(cfg: CfgNode) -> List[TeacherSpec]:
     for index, reference in enumerate(configs):
         if reference.startswith(MODEL_ZOO_PREFIX):
             config_file = _zoo_config_file(reference[len(MODEL_ZOO_PREFIX):])
+        elif reference.startswith(PROJECTS_PREFIX):
+            config_file = _projects_config_file(reference[len(PROJECTS_PREFIX):])
         else:
             config_file = reference
             if not os.path.isfile(config_file):
@@ -122,8 +147,12 @@ def load_teacher_config(spec: TeacherSpec, cfg: CfgNode) -> Union[CfgNode, DictC
         lazy = LazyConfig.load(spec.config_file)
         lazy = LazyConfig.apply_overrides(lazy, list(cfg.DISTILL.TEACHER.LAZY_OVERRIDES))
     except Exception as e:  # a LazyConfig file is arbitrary Python: report any failure
+        missing = missing_transformer_backbones() if isinstance(e, ImportError) else []
+        hint = (f"; this detectron2 lacks {', '.join(missing)} (added after v0.6): transformer "
+                "teachers need detectron2 main, see docs/transformer_teachers.md"
+                if missing else "")
         raise ConfigError(f"Teacher LazyConfig {spec.reference} cannot be loaded: "
-                          f"{type(e).__name__}: {e}") from None
+                          f"{type(e).__name__}: {e}{hint}") from None
     if "model" not in lazy:
         raise ConfigError(f"Teacher LazyConfig {spec.reference} defines no `model`; a teacher "
                           "config must describe a detector as `model = L(...)(...)`.")

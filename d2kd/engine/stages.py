@@ -118,7 +118,9 @@ class TeacherScheduleHook(HookBase):
         num_teachers = len(self.cfg.DISTILL.TEACHER.CONFIGS)
         costs = adaptation_costs(model, batches, range(num_teachers),
                                  self.cfg.DISTILL.IN_FEATURES,
-                                 lambda i: build_teacher(self.cfg, i).to(model.device))
+                                 lambda i: build_teacher(
+                                     self.cfg, i, model.student.backbone.output_shape()
+                                 ).to(model.device))
         order = greedy_order(costs, target=num_teachers - 1)
         self.schedule.order = order
         self._write_order(costs)

@@ -140,10 +140,17 @@ def adaptation_costs(model, batches: Sequence[List[Dict]], candidates: Sequence[
     costs = {}
     for index in candidates:
         teacher = load_teacher(index)
+        missing = [level for level in levels if level not in teacher.backbone_shapes]
+        if missing:
+            raise ValueError(f"DISTILL.SCHEDULE.ORDER 'adaptation_cost' fits DISTILL.IN_FEATURES "
+                             f"on every teacher; teacher {index} ({teacher.name}) has no level "
+                             f"matching {missing}; distil levels every teacher has, or use "
+                             "ORDER 'given'.")
         fits = None
         for images, student_features in probes:
             teacher_features = teacher.features(teacher.normalize(
-                images, student.pixel_mean, student.pixel_std, model.input_format))
+                images, student.pixel_mean, student.pixel_std, model.input_format),
+                student_features)
             if fits is None:
                 fits = {level: AdapterFit(student_features[level].shape[1],
                                           teacher_features[level].shape[1],

@@ -61,8 +61,13 @@ class GlobalKnowledgeHead(DistillHead):
         self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
         self.student_strides = {l: student_shapes[l].stride for l in self.levels}
         self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        # The response term reads the teacher's predictions; without it (RESPONSE_WEIGHT 0)
+        # features suffice, so any teacher family serves (e.g. a Cascade R-CNN teacher for a
+        # RetinaNet student).
+        self.with_response = gk.RESPONSE_WEIGHT != 0
         self.teacher_needs = frozenset(
-            {"features", "dense_predictions" if self.dense else "roi_predictions"})
+            {"features"} | ({"dense_predictions" if self.dense else "roi_predictions"}
+                            if self.with_response else set()))
         self.bank = PrototypeBank(self.levels, detector_num_classes(cfg),
                                   cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                                   teacher_shapes[self.levels[0]].channels,
@@ -169,6 +174,8 @@ class GlobalKnowledgeHead(DistillHead):
         return box_weight_maps(kd.boxes, w, kd.images, t_map.shape, stride)
 
     def _response(self, student, teacher, instances, weights) -> torch.Tensor:
+        if not self.with_response:
+            return student.features[self.levels[0]].sum() * 0.0
         rows = torch.cat([instances[l].rows for l in self.levels])
         w = torch.cat(weights)
         if self.dense:

@@ -54,14 +54,24 @@ def dense_head_layout(model: nn.Module) -> Tuple:
             generator.num_anchors[0] if generator is not None else None)
 
 
-def check_response_compatible(student: nn.Module, teacher: nn.Module, needs) -> None:
-    """Response heads compare outputs one to one; fail at build time when they cannot."""
+def check_response_compatible(student: nn.Module, teacher: nn.Module,
+                              heads: Dict[str, nn.Module]) -> None:
+    """Response heads compare outputs one to one; fail at build time when they cannot.
+
+    ``heads``: name -> head; the error names the heads that need what is missing."""
+    def users(need: str) -> str:
+        return ", ".join(n for n, h in heads.items() if need in h.teacher_needs)
+
+    needs = set().union(*(h.teacher_needs for h in heads.values()))
     if "dense_predictions" in needs:
         s, t = dense_head_layout(student), dense_head_layout(teacher)
         if not (isinstance(student, DenseDetector) and s == t):
-            raise ValueError("Dense response distillation needs a teacher of the student's "
-                             "family and head layout (family, classes, levels, anchors/cell): "
-                             f"student {s}, teacher {t}.")
+            hint = (" (GlobalKnowledgeHead: DISTILL.GK.RESPONSE_WEIGHT 0 keeps its feature and "
+                    "global terms only)" if "GlobalKnowledgeHead" in users("dense_predictions")
+                    else "")
+            raise ValueError(f"{users('dense_predictions')}: dense response distillation needs "
+                             "a teacher of the student's family and head layout (family, "
+                             f"classes, levels, anchors/cell): student {s}, teacher {t}{hint}.")
     if "rpn_predictions" in needs:
         s_rpn, t_rpn = (getattr(getattr(m, "proposal_generator", None), "in_features", None)
                         for m in (student, teacher))
@@ -69,15 +79,26 @@ def check_response_compatible(student: nn.Module, teacher: nn.Module, needs) -> 
                                 if getattr(m, "proposal_generator", None) is not None else None
                                 for m in (student, teacher))
         if s_rpn is None or (s_rpn, s_anchors) != (t_rpn, t_anchors):
-            raise ValueError("RPN response distillation needs R-CNN student and teacher with "
-                             f"the same RPN levels and anchors: student {s_rpn} {s_anchors}, "
-                             f"teacher {t_rpn} {t_anchors}.")
+            raise ValueError(f"{users('rpn_predictions')}: RPN response distillation needs "
+                             "R-CNN student and teacher with the same RPN levels and anchors: "
+                             f"student {s_rpn} {s_anchors}, teacher {t_rpn} {t_anchors}.")
     if "roi_predictions" in needs:
         s_heads, t_heads = getattr(student, "roi_heads", None), getattr(teacher, "roi_heads", None)
         if s_heads is None or t_heads is None or s_heads.num_classes != t_heads.num_classes:
-            raise ValueError("R-CNN response distillation needs R-CNN student and teacher with "
-                             f"the same classes: student {type(student).__name__}, teacher "
-                             f"{type(teacher).__name__}.")
+            raise ValueError(f"{users('roi_predictions')}: R-CNN response distillation needs "
+                             "R-CNN student and teacher with the same classes: student "
+                             f"{type(student).__name__}, teacher {type(teacher).__name__}.")
+        for role, roi_heads in (("student", s_heads), ("teacher", t_heads)):
+            if not all(hasattr(roi_heads, a) for a in ("box_pooler", "box_head", "box_predictor")):
+                raise ValueError(f"{users('roi_predictions')}: the {role}'s RoI heads "
+                                 f"({type(roi_heads).__name__}) have no FPN box head "
+                                 "(box_pooler, box_head, box_predictor); R-CNN response "
+                                 "distillation needs StandardROIHeads or CascadeROIHeads.")
+        if isinstance(s_heads.box_predictor, nn.ModuleList):
+            raise ValueError(f"{users('roi_predictions')}: the student's RoI heads "
+                             f"({type(s_heads).__name__}) have {len(s_heads.box_predictor)} box "
+                             "predictors; R-CNN response distillation reads one (a Cascade "
+                             "R-CNN may be the teacher, not the student).")
 
 
 @META_ARCH_REGISTRY.register()
@@ -115,7 +136,8 @@ class DistillationDetector(nn.Module):
         self.release_teachers(keep=teacher_weights)
         for index in sorted(teacher_weights):
             if self.teachers[index] is None:
-                self.teachers[index] = build_teacher(self.cfg, index).to(self.device)
+                self.teachers[index] = build_teacher(
+                    self.cfg, index, self.student.backbone.output_shape()).to(self.device)
         self.teacher_weights = dict(teacher_weights)
         self.active_teacher = min(teacher_weights)
         self.heads = nn.ModuleDict()
@@ -123,9 +145,7 @@ class DistillationDetector(nn.Module):
         for index in sorted(teacher_weights):
             heads = build_distill_heads(head_cfg, self.student.backbone.output_shape(),
                                         self.teachers[index].backbone_shapes)
-            check_response_compatible(
-                self.student, self.teachers[index].model,
-                set().union(*(h.teacher_needs for h in heads.values())))
+            check_response_compatible(self.student, self.teachers[index].model, heads)
             for name, head in heads.items():
                 key = name if len(teacher_weights) == 1 else f"{name}_t{index}"
                 if key != name:
@@ -213,12 +233,15 @@ class DistillationDetector(nn.Module):
             return outputs
         images = teacher.normalize(taps.images, self.student.pixel_mean,
                                    self.student.pixel_std, self.input_format)
-        outputs.features = teacher.features(images)
+        features = teacher.backbone_features(images)  # the teacher's own level names
+        # under the student's level names (matched by stride), on the student's grids
+        outputs.features = teacher.student_levels(features, taps.features)
         if "dense_predictions" in self.teacher_needs:
-            outputs.dense_predictions = teacher.dense_predictions(outputs.features)
+            outputs.dense_predictions = teacher.dense_predictions(features)
         if "rpn_predictions" in self.teacher_needs:
-            outputs.rpn_predictions = teacher.rpn_predictions(outputs.features)
+            outputs.rpn_predictions = teacher.rpn_predictions(features)
         if "roi_predictions" in self.teacher_needs:
             boxes = [p.proposal_boxes for p in taps.sampled_proposals]
-            outputs.roi_predictions = teacher.roi_predictions(outputs.features, boxes)
+            outputs.roi_predictions = teacher.roi_predictions(
+                features, boxes, self.student.roi_heads.box_predictor.box2box_transform)
         return outputs

@@ -6,14 +6,18 @@ Its parameters never require grad, it is locked in eval mode (``model.train()`` 
 it), it runs under ``torch.no_grad()``, and its weights must load completely — a teacher whose
 checkpoint is missing or does not match its config is a hard error, never a warning.
 """
+import contextlib
 import logging
+import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import CfgNode, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, ImageList
 from omegaconf import OmegaConf
 from torch import nn
@@ -22,6 +26,10 @@ from ..compat.checkpoint import UnreadableCheckpoint, load_weights
 from ..compat.padding import padded_size
 from ..config.loading import ConfigError
 from ..config.teachers import YACS, TeacherSpec, load_teacher_config, teacher_specs, teacher_weights
+from ..heads.alignment import match_levels
+
+# DISTILL.TEACHER.CASCADE_STAGE: which stages of a Cascade R-CNN teacher answer on RoIs.
+CASCADE_STAGES = ("mean", "last")
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +74,20 @@ def _lazy_input_format(lazy_cfg) -> str:
     return "BGR"
 
 
-def build_teacher(cfg: CfgNode, index: int) -> "FrozenTeacher":
+def build_teacher(cfg: CfgNode, index: int,
+                  student_shapes: Optional[Dict[str, ShapeSpec]] = None) -> "FrozenTeacher":
     """The :class:`FrozenTeacher` of entry ``index`` of ``DISTILL.TEACHER.CONFIGS`` (a yacs
-    or LazyConfig file, or a model-zoo name; see d2kd/config/teachers.py)."""
+    or LazyConfig file, or a model-zoo name; see d2kd/config/teachers.py), its levels matched
+    to ``student_shapes`` (the student backbone's output shapes) by stride."""
+    cascade_stage = cfg.DISTILL.TEACHER.CASCADE_STAGE
+    if cascade_stage not in CASCADE_STAGES:
+        raise ValueError(f"DISTILL.TEACHER.CASCADE_STAGE={cascade_stage!r} is not one of "
+                         f"{', '.join(map(repr, CASCADE_STAGES))}.")
     spec = teacher_specs(cfg)[index]
     model, input_format, weights = build_teacher_model(spec, cfg)
     load_teacher_weights(model, weights, spec.reference)
-    return FrozenTeacher(model, input_format, weights, spec.reference)
+    return FrozenTeacher(model, input_format, weights, spec.reference, student_shapes,
+                         cascade_stage)
 
 
 def build_teacher_model(spec: TeacherSpec, cfg: CfgNode) -> Tuple[nn.Module, str, str]:
@@ -83,11 +98,44 @@ def build_teacher_model(spec: TeacherSpec, cfg: CfgNode) -> Tuple[nn.Module, str
     if spec.kind == YACS:
         return build_model(teacher_cfg), teacher_cfg.INPUT.FORMAT, weights
     try:
-        model = instantiate(teacher_cfg.model)
+        model = _instantiate(teacher_cfg.model)
     except Exception as e:  # arbitrary user code: name the teacher
         raise ConfigError(f"Teacher LazyConfig {spec.reference}: `model` cannot be built: "
                           f"{type(e).__name__}: {e}") from None
     return model, _lazy_input_format(teacher_cfg), weights
+
+
+def _instantiate(config) -> nn.Module:
+    """``instantiate(config)``; on the meta device (the pre-start check builds every model
+    there) tensors the constructors compute with stay on the CPU and only the parameters and
+    buffers go to meta: detectron2's ViT, Swin and MViT read drop-path rates with ``.item()``
+    while they are built, which meta tensors cannot answer."""
+    if torch.empty(()).device.type != "meta":
+        return instantiate(config)
+    with torch.device("cpu"), _parameters_and_buffers_on_meta():
+        return instantiate(config)
+
+
+@contextlib.contextmanager
+def _parameters_and_buffers_on_meta():
+    """While active, every parameter and buffer a module registers is moved to ``meta``."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module, name, param):
+        if param is not None:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"),
+                        persistent=persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = (register_parameter,
+                                                                   register_buffer)
 
 
 class FrozenTeacher:
@@ -98,20 +146,42 @@ class FrozenTeacher:
         input_format: the channel order it was trained on ("BGR" or "RGB").
         weights: where its weights came from (identifies the teacher in caches and logs).
         name: how the config named it (for messages).
+        student_shapes: the student backbone's output shapes; the teacher's levels are
+            presented under the names of the student levels they match by stride
+            (:func:`d2kd.heads.alignment.match_levels`). None: the teacher's own names.
+        cascade_stage: a Cascade R-CNN teacher's answer on RoIs (:meth:`roi_predictions`):
+            "mean" of the stages' class probabilities, or the "last" stage's.
     """
 
-    def __init__(self, model: nn.Module, input_format: str, weights: str, name: str = ""):
+    def __init__(self, model: nn.Module, input_format: str, weights: str, name: str = "",
+                 student_shapes: Optional[Dict[str, ShapeSpec]] = None,
+                 cascade_stage: str = "mean"):
         self.model = model
         self.input_format = input_format
         self.weights = weights
         self.name = name
+        self.cascade_stage = cascade_stage
+        own = model.backbone.output_shape()
+        # student level name -> teacher level name
+        self.levels: Dict[str, str] = (match_levels(student_shapes, own) if student_shapes
+                                       else {level: level for level in own})
+        # student levels whose teacher map has the student's stride (cropped, never resized)
+        self._same_stride = {s for s, t in self.levels.items()
+                             if not student_shapes or student_shapes[s].stride == own[t].stride}
         self.model.requires_grad_(False)
         _lock_eval(self.model)
         logger.info("Teacher %s (%s) loaded from %s", name, type(model).__name__, weights)
+        renamed = {s: t for s, t in self.levels.items() if s != t}
+        if renamed:
+            logger.info("Teacher %s levels matched to student levels by stride: %s", name,
+                        ", ".join(f"{s} <- {t}" for s, t in sorted(renamed.items())))
 
     @property
     def backbone_shapes(self) -> Dict[str, ShapeSpec]:
-        return self.model.backbone.output_shape()
+        """The teacher backbone's output shapes under the student's level names (only the
+        levels that match a student level; see ``levels``)."""
+        own = self.model.backbone.output_shape()
+        return {s: own[t] for s, t in self.levels.items()}
 
     def to(self, device: torch.device) -> "FrozenTeacher":
         self.model.to(device)
@@ -140,25 +210,121 @@ class FrozenTeacher:
         return out
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Backbone (FPN) outputs, name -> (N, C, H/s, W/s)."""
+    def backbone_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Backbone (FPN / simple feature pyramid) outputs under the teacher's own names,
+        name -> (N, C, H/s, W/s): what the teacher's own heads read."""
         return self.model.backbone(images)
+
+    def student_levels(self, features: Dict[str, torch.Tensor],
+                       student_features: Optional[Dict[str, torch.Tensor]] = None
+                       ) -> Dict[str, torch.Tensor]:
+        """``features`` (the teacher's names) under the names of the student levels they
+        match: student level -> (N, C, H_t, W_t).
+
+        With ``student_features`` (the student's maps of the same batch, (N, C_s, H_s, W_s)),
+        a teacher map of the student's stride that is larger — the teacher pads the batch
+        further, e.g. to ViTDet's fixed square — is cropped to (H_s, W_s): both maps start at
+        the batch's top-left pixel, so cell (i, j) of each sees the same pixels. Otherwise
+        the tensors are returned as they are (a map of another stride is resized by the
+        heads' aligner)."""
+        out = {}
+        for s, t in self.levels.items():
+            x = features[t]
+            like = student_features.get(s) if student_features is not None else None
+            if like is not None and s in self._same_stride:
+                h, w = like.shape[-2:]
+                if x.shape[-2] >= h and x.shape[-1] >= w:
+                    x = x[..., :h, :w]
+            out[s] = x
+        return out
+
+    def features(self, images: torch.Tensor,
+                 student_features: Optional[Dict[str, torch.Tensor]] = None
+                 ) -> Dict[str, torch.Tensor]:
+        """Backbone outputs under the student's level names, name -> (N, C, H/s, W/s);
+        cropped to ``student_features``' grids as :meth:`student_levels` says."""
+        return self.student_levels(self.backbone_features(images), student_features)
 
     @torch.no_grad()
     def dense_predictions(self, features: Dict[str, torch.Tensor]) -> List[List[torch.Tensor]]:
-        """A dense teacher's head outputs per kind (logits, deltas[, ctrness]) and level."""
+        """A dense teacher's head outputs per kind (logits, deltas[, ctrness]) and level, from
+        :meth:`backbone_features` (the teacher's own level names)."""
         return list(self.model.head([features[f] for f in self.model.head_in_features]))
 
     @torch.no_grad()
-    def roi_predictions(self, features: Dict[str, torch.Tensor],
-                        boxes: List[Boxes]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """An R-CNN teacher's box head on given boxes: (scores (R, K+1), deltas (R, 4K))."""
+    def roi_predictions(self, features: Dict[str, torch.Tensor], boxes: List[Boxes],
+                        box_coder: Optional[Box2BoxTransform] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """An R-CNN teacher's box head on given boxes.
+
+        Args:
+            features: :meth:`backbone_features` (the teacher's own level names).
+            boxes: per image, the R_i boxes to classify (R = sum R_i), in the padded batch's
+                pixels.
+            box_coder: the box coding the returned deltas are in (the student's
+                ``Box2BoxTransform``); None, or the teacher's own: as the teacher predicts them.
+        Returns:
+            scores (R, K+1) and deltas (R, 4K), or (R, 4) for class-agnostic regression.
+            A Cascade R-CNN teacher (per-stage ``box_head[k]`` / ``box_predictor[k]``) runs
+            every stage on the same ``boxes`` (its own inference feeds stage k the boxes of
+            stage k-1; here all answer for the student's boxes). With ``cascade_stage``
+            "mean", scores are the log of the mean over stages of the softmax probabilities
+            (the stage average of ``CascadeROIHeads`` inference; log-probabilities, so a
+            softmax of them gives that mean back), with "last" the last stage's logits;
+            deltas are the last stage's (the regression cascade inference keeps).
+        """
         roi_heads = self.model.roi_heads
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
-        return roi_heads.box_predictor(roi_heads.box_head(pooled))
+        heads, predictors = box_stages(roi_heads)
+        if self.cascade_stage == "last":
+            heads, predictors = heads[-1:], predictors[-1:]
+        stage_scores = []
+        for head, predictor in zip(heads, predictors):
+            scores, deltas = predictor(head(pooled))
+            stage_scores.append(scores)
+        if len(stage_scores) > 1:
+            log_probs = torch.stack([F.log_softmax(x, dim=1) for x in stage_scores])
+            scores = torch.logsumexp(log_probs, dim=0) - math.log(len(stage_scores))
+        return scores, recode_deltas(deltas, predictors[-1].box2box_transform, box_coder)
 
     @torch.no_grad()
     def rpn_predictions(self, features: Dict[str, torch.Tensor]):
-        """An R-CNN teacher's RPN head: objectness logits and deltas, lists over its levels."""
+        """An R-CNN teacher's RPN head on :meth:`backbone_features`: objectness logits and
+        deltas, lists over its levels."""
         generator = self.model.proposal_generator
         return generator.rpn_head([features[f] for f in generator.in_features])
+
+
+def box_stages(roi_heads: nn.Module) -> Tuple[Sequence[nn.Module], Sequence[nn.Module]]:
+    """(box heads, box predictors) of R-CNN RoI heads: one of each for ``StandardROIHeads``,
+    one per stage for ``CascadeROIHeads`` (``nn.ModuleList`` s)."""
+    heads, predictors = roi_heads.box_head, roi_heads.box_predictor
+    if isinstance(predictors, nn.ModuleList):
+        return list(heads), list(predictors)
+    return [heads], [predictors]
+
+
+def recode_deltas(deltas: torch.Tensor, source: Box2BoxTransform,
+                  target: Optional[Box2BoxTransform]) -> torch.Tensor:
+    """Box deltas of coding ``source`` re-expressed in coding ``target``: the deltas that
+    ``target`` would encode, relative to the same boxes, the boxes ``source`` decodes.
+
+    With detectron2's ``Box2BoxTransform`` (dx = wx (x' - x) / w, dw = ww log(w' / w), ...)
+    this is a rescaling per coordinate, independent of the boxes: dx_t = dx_s wx_t / wx_s,
+    dw_t = ww_t min(dw_s / ww_s, scale_clamp) (the clamp ``source`` decodes with).
+
+    Args:
+        deltas: (R, 4k) deltas (k classes, or 1: class-agnostic), detectron2's
+            (dx, dy, dw, dh) order per class.
+    Returns:
+        (R, 4k); ``deltas`` itself when the weights are equal (or ``target`` is None).
+    """
+    if target is None or tuple(source.weights) == tuple(target.weights):
+        return deltas
+    per_class = deltas.reshape(deltas.shape[0], -1, 4)
+    (sx, sy, sw, sh), (tx, ty, tw, th) = source.weights, target.weights
+    clamp = source.scale_clamp
+    recoded = torch.stack([per_class[..., 0] * (tx / sx), per_class[..., 1] * (ty / sy),
+                           (per_class[..., 2] / sw).clamp(max=clamp) * tw,
+                           (per_class[..., 3] / sh).clamp(max=clamp) * th], dim=-1)
+    return recoded.reshape(deltas.shape)

@@ -1,0 +1,460 @@
+"""Transformer and Cascade R-CNN teachers for CNN students (docs/transformer_teachers.md).
+
+- Levels: teacher levels answer student levels by stride (``match_levels``), also when the
+  teacher names them otherwise; ViTDet's simple feature pyramid names p2-p6 like an FPN.
+- Cascade R-CNN teachers answer on the student's RoIs with every stage on the same boxes:
+  checked against the stages run by hand and detectron2's own box decoding / encoding.
+- ViTDet-B, Swin-B and MViTv2-B Cascade Mask R-CNN teachers from detectron2's ViTDet project
+  configs (upstream detectron2 only; shrunk to CPU size by LazyConfig overrides, random
+  weights saved to a file) load strictly and train a DigitsDet student with every head.
+"""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone, build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, ImageList
+
+from d2kd.compat.padding import padded_size
+from d2kd.compat.projects import missing_transformer_backbones, projects_dir
+from d2kd.config import ConfigError, load_config
+from d2kd.config.teachers import PROJECTS_PREFIX, load_teacher_config, teacher_specs
+from d2kd.engine import DistillTrainer
+from d2kd.engine.preflight import check_model
+from d2kd.heads import DISTILL_HEAD_REGISTRY, FitNetHead
+from d2kd.heads.alignment import match_levels
+from d2kd.modeling.teacher import FrozenTeacher, build_teacher_model
+
+from conftest import CONFIGS, tiny_training_cfg
+
+RCNN_STUDENT = "DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml"
+RETINANET_STUDENT = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
+FEATURE_HEADS = ["FitNetHead", "FGFIHead", "FgBgHead", "MGDHead", "DFDHead",
+                 "GlobalKnowledgeHead", "DetKDSHead"]
+RESPONSE_HEADS = ["LogitKDHead", "LocKDHead"]
+
+MISSING_BACKBONES = missing_transformer_backbones()
+
+
+def _vitdet_unavailable() -> str:
+    """Why the ViTDet project teachers cannot be built here ("" when they can)."""
+    if MISSING_BACKBONES:
+        return (f"this detectron2 lacks {', '.join(MISSING_BACKBONES)} (added after v0.6): "
+                "transformer teachers need detectron2 main (make test-upstream)")
+    if projects_dir() is None:
+        return ("detectron2's projects/ViTDet/configs are not reachable: set "
+                "DETECTRON2_PROJECTS to the projects/ folder of a detectron2 source checkout "
+                "(make test-upstream does)")
+    return ""
+
+
+needs_vitdet = pytest.mark.skipif(bool(_vitdet_unavailable()), reason=_vitdet_unavailable())
+
+# ---- ViTDet project teachers, shrunk to CPU size -------------------------------------------
+SQUARE = 256  # the fixed square they pad to (1024 as released)
+CHANNELS = 32  # pyramid width (256 as released); the DigitsDet student's FPN has 64: adapters
+
+
+def _cascade_head_overrides():
+    shrink = [f"model.roi_heads.num_classes=10", f"model.backbone.out_channels={CHANNELS}",
+              f"model.backbone.square_pad={SQUARE}",
+              f"model.proposal_generator.head.in_channels={CHANNELS}",
+              f"model.roi_heads.mask_head.input_shape.channels={CHANNELS}",
+              "model.roi_heads.mask_head.conv_dims=[8]"]
+    for k in range(3):  # the three cascade stages
+        shrink += [f"model.roi_heads.box_heads.{k}.input_shape.channels={CHANNELS}",
+                   f"model.roi_heads.box_heads.{k}.conv_dims=[16]",
+                   f"model.roi_heads.box_heads.{k}.fc_dims=[32]",
+                   f"model.roi_heads.box_predictors.{k}.input_shape.channels=32"]
+    return shrink
+
+
+TRANSFORMER_TEACHERS = {  # kind -> (config under projects/, backbone overrides)
+    "vitdet_b": ("ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_b_100ep.py", [
+        f"model.backbone.net.img_size={SQUARE}", "model.backbone.net.embed_dim=32",
+        "model.backbone.net.depth=2", "model.backbone.net.num_heads=2",
+        "model.backbone.net.window_size=4", "model.backbone.net.window_block_indexes=[0]",
+        "model.backbone.net.drop_path_rate=0.0"]),
+    "swin_b": ("ViTDet/configs/COCO/cascade_mask_rcnn_swin_b_in21k_50ep.py", [
+        "model.backbone.bottom_up.embed_dim=16", "model.backbone.bottom_up.depths=[1,1,1,1]",
+        "model.backbone.bottom_up.num_heads=[1,2,2,4]",
+        "model.backbone.bottom_up.drop_path_rate=0.0"]),
+    "mvitv2_b": ("ViTDet/configs/COCO/cascade_mask_rcnn_mvitv2_b_in21k_100ep.py", [
+        "model.backbone.bottom_up.embed_dim=16", "model.backbone.bottom_up.depth=4",
+        "model.backbone.bottom_up.last_block_indexes=[0,1,2,3]",
+        f"model.backbone.bottom_up.img_size={SQUARE}",
+        "model.backbone.bottom_up.drop_path_rate=0.0"]),
+}
+
+
+def _transformer_cfg(kind: str, output_dir: str, weights: str, student: str = RCNN_STUDENT):
+    config, overrides = TRANSFORMER_TEACHERS[kind]
+    cfg = tiny_training_cfg(student, output_dir)
+    cfg.DISTILL.TEACHER.CONFIGS = [PROJECTS_PREFIX + config]
+    cfg.DISTILL.TEACHER.WEIGHTS = [weights]
+    cfg.DISTILL.TEACHER.LAZY_OVERRIDES = _cascade_head_overrides() + overrides
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS = 2
+    cfg.DISTILL.PROTOTYPES.NUM_PER_CLASS = 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def transformer_weights(tmp_path_factory):
+    """kind -> a checkpoint of the shrunk teacher with random weights (built on first use)."""
+    files = {}
+
+    def weights_for(kind: str) -> str:
+        if kind not in files:
+            directory = tmp_path_factory.mktemp(kind)
+            cfg = _transformer_cfg(kind, str(directory), "(random)")
+            torch.manual_seed(0)
+            model = build_teacher_model(teacher_specs(cfg)[0], cfg)[0]
+            DetectionCheckpointer(model, save_dir=str(directory)).save("teacher")
+            files[kind] = str(directory / "teacher.pth")
+        return files[kind]
+
+    return weights_for
+
+
+@needs_vitdet
+@pytest.mark.parametrize("kind", sorted(TRANSFORMER_TEACHERS))
+def test_transformer_cascade_teacher_loads_strictly_and_distils_with_every_head(
+        kind, transformer_weights, tiny_digitsdet, tmp_path):
+    cfg = _transformer_cfg(kind, str(tmp_path), transformer_weights(kind))
+    cfg.DISTILL.HEADS = FEATURE_HEADS + RESPONSE_HEADS
+    cfg.DISTILL.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    trainer = DistillTrainer(cfg)
+    teacher = trainer.model.teachers[0]
+    # the pyramid's levels are the student's by name and stride; channels differ: adapters
+    assert teacher.levels == {level: level for level in cfg.DISTILL.IN_FEATURES}
+    assert {s.stride for s in teacher.backbone_shapes.values()} == {4, 8, 16, 32, 64}
+    assert set(trainer.model.heads["FitNetHead"].aligner.adapters) == set(cfg.DISTILL.IN_FEATURES)
+    assert type(teacher.model.roi_heads).__name__ == "CascadeROIHeads"
+    assert teacher.input_format == "RGB"  # the LazyConfig's normalisation reached the teacher
+    assert torch.allclose(teacher.model.pixel_mean.flatten(),
+                          torch.tensor([123.675, 116.28, 103.53]))
+    inputs = []
+    hook = teacher.model.backbone.register_forward_hook(
+        lambda module, args, out: inputs.append(tuple(args[0].shape)))
+    saved = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    trainer.train()
+    hook.remove()
+    assert trainer.iter == cfg.SOLVER.MAX_ITER
+    # the student's 144 x 192 batch reached the teacher padded to its fixed square
+    assert inputs and all(shape[-2:] == (SQUARE, SQUARE) for shape in inputs)
+    losses = trainer.storage.latest()
+    for head in [DISTILL_HEAD_REGISTRY.get(h).name for h in cfg.DISTILL.HEADS]:
+        found = [k for k in losses if k.startswith(f"loss_kd_{head}")]
+        assert found and all(torch.isfinite(torch.tensor(losses[k][0])) for k in found), head
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
+
+
+@needs_vitdet
+def test_transformer_teacher_for_a_retinanet_student_feature_heads_and_levels(
+        transformer_weights, tiny_digitsdet, tmp_path):
+    """A dense student: every feature head and GK's feature + global terms; the student's p7
+    (stride 128) has no teacher level; GK's response term needs a RetinaNet teacher."""
+    cfg = _transformer_cfg("vitdet_b", str(tmp_path), transformer_weights("vitdet_b"),
+                           student=RETINANET_STUDENT)
+    cfg.DISTILL.HEADS = FEATURE_HEADS
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    with pytest.raises(ConfigError, match=r"^DISTILL.IN_FEATURES level 'p7' must exist in "
+                                          r"student and teacher.*p6: 32ch/stride 64\}"):
+        check_model(cfg)
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6"]
+    with pytest.raises(ConfigError, match=r"^GlobalKnowledgeHead: dense response distillation "
+                                          r".*DISTILL.GK.RESPONSE_WEIGHT 0 keeps its feature"):
+        check_model(cfg)
+    cfg.DISTILL.GK.RESPONSE_WEIGHT = 0.0
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    losses = trainer.storage.latest()
+    assert losses["loss_kd_gk_resp"][0] == 0.0
+    for head in [DISTILL_HEAD_REGISTRY.get(h).name for h in cfg.DISTILL.HEADS]:
+        assert any(k.startswith(f"loss_kd_{head}") for k in losses), head
+
+
+@needs_vitdet
+def test_vitdet_teacher_input_is_its_own_preprocessing(transformer_weights, tiny_digitsdet,
+                                                       tmp_path):
+    """The student's batch re-encoded for the teacher equals what the teacher's own
+    ``preprocess_image`` makes of the same images (its normalisation, padded to its square);
+    a batch larger than the square keeps the pyramid's strides."""
+    cfg = _transformer_cfg("vitdet_b", str(tmp_path), transformer_weights("vitdet_b"))
+    model = build_model(cfg)
+    student, teacher = model.student, model.teachers[0]
+    torch.manual_seed(0)
+    for sizes, padded in [([(100, 150), (144, 192)], (SQUARE, SQUARE)),
+                          ([(300, 200), (144, 192)], (320, SQUARE))]:
+        inputs = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float()}
+                  for h, w in sizes]
+        batch = student.preprocess_image(inputs)
+        ours = teacher.normalize(batch, student.pixel_mean, student.pixel_std, cfg.INPUT.FORMAT)
+        own = teacher.model.preprocess_image(inputs) if padded == (SQUARE, SQUARE) else None
+        assert ours.shape[-2:] == padded
+        if own is not None:  # within the square, detectron2's own padding is the reference
+            assert own.tensor.shape == ours.shape
+            assert torch.allclose(own.tensor, ours, atol=1e-4)
+        features = teacher.features(ours)
+        assert {l: tuple(f.shape[-2:]) for l, f in features.items()} == {
+            f"p{k}": (padded[0] // 2 ** k, padded[1] // 2 ** k) for k in range(2, 7)}
+
+
+def test_padded_size_honours_the_simple_feature_pyramids_constraints():
+    class SimpleFeaturePyramidLike:  # upstream's ViTDet pyramid, its key misspelled as there
+        size_divisibility = 0
+        padding_constraints = {"size_divisiblity": 32, "square_size": 256}
+
+    class SquareFPN:  # Swin / MViTv2 + FPN with square_pad
+        size_divisibility = 32
+        padding_constraints = {"square_size": 256}
+
+    assert padded_size(SimpleFeaturePyramidLike(), 144, 192) == (256, 256)  # as detectron2
+    assert padded_size(SimpleFeaturePyramidLike(), 300, 200) == (320, 256)  # not cropped
+    assert padded_size(SquareFPN(), 144, 192) == (256, 256)
+    assert padded_size(SquareFPN(), 300, 250) == (320, 256)
+
+
+@needs_vitdet
+def test_coco_transformer_chain_builds_every_stage(tmp_path):
+    """configs/COCO's RetinaNet chain (R-101 RetinaNet -> Swin-B Cascade Mask R-CNN) passes the
+    pre-start check of every stage, stage 2 on p3-p6 (teachers shrunk, random weights)."""
+    cfg = load_config(os.path.join(CONFIGS, "COCO/retinanet_R50_from_R101_swinB_mtpd_mgd.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    cfg.DISTILL.TEACHER.OPTS = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS",
+                                "64", "MODEL.FPN.OUT_CHANNELS", "32"]
+    cfg.DISTILL.TEACHER.LAZY_OVERRIDES = (_cascade_head_overrides()
+                                          + TRANSFORMER_TEACHERS["swin_b"][1])
+    cfg.DISTILL.TEACHER.LAZY_OVERRIDES[0] = "model.roi_heads.num_classes=80"
+    weights = []
+    for spec in teacher_specs(cfg):
+        model = build_teacher_model(replace(spec, weights="(random)"), cfg)[0]
+        DetectionCheckpointer(model, save_dir=str(tmp_path)).save(f"teacher{spec.index}")
+        weights.append(str(tmp_path / f"teacher{spec.index}.pth"))
+    cfg.DISTILL.TEACHER.WEIGHTS = weights
+    check_model(cfg)  # every stage on the meta device; raises with one line otherwise
+    cfg.DISTILL.SCHEDULE.STAGE_OPTS = []  # stage 2 would distil p7, which Swin-B lacks
+    with pytest.raises(ConfigError, match=r"^DISTILL.IN_FEATURES level 'p7' must exist"):
+        check_model(cfg)
+
+
+# ---- level matching by stride ----------------------------------------------------------------
+def _shapes(**levels):
+    return {name: ShapeSpec(channels=channels, stride=stride)
+            for name, (channels, stride) in levels.items()}
+
+
+def test_levels_match_by_name_then_stride():
+    student = _shapes(p2=(64, 4), p3=(64, 8), p4=(64, 16), p5=(64, 32), p6=(64, 64), p7=(64, 128))
+    fpn = _shapes(p2=(256, 4), p3=(256, 8), p4=(256, 16), p5=(256, 32), p6=(256, 64))
+    assert match_levels(student, fpn) == {f"p{k}": f"p{k}" for k in range(2, 7)}  # no p7
+    # a backbone naming its maps otherwise (Swin's own outputs p0-p3, strides 4-32)
+    swin = _shapes(p0=(128, 4), p1=(256, 8), p2=(512, 16), p3=(1024, 32))
+    assert match_levels(student, swin) == {"p2": "p0", "p3": "p1", "p4": "p2", "p5": "p3"}
+    # a name at another stride, no level of the stride: the name (maps are resized)
+    assert match_levels(_shapes(p3=(64, 8)), _shapes(p3=(64, 4))) == {"p3": "p3"}
+    # two teacher levels of the stride, neither of the name: ambiguous, unmatched
+    assert match_levels(_shapes(p3=(64, 8)), _shapes(a=(8, 8), b=(8, 8))) == {}
+
+
+class _Renamed(Backbone):
+    """A backbone whose maps are named by stride (``s8``, ``s16``, ...)."""
+
+    def __init__(self, inner: Backbone):
+        super().__init__()
+        self.inner = inner
+        self._names = {name: f"s{shape.stride}" for name, shape in inner.output_shape().items()}
+
+    def forward(self, x):
+        return {self._names[k]: v for k, v in self.inner(x).items()}
+
+    def output_shape(self):
+        return {self._names[k]: v for k, v in self.inner.output_shape().items()}
+
+    @property
+    def size_divisibility(self):
+        return self.inner.size_divisibility
+
+
+def test_teacher_levels_are_presented_under_the_student_names(tiny_digitsdet, tmp_path):
+    """Heads see a teacher level under the name of the student level of its stride: FitNet on
+    a teacher that names its maps ``s8``..``s128`` equals the loss against those maps."""
+    cfg = tiny_training_cfg("DigitsDet/retinanet_R18_from_R50_fitnet.yaml", str(tmp_path))
+    student_cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R18_student.yaml"),
+                              ["MODEL.WEIGHTS", ""])
+    teacher_cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R50_teacher.yaml"),
+                              ["MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    student, teacher_model = build_model(student_cfg), build_model(teacher_cfg)
+    teacher_model.backbone = _Renamed(teacher_model.backbone)
+    teacher = FrozenTeacher(teacher_model, "RGB", "random", "renamed",
+                            student.backbone.output_shape())
+    levels = list(cfg.DISTILL.IN_FEATURES)
+    assert teacher.levels == {level: f"s{2 ** int(level[1:])}" for level in levels}
+    shapes = teacher.backbone_shapes
+    assert [shapes[l].stride for l in levels] == [2 ** int(l[1:]) for l in levels]
+    head = FitNetHead(cfg, student.backbone.output_shape(), shapes)
+    images = torch.randn(2, 3, 160, 192)
+    raw = teacher.backbone_features(images)
+    view = teacher.features(images)
+    assert all(torch.equal(view[l], raw[f"s{2 ** int(l[1:])}"]) for l in levels)
+
+    class Taps:
+        features = {l: f for l, f in student.backbone(images).items()}
+
+    class Outputs:
+        features = view
+
+    from detectron2.utils.events import EventStorage
+    with EventStorage():
+        loss = head(Taps, Outputs)["loss_kd_fitnet_feat"]
+    expected = sum(cfg.DISTILL.FITNET.WEIGHT * (head.aligner.adapters[l](Taps.features[l])
+                                                - raw[f"s{2 ** int(l[1:])}"]).pow(2).mean()
+                   for l in levels)
+    assert torch.allclose(loss, expected)
+
+
+# ---- Cascade R-CNN teachers ------------------------------------------------------------------
+CASCADE_OPTS = ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads",
+                "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]
+
+
+def _cascade_teacher(cascade_stage: str):
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet/faster_rcnn_R50_teacher.yaml"),
+                      CASCADE_OPTS + ["MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # non-trivial predictors: random weights of a realistic scale
+        for p in model.roi_heads.box_predictor.parameters():
+            p.normal_(0, 0.02)
+    return FrozenTeacher(model, "RGB", "random", "cascade", cascade_stage=cascade_stage)
+
+
+@pytest.mark.parametrize("cascade_stage", ["mean", "last"])
+def test_cascade_teacher_roi_predictions_against_the_stages_run_by_hand(cascade_stage):
+    teacher = _cascade_teacher(cascade_stage)
+    roi_heads = teacher.model.roi_heads
+    assert len(roi_heads.box_predictor) == 3
+    images = torch.randn(2, 3, 160, 192)
+    features = teacher.backbone_features(images)
+    torch.manual_seed(1)
+    xy = torch.rand(2, 7, 2) * torch.tensor([150.0, 120.0])
+    wh = 4 + torch.rand(2, 7, 2) * 40
+    boxes = [Boxes(torch.cat([xy[i], xy[i] + wh[i]], dim=1)) for i in range(2)]
+    student_coder = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
+
+    scores, deltas = teacher.roi_predictions(features, boxes, student_coder)
+
+    # by hand: pool once, each stage's head and linear layers, softmax, mean over stages
+    pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+    logits, raw_deltas = [], []
+    for head, predictor in zip(roi_heads.box_head, roi_heads.box_predictor):
+        x = head(pooled).flatten(1)
+        logits.append(predictor.cls_score(x))
+        raw_deltas.append(predictor.bbox_pred(x))
+    if cascade_stage == "mean":
+        mean_probs = sum(F.softmax(x, dim=1) for x in logits) / 3
+        assert torch.allclose(F.softmax(scores, dim=1), mean_probs, atol=1e-6)
+        assert torch.allclose(scores.exp().sum(dim=1), torch.ones(14))  # log-probabilities
+    else:
+        assert torch.allclose(scores, logits[-1])
+    # the last stage's deltas (its coding 30, 30, 15, 15): its boxes, in the student's coding
+    rois = torch.cat([b.tensor for b in boxes])
+    last_coder = roi_heads.box_predictor[-1].box2box_transform
+    assert tuple(last_coder.weights) == (30.0, 30.0, 15.0, 15.0)
+    decoded = last_coder.apply_deltas(raw_deltas[-1], rois)
+    assert deltas.shape == (14, 4)  # class-agnostic cascade regression
+    assert torch.allclose(deltas, student_coder.get_deltas(rois, decoded), atol=1e-4)
+    assert torch.allclose(student_coder.apply_deltas(deltas, rois), decoded, atol=1e-3)
+    # the teacher's own coding: its raw deltas
+    assert torch.allclose(teacher.roi_predictions(features, boxes, last_coder)[1],
+                          raw_deltas[-1])
+
+
+@pytest.fixture(scope="module")
+def cascade_weights(tmp_path_factory):
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet/faster_rcnn_R50_teacher.yaml"),
+                      CASCADE_OPTS + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("cascade")
+    DetectionCheckpointer(build_model(cfg), save_dir=str(directory)).save("teacher")
+    return str(directory / "teacher.pth")
+
+
+@pytest.mark.parametrize("cascade_stage", ["mean", "last"])
+def test_cascade_teacher_trains_rcnn_response_heads(cascade_stage, cascade_weights,
+                                                    tiny_digitsdet, tmp_path):
+    cfg = tiny_training_cfg(RCNN_STUDENT, str(tmp_path))
+    cfg.DISTILL.TEACHER.WEIGHTS = [cascade_weights]
+    cfg.DISTILL.TEACHER.OPTS = CASCADE_OPTS
+    cfg.DISTILL.TEACHER.CASCADE_STAGE = cascade_stage
+    cfg.DISTILL.HEADS = ["LogitKDHead", "LocKDHead", "GlobalKnowledgeHead"]
+    cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5"]
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS = 2
+    cfg.DISTILL.PROTOTYPES.NUM_PER_CLASS = 2
+    trainer = DistillTrainer(cfg)
+    assert trainer.model.teachers[0].cascade_stage == cascade_stage
+    trainer.train()
+    losses = trainer.storage.latest()
+    for key in ("loss_kd_logit_cls", "loss_kd_loc_box", "loss_kd_gk_resp"):
+        assert torch.isfinite(torch.tensor(losses[key][0])), key
+
+
+def test_cascade_student_and_bad_stage_choice_are_one_line_errors(cascade_weights,
+                                                                  tiny_digitsdet, tmp_path):
+    cfg = tiny_training_cfg(RCNN_STUDENT, str(tmp_path))
+    cfg.DISTILL.TEACHER.WEIGHTS = [cascade_weights]
+    cfg.DISTILL.TEACHER.OPTS = CASCADE_OPTS
+    cfg.DISTILL.HEADS = ["LogitKDHead"]
+    cfg.DISTILL.TEACHER.CASCADE_STAGE = "first"
+    with pytest.raises(ConfigError, match=r"^DISTILL.TEACHER.CASCADE_STAGE='first' is not one "
+                                          r"of 'mean', 'last'.$"):
+        check_model(cfg)
+    cfg.DISTILL.TEACHER.CASCADE_STAGE = "mean"
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"  # the student
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    with pytest.raises(ConfigError, match=r"^LogitKDHead: the student's RoI heads "
+                                          r"\(CascadeROIHeads\) have 3 box predictors; .*may be "
+                                          r"the teacher, not the student\)\.$"):
+        check_model(cfg)
+
+
+# ---- references to detectron2's projects/ ----------------------------------------------------
+def test_projects_references_resolve_under_detectron2_projects(tmp_path, monkeypatch):
+    cfg = tiny_training_cfg(RCNN_STUDENT, str(tmp_path))
+    config = tmp_path / "projects" / "X" / "configs" / "teacher.py"
+    config.parent.mkdir(parents=True)
+    config.write_text("model = None\n")
+    cfg.DISTILL.TEACHER.CONFIGS = [PROJECTS_PREFIX + "X/configs/teacher.py"]
+    cfg.DISTILL.TEACHER.WEIGHTS = ["w.pth"]
+    monkeypatch.setenv("DETECTRON2_PROJECTS", str(tmp_path / "projects"))
+    spec = teacher_specs(cfg)[0]
+    assert (spec.config_file, spec.kind) == (str(config), "lazy")
+    cfg.DISTILL.TEACHER.CONFIGS = [PROJECTS_PREFIX + "X/configs/other.py"]
+    with pytest.raises(ConfigError, match=r"X/configs/other.py: no file .*other.py"):
+        teacher_specs(cfg)
+    monkeypatch.setenv("DETECTRON2_PROJECTS", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"needs detectron2's projects/ folder, which a "
+                                          r"pip-installed detectron2 does not contain; set "
+                                          r"DETECTRON2_PROJECTS .*nowhere"):
+        teacher_specs(cfg)
+
+
+@pytest.mark.skipif(not MISSING_BACKBONES, reason="this detectron2 has the transformer "
+                                                  "backbones (the error is v0.6's)")
+def test_transformer_teacher_on_v06_is_one_error_naming_the_missing_backbones(tmp_path):
+    cfg = tiny_training_cfg(RCNN_STUDENT, str(tmp_path))
+    config = tmp_path / "swin_teacher.py"
+    config.write_text("from detectron2.modeling import SwinTransformer\nmodel = None\n")
+    cfg.DISTILL.TEACHER.CONFIGS = [str(config)]
+    cfg.DISTILL.TEACHER.WEIGHTS = ["w.pth"]
+    with pytest.raises(ConfigError, match=r"cannot be loaded: ImportError: .*SwinTransformer.*; "
+                                          r"this detectron2 lacks ViT, SimpleFeaturePyramid, "
+                                          r"SwinTransformer, MViT \(added after v0.6\)"):
+        load_teacher_config(teacher_specs(cfg)[0], cfg)

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from conftest import REPO, tiny_training_cfg
+from conftest import CONFIGS, REPO
 from test_distillation_core import save_untrained_teacher
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
@@ -53,24 +54,28 @@ def teachers(tmp_path_factory):
 
 
 def _config(kind: str, output_dir, teachers) -> str:
-    """A 6-iteration run of ``kind``, checkpoints every 2 iterations, written to a file."""
+    """A 6-iteration run of ``kind`` on the tiny dataset, checkpoints every 2 iterations,
+    written as a file whose ``_BASE_`` is the shipped config (the driver process loads it
+    as tools/train_net.py would)."""
     config = {"plain": "DigitsDet/retinanet_R18_student.yaml",
               "gk": "DigitsDet/retinanet_R18_from_R50_gk.yaml",
               "mtpd": "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"}[kind]
-    cfg = tiny_training_cfg(config, str(output_dir), max_iter=6)
-    cfg.SOLVER.CHECKPOINT_PERIOD = 2
-    cfg.SOLVER.WARMUP_ITERS = 2
+    overrides = {
+        "_BASE_": os.path.join(CONFIGS, config), "OUTPUT_DIR": str(output_dir),
+        "MODEL": {"WEIGHTS": ""}, "DATALOADER": {"NUM_WORKERS": 0}, "TEST": {"EVAL_PERIOD": 0},
+        "DATASETS": {"TRAIN": ["digitsdet_tiny_train"], "TEST": ["digitsdet_tiny_val"]},
+        "SOLVER": {"IMS_PER_BATCH": 2, "MAX_ITER": 6, "WARMUP_ITERS": 2,
+                   "CHECKPOINT_PERIOD": 2}}
     if kind == "gk":
-        cfg.DISTILL.TEACHER.WEIGHTS = [teachers[0]]
-        cfg.DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS = 2
-        cfg.DISTILL.PROTOTYPES.REFRESH_PERIOD = 3  # refreshes before step 0 and after step 2
+        overrides["DISTILL"] = {"TEACHER": {"WEIGHTS": [teachers[0]]}, "PROTOTYPES": {
+            "MAX_IMAGES_PER_CLASS": 2, "REFRESH_PERIOD": 3}}  # refresh before 0 and after 2
     if kind == "mtpd":
-        cfg.DISTILL.TEACHER.WEIGHTS = list(teachers)
-        cfg.DISTILL.SCHEDULE.STAGE_ITERS = [3, 3]
+        overrides["DISTILL"] = {"TEACHER": {"WEIGHTS": list(teachers)},
+                                "SCHEDULE": {"STAGE_ITERS": [3, 3]}}
     path = os.path.join(str(output_dir), "config.yaml")
     os.makedirs(str(output_dir), exist_ok=True)
     with open(path, "w") as f:
-        f.write(cfg.dump())
+        yaml.safe_dump(overrides, f)
     return path
 
 

@@ -75,7 +75,7 @@ CANNOT_RUN_UNDER_FAKE_TENSORS: Dict[str, str] = {
         "is finite; patched out when building the head under fake tensors",
     "FrozenTeacher.roi_predictions":
         "detectron2's ROIPooler assigns boxes to FPN levels with repeat_interleave / nonzero "
-        "(data-dependent shapes)",
+        "(data-dependent shapes); what follows the pooling runs (FrozenTeacher.box_predictions)",
     "DistillationDetector.forward":
         "the student's own losses (anchor matching, RPN proposals with NMS, RoI sampling) have "
         "data-dependent shapes; the heads, teachers and taps they feed are run separately",
@@ -426,6 +426,40 @@ def test_teacher_renormalisation_and_forward(env, config):
         assert not any(x.requires_grad for x in [*features.values(), *predictions])
 
 
+def test_teacher_level_view_and_cascade_box_predictions(env):
+    """A teacher's maps under the student's level names, cropped to the student's grids (the
+    teacher padded further), and a Cascade R-CNN teacher's stages on pooled RoI features:
+    the stage mean and the deltas re-coded into the student's box coding."""
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet", "faster_rcnn_R50_teacher.yaml"),
+                      ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NAME", "CascadeROIHeads",
+                       "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"])
+    cfg.MODEL.DEVICE = DEVICE
+    with env.building():
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    teacher = FrozenTeacher(model, "BGR", "random weights",
+                            student_shapes=_shapes(STUDENT_CHANNELS))
+    channels = model.backbone.output_shape()["p2"].channels
+    resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+    student_coder = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
+    with env.running():
+        student = _maps(STUDENT_CHANNELS, grad=False)
+        padded = {l: torch.randn(BATCH, channels, _grid(l)[0] + 2, _grid(l)[1] + 3,
+                                 device=DEVICE) for l in LEVELS}
+        pooled = torch.randn(5, channels, resolution, resolution, device=DEVICE)
+        outputs = []
+        with env.no_host_sync():
+            view = teacher.student_levels(padded, student)
+            for stage in ("mean", "last"):
+                teacher.cascade_stage = stage
+                outputs += teacher.box_predictions(pooled, student_coder)
+        _on_device(*view.values(), *outputs)
+        assert all(view[l].shape[-2:] == student[l].shape[-2:] for l in LEVELS)
+        assert [tuple(x.shape) for x in outputs] == [(5, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1),
+                                                     (5, 4)] * 2
+
+
 def test_adapters(env):
     teacher_shapes = {l: ShapeSpec(channels=TEACHER_CHANNELS, stride=STRIDES[l] // 2)
                       for l in LEVELS}  # another stride: resized too
@@ -580,6 +614,10 @@ COVERED_UNDER_FAKE_TENSORS: Dict[str, Callable] = {
     "FrozenTeacher.features": test_teacher_renormalisation_and_forward,
     "FrozenTeacher.dense_predictions": test_teacher_renormalisation_and_forward,
     "FrozenTeacher.rpn_predictions": test_teacher_renormalisation_and_forward,
+    "FrozenTeacher.student_levels (level view, crop)":
+        test_teacher_level_view_and_cascade_box_predictions,
+    "FrozenTeacher.box_predictions (Cascade stages, delta re-coding)":
+        test_teacher_level_view_and_cascade_box_predictions,
     "FeatureAligner (adapters)": test_adapters,
     "cell masks (d2kd/heads/masks.py)": test_cell_masks,
     "box_pool / batched_box_pool / box_cells": test_prototype_pooling,

@@ -275,7 +275,15 @@ class FrozenTeacher:
         """
         roi_heads = self.model.roi_heads
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
-        heads, predictors = box_stages(roi_heads)
+        return self.box_predictions(pooled, box_coder)
+
+    @torch.no_grad()
+    def box_predictions(self, pooled: torch.Tensor,
+                        box_coder: Optional[Box2BoxTransform] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`roi_predictions` after the RoI pooling: the box head stage(s) on pooled
+        features (R, C, P, P); (scores (R, K+1), deltas (R, 4K) or (R, 4))."""
+        heads, predictors = box_stages(self.model.roi_heads)
         if self.cascade_stage == "last":
             heads, predictors = heads[-1:], predictors[-1:]
         stage_scores = []

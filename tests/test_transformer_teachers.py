@@ -37,9 +37,12 @@ RETINANET_STUDENT = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
 FEATURE_HEADS = ["FitNetHead", "FGFIHead", "FgBgHead", "MGDHead", "DFDHead",
                  "GlobalKnowledgeHead", "DetKDSHead"]
 RESPONSE_HEADS = ["LogitKDHead", "LocKDHead"]
-# DetKDS with each of its feature inputs (whole maps, fg/bg masks, GT-box RoIAlign)
-DETKDS_FEATURE_INPUTS = ("global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2;"
-                         "instance:catt|scale_r1|norm_C|l1|w=50")
+# DetKDS with each of its inputs: the feature ones (whole maps, fg/bg masks, GT-box RoIAlign)
+# and, for an R-CNN student, the RPN's objectness and deltas (the teacher's, on its grid
+# cropped to the student's)
+DETKDS_INPUTS = ("global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2;"
+                 "instance:catt|scale_r1|norm_C|l1|w=50;logit:no|no|softmax_C|kl|w=1;"
+                 "loc:no|no|batch|smooth_l1|w=1")
 
 MISSING_BACKBONES = missing_transformer_backbones()
 
@@ -131,7 +134,7 @@ def test_transformer_cascade_teacher_loads_strictly_and_distils_with_every_head(
     cfg = _transformer_cfg(kind, str(tmp_path), transformer_weights(kind))
     cfg.DISTILL.HEADS = FEATURE_HEADS + RESPONSE_HEADS
     cfg.DISTILL.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.DISTILL.DETKDS.GENOME = DETKDS_FEATURE_INPUTS
+    cfg.DISTILL.DETKDS.GENOME = DETKDS_INPUTS
     trainer = DistillTrainer(cfg)
     teacher = trainer.model.teachers[0]
     # the pyramid's levels are the student's by name and stride; channels differ: adapters
@@ -155,7 +158,8 @@ def test_transformer_cascade_teacher_loads_strictly_and_distils_with_every_head(
     for head in [DISTILL_HEAD_REGISTRY.get(h).name for h in cfg.DISTILL.HEADS]:
         found = [k for k in losses if k.startswith(f"loss_kd_{head}")]
         assert found and all(torch.isfinite(torch.tensor(losses[k][0])) for k in found), head
-    assert {"loss_kd_detkds_global", "loss_kd_detkds_fgbg", "loss_kd_detkds_instance"} <= set(losses)
+    assert {f"loss_kd_detkds_{x}" for x in ("global", "fgbg", "instance", "logit", "loc")
+            } <= set(losses)
     assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
 
 

@@ -14,7 +14,7 @@ from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
 from ..utils.step_scalars import flush_tensor_scalars
 from .taps import StudentTapper, StudentTaps
-from .teacher import FrozenTeacher, build_teacher
+from .teacher import FrozenTeacher, build_teacher, crop_to_grids
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +236,15 @@ class DistillationDetector(nn.Module):
         features = teacher.backbone_features(images)  # the teacher's own level names
         # under the student's level names (matched by stride), on the student's grids
         outputs.features = teacher.student_levels(features, taps.features)
+        # dense / RPN maps level by level like the student's (same levels: checked at build)
         if "dense_predictions" in self.teacher_needs:
-            outputs.dense_predictions = teacher.dense_predictions(features)
+            outputs.dense_predictions = [
+                crop_to_grids(t, s) for t, s in zip(teacher.dense_predictions(features),
+                                                    taps.dense_predictions)]
         if "rpn_predictions" in self.teacher_needs:
-            outputs.rpn_predictions = teacher.rpn_predictions(features)
+            outputs.rpn_predictions = tuple(
+                crop_to_grids(t, s) for t, s in zip(teacher.rpn_predictions(features),
+                                                    taps.rpn_predictions))
         if "roi_predictions" in self.teacher_needs:
             boxes = [p.proposal_boxes for p in taps.sampled_proposals]
             outputs.roi_predictions = teacher.roi_predictions(

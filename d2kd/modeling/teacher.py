@@ -229,13 +229,9 @@ class FrozenTeacher:
         heads' aligner)."""
         out = {}
         for s, t in self.levels.items():
-            x = features[t]
             like = student_features.get(s) if student_features is not None else None
-            if like is not None and s in self._same_stride:
-                h, w = like.shape[-2:]
-                if x.shape[-2] >= h and x.shape[-1] >= w:
-                    x = x[..., :h, :w]
-            out[s] = x
+            same_grid = like is not None and s in self._same_stride
+            out[s] = crop_to_grids([features[t]], [like])[0] if same_grid else features[t]
         return out
 
     def features(self, images: torch.Tensor,
@@ -301,6 +297,18 @@ class FrozenTeacher:
         deltas, lists over its levels."""
         generator = self.model.proposal_generator
         return generator.rpn_head([features[f] for f in generator.in_features])
+
+
+def crop_to_grids(maps: Sequence[torch.Tensor], like: Sequence[torch.Tensor]
+                  ) -> List[torch.Tensor]:
+    """Each teacher map (N, C, H_t, W_t) of the same stride as its student map (N, C', H_s,
+    W_s) cropped to (H_s, W_s) where it is larger in both (the teacher padded the batch
+    further; both grids start at the batch's top-left pixel); else as it is."""
+    out = []
+    for x, y in zip(maps, like):
+        h, w = y.shape[-2:]
+        out.append(x[..., :h, :w] if x.shape[-2] >= h and x.shape[-1] >= w else x)
+    return out
 
 
 def box_stages(roi_heads: nn.Module) -> Tuple[Sequence[nn.Module], Sequence[nn.Module]]:

@@ -67,6 +67,8 @@ def main(config_file: str, dataset_root: str, mode: str, kill_point: str = "") -
         import torch
 
         def half_written(obj, f, *args, **kwargs):  # a torn checkpoint, then the kill
+            if isinstance(f, (str, os.PathLike)):
+                f = open(f, "wb")
             f.write(b"PK\x03\x04 torn")
             f.flush()
             _die()

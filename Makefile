@@ -58,8 +58,11 @@ UPSTREAM_D2_STAMP := $(UPSTREAM_VENV)/.detectron2-stamp
 UPSTREAM_STAMP := $(UPSTREAM_VENV)/.d2kd-upstream-stamp
 # Records DETECTRON2_SRC; rewritten (and so newer than the stamps) only when the value changes.
 UPSTREAM_SRC_RECORD := $(UPSTREAM_VENV)/.detectron2-src
+# detectron2's projects/ViTDet/configs, copied from the source (see its rule below)
+UPSTREAM_PROJECTS := $(UPSTREAM_VENV)/detectron2-projects
+UPSTREAM_PROJECTS_STAMP := $(UPSTREAM_VENV)/.detectron2-projects-stamp
 
-setup-upstream: $(UPSTREAM_STAMP)
+setup-upstream: $(UPSTREAM_STAMP) $(UPSTREAM_PROJECTS_STAMP)
 
 $(UPSTREAM_SRC_RECORD): FORCE
 	@mkdir -p $(UPSTREAM_VENV)
@@ -75,14 +78,30 @@ $(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
 	touch $(UPSTREAM_D2_STAMP)
 
 $(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
-	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy]"
+	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet]"
 	$(UPSTREAM_PY) -m d2kd.collect_env
 	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
 	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"
 	touch $(UPSTREAM_STAMP)
 
+# detectron2's projects/ViTDet/configs (not part of a pip install), for the transformer-teacher
+# tests and the *_swinB_* COCO configs: copied from DETECTRON2_SRC when it is a source tarball or
+# folder; with a git URL those tests skip, naming DETECTRON2_PROJECTS.
+
+$(UPSTREAM_PROJECTS_STAMP): $(UPSTREAM_SRC_RECORD)
+	rm -rf $(UPSTREAM_PROJECTS) && mkdir -p $(UPSTREAM_PROJECTS)
+	@case "$(DETECTRON2_SRC)" in \
+	  *.tar.gz|*.tgz) tar -xzf "$(DETECTRON2_SRC)" -C $(UPSTREAM_PROJECTS) --strip-components=2 \
+	      --wildcards '*/projects/ViTDet/configs/*' ;; \
+	  *) if [ -d "$(DETECTRON2_SRC)/projects/ViTDet/configs" ]; then \
+	      mkdir -p $(UPSTREAM_PROJECTS)/ViTDet && \
+	      cp -r "$(DETECTRON2_SRC)/projects/ViTDet/configs" $(UPSTREAM_PROJECTS)/ViTDet/; \
+	    else echo "DETECTRON2_SRC is no source tarball or folder: the ViTDet-teacher tests will skip"; fi ;; \
+	esac
+	touch $@
+
 test-upstream: setup-upstream
-	$(UPSTREAM_PY) -m pytest -q tests
+	DETECTRON2_PROJECTS="$(CURDIR)/$(UPSTREAM_PROJECTS)" $(UPSTREAM_PY) -m pytest -q tests
 
 clean-upstream:
 	rm -rf $(UPSTREAM_VENV)

@@ -71,7 +71,7 @@ def zero_residual_branches(state: Dict) -> int:
     of blocks."""
     last: Dict[str, int] = {}
     for key in state:
-        match = re.match(r"(.*\.res[2-5]\.\d+)\.conv(\d)\.norm\.weight$", key)
+        match = re.match(r"((?:.*\.)?res[2-5]\.\d+)\.conv(\d)\.norm\.weight$", key)
         if match:
             last[match.group(1)] = max(last.get(match.group(1), 0), int(match.group(2)))
     for prefix, conv in last.items():
@@ -278,6 +278,7 @@ def train_steps(config_file: str, opts: Sequence[str], record: Dict) -> Dict:
     record["threads"] = torch.get_num_threads()
     if cuda:
         record["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        record["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
     return record
 
 
@@ -461,6 +462,7 @@ def _write(results: Dict, json_path: str, markdown_path: str) -> None:
     atomic_write_json(json_path, results)
     settings, env = results["settings"], results["environment"]
     rows, skipped = [], []
+    gpu = any("cuda_peak_reserved_mb" in r for r in results["runs"])
     for r in results["runs"]:
         name = os.path.basename(r["config"])
         if r["status"] == "skipped":
@@ -477,10 +479,12 @@ def _write(results: Dict, json_path: str, markdown_path: str) -> None:
             f"{r['peak_rss_before_refresh_mb'] / 1024:.2f} / "
             f"{r['peak_rss_after_refresh_mb'] / 1024:.2f}"
             if "peak_rss_after_refresh_mb" in r else "-",
-            f"{r['process_seconds']:.0f}" if "process_seconds" in r else "-"])
+            f"{r['process_seconds']:.0f}" if "process_seconds" in r else "-"]
+            + ([f"{r['cuda_peak_reserved_mb'] / 1024:.2f}" if "cuda_peak_reserved_mb" in r else "-"]
+               if gpu else []))
     headers = ["config", "teachers", "status", "step s (each)", "prototype refresh s",
                "refresh images", "build s", "peak RSS GB", "peak RSS GB before / after refresh",
-               "process s"]
+               "process s"] + (["peak GPU memory GB (reserved)"] if gpu else [])
     text = [
         "# COCO configs: two training steps each at COCO resolution",
         "",
@@ -501,6 +505,9 @@ def _write(results: Dict, json_path: str, markdown_path: str) -> None:
         "",
         tabulate(rows, headers=headers, tablefmt="github"),
         ""]
+    total = sum(r.get("process_seconds", 0) + r.get("weights_save_seconds", 0)
+                for r in results["runs"])
+    text += [f"All runs together (random weights saved, processes): {total / 60:.0f} min.", ""]
     if skipped:
         text += ["Not run:", ""] + skipped + [""]
     atomic_write_text(markdown_path, "\n".join(text))

@@ -55,9 +55,17 @@ def _training_step(cfg, mode: str) -> Tuple[torch.nn.Module, Callable[[List[Dict
     return model, step
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock times measure the work, not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object]) -> float:
+    _synchronize()
     start = time.perf_counter()
     fn()
+    _synchronize()
     return time.perf_counter() - start
 
 
@@ -79,9 +87,8 @@ def _time_teacher_and_heads(model: torch.nn.Module, batch: List[Dict]) -> Tuple[
     them and the distillation heads' losses + backward on them."""
     with torch.no_grad():
         _, taps = model.student_losses_and_taps(batch)
-        start = time.perf_counter()
-        outputs = model.teacher_outputs(taps)
-        teacher_time = time.perf_counter() - start
+        outputs = {}
+        teacher_time = _timed(lambda: outputs.update(model.teacher_outputs(taps)))
     taps = replace(taps, **{name: _as_leaves(getattr(taps, name)) for name in
                             ("features", "dense_predictions", "rpn_predictions",
                              "roi_predictions")})
@@ -96,8 +103,9 @@ def _fill_prototype_banks(model: torch.nn.Module) -> None:
     for bank in prototype_banks(model):
         for level in range(len(bank.levels)):
             for cls in range(bank.num_classes):
-                bank.set_prototypes(level, cls, torch.randn(bank.teacher.shape[2:]),
-                                    torch.randn(bank.student.shape[2:]))
+                bank.set_prototypes(level, cls,
+                                    torch.randn(bank.teacher.shape[2:], device=bank.teacher.device),
+                                    torch.randn(bank.student.shape[2:], device=bank.student.device))
 
 
 def measure_times(cfg, batches: List[List[Dict]], warmup: int) -> Dict[str, List[float]]:
@@ -139,13 +147,20 @@ def ratio_interval(times: Dict[str, List[float]], resamples: int = 2000,
     return float(low), float(high)
 
 
-def measure_peak_rss(cfg, batches: List[List[Dict]], mode: str) -> float:
+def measure_peak_memory(cfg, batches: List[List[Dict]], mode: str) -> Dict[str, float]:
     """Peak RSS (MB) of this process after training steps of ``mode`` ("student" or
-    "distill") on ``batches``: run alone in a fresh process so that the peak is its own."""
+    "distill") on ``batches`` — run alone in a fresh process so that the peak is its own —
+    and, on a GPU, the peak of allocated GPU memory (MB) over those steps."""
     _, step = _training_step(cfg, mode)
+    on_cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     for batch in batches:
         step(batch)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = {f"peak_rss_{mode}_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if on_cuda:
+        peaks[f"peak_cuda_{mode}_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
 
 
 def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence[str]) -> Dict:
@@ -157,7 +172,7 @@ def measure(config_file: str, mode: str, iters: int, warmup: int, opts: Sequence
     with EventStorage():
         if mode == "times":
             return {"step_times": measure_times(cfg, batches, warmup)}
-        return {f"peak_rss_{mode}_mb": measure_peak_rss(cfg, batches, mode)}
+        return measure_peak_memory(cfg, batches, mode)
 
 
 def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, warmup: int = 3,

@@ -37,7 +37,8 @@ def _bad(cfg, tmp_path, pattern: str, resume: bool = False) -> str:
 
 
 def test_a_good_config_passes(tiny_digitsdet, tmp_path, teacher):
-    check_run(distill_cfg(str(tmp_path / "out"), teacher))
+    assert check_run(distill_cfg(str(tmp_path / "out"), teacher)) is None
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key, value, pattern", [
@@ -48,7 +49,7 @@ def test_invalid_head_option(key, value, pattern, tiny_digitsdet, tmp_path, teac
     cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("DFDHead", "LocKDHead"))
     section, name = key.rsplit(".", 1)
     cfg.DISTILL[section.split(".")[1]][name] = value
-    _bad(cfg, tmp_path, pattern)
+    assert _bad(cfg, tmp_path, pattern).startswith(key)
 
 
 def test_unknown_head_name(tiny_digitsdet, tmp_path, teacher):

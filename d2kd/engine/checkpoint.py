@@ -1,6 +1,6 @@
 """Checkpoints that a crash or a kill cannot tear, and the checkpoint ``--resume`` uses.
 
-detectron2 writes ``model_XXXXXXX.pth`` and then the ``last_checkpoint`` tag in place, so a
+detectron2 writes ``model_<iteration>.pth`` and then the ``last_checkpoint`` tag in place, so a
 kill during either leaves a torn file. :class:`AtomicCheckpointer` writes both to a temporary
 sibling and renames it (local paths). :func:`resume_checkpoint` picks what ``--resume`` loads:
 the tagged checkpoint if it can be read, else — with a warning naming the unreadable file —

@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, ImageList
+from detectron2.structures import Boxes
 
 from d2kd.compat.padding import padded_size
 from d2kd.compat.projects import missing_transformer_backbones, projects_dir
@@ -67,7 +67,7 @@ CHANNELS = 32  # pyramid width (256 as released); the DigitsDet student's FPN ha
 
 
 def _cascade_head_overrides():
-    shrink = [f"model.roi_heads.num_classes=10", f"model.backbone.out_channels={CHANNELS}",
+    shrink = ["model.roi_heads.num_classes=10", f"model.backbone.out_channels={CHANNELS}",
               f"model.backbone.square_pad={SQUARE}",
               f"model.proposal_generator.head.in_channels={CHANNELS}",
               f"model.roi_heads.mask_head.input_shape.channels={CHANNELS}",

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from importlib import metadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,6 @@ step's key numbers from the files the steps left in LOGS (machine.json, install.
 detectron2.json, pytest_*.xml, runs/<run>/, overhead_*.json, coco*.json, gpu_samples.csv) and
 is safe to call after every step: both files are replaced atomically.
 """
-import glob
 import json
 import math
 import os

@@ -176,7 +176,7 @@ def env(request, monkeypatch):
     return environment
 
 
-def _on_device(*tensors: torch.Tensor) -> None:
+def assert_on_device(*tensors: torch.Tensor) -> None:
     for tensor in tensors:
         assert tensor.device.type == DEVICE, f"{tuple(tensor.shape)} tensor on {tensor.device}"
 
@@ -191,7 +191,7 @@ def _backward(env, total: torch.Tensor, leaves: List[torch.Tensor], modules=()) 
     grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
     grads += [p.grad for m in modules for p in m.parameters() if p.grad is not None]
     assert grads, "no gradient reached the inputs"
-    _on_device(*grads)
+    assert_on_device(*grads)
 
 
 # ---- inputs -----------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_head_losses_forward_and_backward(env, case, monkeypatch):
     with env.building():
         head = DISTILL_HEAD_REGISTRY.get(name)(cfg, _shapes(STUDENT_CHANNELS),
                                                _shapes(TEACHER_CHANNELS))
-    _on_device(*head.parameters(), *head.buffers())
+    assert_on_device(*head.parameters(), *head.buffers())
     with env.running(), EventStorage(0) as storage:
         _fill_banks(head)
         student, teacher = _student(arch), _teacher(arch)
@@ -394,10 +394,10 @@ def test_head_losses_forward_and_backward(env, case, monkeypatch):
             losses = (head(student, teacher) if instances is None
                       else head.instance_losses(student, teacher, instances))
         assert losses and all(v.dim() == 0 for v in losses.values())
-        _on_device(*losses.values())
+        assert_on_device(*losses.values())
         logged = pending_tensor_scalars(storage)
         assert logged or name in ("LocKDHead", "DetKDSHead") or case == "logit_rcnn"
-        _on_device(*logged.values())
+        assert_on_device(*logged.values())
         _backward(env, sum(losses.values()), _leaves(student), [head])
         if type(env) is RealCuda:
             assert torch.isfinite(sum(losses.values()).detach()).item()
@@ -422,7 +422,7 @@ def test_teacher_renormalisation_and_forward(env, config):
                 predictions = [x for group in teacher.dense_predictions(features) for x in group]
             else:
                 predictions = [x for group in teacher.rpn_predictions(features) for x in group]
-        _on_device(images, *features.values(), *predictions)
+        assert_on_device(images, *features.values(), *predictions)
         assert not any(x.requires_grad for x in [*features.values(), *predictions])
 
 
@@ -454,7 +454,7 @@ def test_teacher_level_view_and_cascade_box_predictions(env):
             for stage in ("mean", "last"):
                 teacher.cascade_stage = stage
                 outputs += teacher.box_predictions(pooled, student_coder)
-        _on_device(*view.values(), *outputs)
+        assert_on_device(*view.values(), *outputs)
         assert all(view[l].shape[-2:] == student[l].shape[-2:] for l in LEVELS)
         assert [tuple(x.shape) for x in outputs] == [(5, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1),
                                                      (5, 4)] * 2
@@ -471,7 +471,7 @@ def test_adapters(env):
                                   device=DEVICE) for l in LEVELS}
         with env.no_host_sync():
             aligned = aligner(student, teacher)
-        _on_device(*aligned.values())
+        assert_on_device(*aligned.values())
         assert all(aligned[l].shape == teacher[l].shape for l in LEVELS)
         _backward(env, sum(x.sum() for x in aligned.values()), list(student.values()), [aligner])
 
@@ -497,7 +497,7 @@ def test_cell_masks(env):
                      random_keep_mask(features["p3"], 0.5)]
             masks += near_object_masks(gt, anchors, [features[l].shape for l in LEVELS],
                                        ANCHORS, 0.5)
-        _on_device(boxes, images, *masks)
+        assert_on_device(boxes, images, *masks)
 
 
 # ---- prototypes -------------------------------------------------------------------------
@@ -511,7 +511,7 @@ def test_prototype_pooling(env):
             cells = box_cells(boxes, 8, *_grid("p3"))
             pooled = batched_box_pool(features, boxes, images, 8)
             single = box_pool(features[0], boxes, 8)
-        _on_device(*cells, pooled, single)
+        assert_on_device(*cells, pooled, single)
         _backward(env, pooled.sum() + single.sum(), [features])
 
 
@@ -522,13 +522,13 @@ def test_prototype_selection_pieces(env):
         with env.no_host_sync():
             rho = density(x)
             wt, ws = coupled_coefficients(x[:, 0], x[:, 1], alpha=0.5)
-        _on_device(rho, wt, ws)
+        assert_on_device(rho, wt, ws)
 
 
 def test_prototype_bank(env):
     with env.building():
         bank = PrototypeBank(LEVELS, NUM_CLASSES, PROTOTYPES, TEACHER_CHANNELS, STUDENT_CHANNELS)
-    _on_device(*bank.buffers())
+    assert_on_device(*bank.buffers())
     with env.running():
         _fill_banks(bank)
         f_s = torch.randn(5, STUDENT_CHANNELS, device=DEVICE, requires_grad=True)
@@ -544,7 +544,7 @@ def test_prototype_bank(env):
                                       torch.randn(BATCH, 4, 6, 8, device=DEVICE),
                                       torch.rand(BATCH, 1, 6, 8, device=DEVICE), 1.0, 2.0)
             resp = weighted_response_kl(f_s, f_t[:, :STUDENT_CHANNELS], w, 2.0)
-        _on_device(*bank.buffers(), w, relations, valid, glob, feat, resp)
+        assert_on_device(*bank.buffers(), w, relations, valid, glob, feat, resp)
         assert relations.shape == (5, NUM_CLASSES * PROTOTYPES) and valid.shape == (NUM_CLASSES * PROTOTYPES,)
         _backward(env, glob + feat + resp, [f_s])
 
@@ -565,7 +565,7 @@ def test_teacher_ordering_statistics(env, given_device):
         fit.all_reduce()  # one process: nothing to reduce
         with env.no_host_sync():
             residual, total = fit.residual_and_total_tensors()
-        _on_device(fit.xx, fit.xy, fit.yy, fit.y, fit.count, residual, total)
+        assert_on_device(fit.xx, fit.xy, fit.yy, fit.y, fit.count, residual, total)
 
 
 # ---- DetKDS ops and distances ----------------------------------------------------------
@@ -578,7 +578,7 @@ def test_detkds_op(env, slot, name):
         x = torch.randn(4, 4, 8, 8, device=DEVICE, requires_grad=True)
         with env.no_host_sync():
             y = SLOT_OPS[slot].get(name)(x, mask=draw_mask(x))
-        _on_device(y)
+        assert_on_device(y)
         _backward(env, y.float().pow(2).sum(), [x])
 
 
@@ -591,7 +591,7 @@ def test_detkds_distance(env, distance):
         t = torch.randn(4, 4, 8, 8, device=DEVICE)
         with env.no_host_sync():
             value = apply_formula(formula, s, t)
-        _on_device(value)
+        assert_on_device(value)
         assert value.dim() == 0
         _backward(env, value, [s])
 
@@ -603,7 +603,7 @@ def test_detkds_distribution_ops_feed_kl(env):
             s = torch.randn(4, 4, 8, 8, device=DEVICE, requires_grad=True)
             with env.no_host_sync():
                 value = apply_formula(formula, s, torch.randn(4, 4, 8, 8, device=DEVICE))
-            _on_device(value)
+            assert_on_device(value)
             _backward(env, value, [s])
 
 
@@ -708,7 +708,7 @@ def test_cuda_kd_instances_read_the_host_once(arch):
     instances, syncs = _count_syncs(lambda: head.kd_instances(student))
     assert syncs <= 1
     for kd in instances.values():
-        _on_device(kd.boxes, kd.classes, kd.images, kd.rows)
+        assert_on_device(kd.boxes, kd.classes, kd.images, kd.rows)
 
 
 @pytest.mark.cuda
@@ -717,8 +717,8 @@ def test_cuda_refresh_time_selection_and_ordering_results():
     from d2kd.prototypes.selection import kmeans_prototypes, select_prototypes
 
     x_t, x_s = torch.randn(30, 8, device=DEVICE), torch.randn(30, 6, device=DEVICE)
-    _on_device(select_prototypes(x_t, x_s, 4, alpha=0.5))
-    _on_device(*kmeans_prototypes(x_t, x_s, 4))
+    assert_on_device(select_prototypes(x_t, x_s, 4, alpha=0.5))
+    assert_on_device(*kmeans_prototypes(x_t, x_s, 4))
     fit = AdapterFit(3, 4)
     fit.add(torch.randn(2, 3, 5, 5, device=DEVICE), torch.randn(2, 4, 5, 5, device=DEVICE))
     residual, total = fit.residual_and_total()
@@ -760,8 +760,8 @@ def test_cuda_distillation_step_with_every_head(tmp_path, config, heads):
         losses = model(batch)
         assert not pending_tensor_scalars(storage)  # flushed by head_losses
         assert any(k.startswith("kd/") for k in storage.latest())
-    _on_device(*losses.values())
+    assert_on_device(*losses.values())
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads
-    _on_device(*grads)
+    assert_on_device(*grads)

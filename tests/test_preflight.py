@@ -54,14 +54,14 @@ def test_invalid_head_option(key, value, pattern, tiny_digitsdet, tmp_path, teac
 
 def test_unknown_head_name(tiny_digitsdet, tmp_path, teacher):
     cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("MDGHead",))
-    _bad(cfg, tmp_path, r"^Unknown distillation head 'MDGHead' in DISTILL\.HEADS; registered: "
+    assert _bad(cfg, tmp_path, r"^Unknown distillation head 'MDGHead' in DISTILL\.HEADS; registered: "
                         r".*MGDHead")
 
 
 def test_malformed_genome(tiny_digitsdet, tmp_path, teacher):
     cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("DetKDSHead",))
     cfg.DISTILL.DETKDS.GENOME = "global:natt|nonsense"
-    _bad(cfg, tmp_path, r"^DISTILL\.DETKDS\.GENOME: ")
+    assert "nonsense" in _bad(cfg, tmp_path, r"^DISTILL\.DETKDS\.GENOME: ")
 
 
 def test_level_missing_on_one_side_and_channel_mismatch(tiny_digitsdet, tmp_path, teacher):

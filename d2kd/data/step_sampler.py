@@ -66,7 +66,7 @@ class StepBatchSampler(Sampler):
         self.seed = seed
         self.repeat_factors = repeat_factors
         self.subset = (torch.as_tensor(list(subset), dtype=torch.long) if subset is not None
-                       else torch.arange(len(self.groups)))
+                       else torch.arange(len(self.groups), device="cpu"))  # host indices
         self.global_batch = images_per_rank * world_size
         self.epoch_length = (int(round(float(repeat_factors[self.subset].sum())))
                              if repeat_factors is not None else len(self.subset))

@@ -13,6 +13,7 @@ Memory does not grow with the index: the batches are planned from the records' s
 (by ``num_workers`` loader processes, a few batches ahead), so a process holds a few batches of
 images plus the pooled features — (M, C) per level, what rank 0 gathers — never its shard.
 """
+import itertools
 import logging
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -103,7 +104,7 @@ def extract_features(index: Sequence[IndexedImage], student: torch.nn.Module,
         _BatchReader(shard, batches, input_format, min_size_test, max_size_test),
         batch_size=None, num_workers=num_workers)
     # rows of each shard image's instances in this shard's (M_shard, C) output
-    offsets = torch.tensor([0] + [len(image.classes) for image in shard]).cumsum(0).tolist()
+    offsets = list(itertools.accumulate([len(image.classes) for image in shard], initial=0))
     pooled: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in encoders}
     for batch, loaded in tqdm(zip(batches, reader), total=len(batches),
                               desc="prototype features", unit="batch",
@@ -138,7 +139,7 @@ def _gather_in_index_order(pooled: Dict[str, Dict[str, torch.Tensor]],
     if rank != 0:
         return {}
     counts = [len(image.classes) for image in index]
-    shard_offsets = [torch.tensor([0] + counts[r::world]).cumsum(0).tolist()
+    shard_offsets = [list(itertools.accumulate(counts[r::world], initial=0))
                      for r in range(world)]
     result = {}
     for name in gathered[0]:

@@ -56,6 +56,15 @@ _UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, Attribu
                ValueError, UnicodeDecodeError)
 
 
+def short_error(error: BaseException) -> str:
+    """The error type and, if short, the first line of its message: torch's unpickling errors
+    run over many lines (and suggest weights_only=False, which does not help a corrupt
+    file)."""
+    lines = str(error).strip().splitlines()
+    detail = f": {lines[0]}" if lines and len(lines[0]) <= 100 else ""
+    return f"{type(error).__name__}{detail}"
+
+
 def load_weights(model: nn.Module, weights: str) -> LoadReport:
     """Load ``weights`` (local path or any URL ``PathManager`` resolves) into ``model`` with
     detectron2's own checkpoint handling; return what did not match.
@@ -67,9 +76,5 @@ def load_weights(model: nn.Module, weights: str) -> LoadReport:
     try:
         checkpointer.load(weights, checkpointables=[])
     except _UNREADABLE as e:
-        # torch's own messages run over many lines (and suggest weights_only=False, which
-        # does not help a corrupt file): keep the error type and a short first line only
-        lines = str(e).strip().splitlines()
-        detail = f": {lines[0]}" if lines and len(lines[0]) <= 100 else ""
-        raise UnreadableCheckpoint(f"{type(e).__name__}{detail}") from None
+        raise UnreadableCheckpoint(short_error(e)) from None
     return checkpointer.report

@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..compat.checkpoint import short_error
 from ..config.loading import ConfigError
 from ..utils.io import atomic_path, atomic_write_text
 
@@ -48,8 +49,7 @@ def _readable(path: str) -> Optional[str]:
     try:
         torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # any failure to read means: do not resume from it
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+        return short_error(e)
     return None
 
 

@@ -467,3 +467,73 @@ def test_transformer_teacher_on_v06_is_one_error_naming_the_missing_backbones(tm
                                           r"this detectron2 lacks ViT, SimpleFeaturePyramid, "
                                           r"SwinTransformer, MViT \(added after v0.6\)"):
         load_teacher_config(teacher_specs(cfg)[0], cfg)
+
+
+# ---- the DigitsDet Swin teacher: a yacs config (build_swin_fpn_backbone) -------------------
+needs_swin = pytest.mark.skipif(
+    "SwinTransformer" in MISSING_BACKBONES,
+    reason="this detectron2 lacks SwinTransformer (added after v0.6): the DigitsDet Swin "
+           "teacher needs detectron2 main (make test-upstream)")
+SWIN_CHAIN = "DigitsDet/retinanet_R18_from_R50_SwinT_mtpd_mgd.yaml"
+
+
+@needs_swin
+def test_swin_fpn_backbone_levels_are_the_resnet_fpns(tmp_path):
+    """P3-P7 at strides 8-128 from Swin stages p1-p3, like the R-50/2 teacher's pyramid, and
+    the FPN reads the Swin stages the config names."""
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_SwinT_teacher.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    shapes = model.backbone.output_shape()
+    assert {k: (s.stride, s.channels) for k, s in shapes.items()} == {
+        f"p{k}": (2 ** k, 128) for k in range(3, 8)}
+    swin = model.backbone.bottom_up
+    assert type(swin).__name__ == "SwinTransformer"
+    # stage i: 48 * 2**i channels at stride 4 * 2**i; the FPN takes p1-p3
+    assert {k: (s.stride, s.channels) for k, s in swin.output_shape().items()} == {
+        "p1": (8, 96), "p2": (16, 192), "p3": (32, 384)}
+    assert [len(layer.blocks) for layer in swin.layers] == [2, 2, 4, 2]
+    assert model.backbone.size_divisibility == 32
+    images = torch.rand(1, 3, 160, 192)  # a 144 x 192 DigitsDet batch, padded
+    features = model.backbone(images)
+    assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
+        "p3": (20, 24), "p4": (10, 12), "p5": (5, 6), "p6": (3, 3), "p7": (2, 2)}
+    cfg.MODEL.FPN.IN_FEATURES = ["p1", "p4"]
+    with pytest.raises(ValueError, match=r"names \['p4'\], which the Swin backbone does not "
+                                         r"have: its stages are \['p0', 'p1', 'p2', 'p3'\]"):
+        build_model(cfg)
+
+
+@needs_swin
+def test_swin_teacher_chain_builds_on_meta_and_distils(tiny_digitsdet, tmp_path):
+    """The CNN -> transformer chain of configs/DigitsDet: the pre-start check builds both
+    stages on the meta device (Swin reads its drop-path rates with .item() while built), and
+    the Swin stage trains the student with random teacher weights saved to files."""
+    cfg = tiny_training_cfg(SWIN_CHAIN, str(tmp_path), max_iter=4)
+    cfg.DISTILL.SCHEDULE.STAGE_ITERS = [2, 2]
+    weights = []
+    for k, spec in enumerate(teacher_specs(cfg)):
+        teacher_cfg = load_teacher_config(spec, cfg)
+        torch.manual_seed(k)
+        DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save(f"t{k}")
+        weights.append(str(tmp_path / f"t{k}.pth"))
+    cfg.DISTILL.TEACHER.WEIGHTS = weights
+    check_model(cfg)
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    assert trainer.iter == 4
+    assert trainer.model.teachers[0] is None  # the R-50/2 stage is over
+    teacher = trainer.model.teachers[1]
+    assert type(teacher.model.backbone.bottom_up).__name__ == "SwinTransformer"
+    assert teacher.levels == {level: level for level in cfg.DISTILL.IN_FEATURES}
+    assert torch.isfinite(torch.tensor(trainer.storage.latest()["loss_kd_mgd_feat"][0]))
+
+
+@pytest.mark.skipif(not MISSING_BACKBONES, reason="this detectron2 has SwinTransformer (the "
+                                                  "error is v0.6's)")
+def test_swin_backbone_on_v06_is_one_error():
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_SwinT_teacher.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ImportError, match=r"^MODEL.BACKBONE.NAME build_swin_fpn_backbone needs "
+                                          r"detectron2's SwinTransformer.*make setup-upstream"):
+        build_model(cfg)

@@ -16,12 +16,12 @@ trained or overwritten:
 """
 import warnings
 
-import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 from ..config import ConfigError, check_inputs
 from ..config.schedule import TeacherSchedule
+from ..utils.meta_build import modules_on_meta
 from .checkpoint import resume_checkpoint
 
 
@@ -37,7 +37,7 @@ def check_model(cfg: CfgNode) -> None:
     cfg.defrost()
     cfg.MODEL.DEVICE = "meta"
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with modules_on_meta(), warnings.catch_warnings():
             # loading a checkpoint into meta parameters only checks keys and shapes
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             model = build_model(cfg)

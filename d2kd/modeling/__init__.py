@@ -2,6 +2,7 @@ from .backbone import build_scalable_resnet_backbone, build_scalable_resnet_fpn_
 from .distillation_detector import DistillationDetector
 from .fcos import FCOS
 from .pretext import SegmentationPretext
+from .swin_backbone import build_swin_fpn_backbone
 from .teacher import FrozenTeacher
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "FCOS",
     "FrozenTeacher",
     "SegmentationPretext",
+    "build_swin_fpn_backbone",
 ]

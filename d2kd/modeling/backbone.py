@@ -63,16 +63,17 @@ def build_scalable_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     return ResNet(stem, stages, out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-@BACKBONE_REGISTRY.register()
-def build_scalable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """FPN on :func:`build_scalable_resnet_backbone`; extra levels from ``MODEL.FPN.TOP_BLOCK``."""
-    bottom_up = build_scalable_resnet_backbone(cfg, input_shape)
+def build_fpn(cfg, bottom_up: Backbone, top_block_input: str) -> FPN:
+    """detectron2's FPN on ``bottom_up`` from ``MODEL.FPN``; the extra levels of
+    ``MODEL.FPN.TOP_BLOCK`` ("p6p7") are computed from the bottom-up level ``top_block_input``."""
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     top_block_name = cfg.MODEL.FPN.TOP_BLOCK
     if top_block_name == "maxpool":
         top_block = LastLevelMaxPool()
     elif top_block_name == "p6p7":
-        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels)
+        top_block = LastLevelP6P7(
+            bottom_up.output_shape()[top_block_input].channels, out_channels, top_block_input
+        )
     elif top_block_name == "none":
         top_block = None
     else:
@@ -87,3 +88,9 @@ def build_scalable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_scalable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """FPN on :func:`build_scalable_resnet_backbone`; extra levels from ``MODEL.FPN.TOP_BLOCK``."""
+    return build_fpn(cfg, build_scalable_resnet_backbone(cfg, input_shape), "res5")

@@ -6,7 +6,6 @@ Its parameters never require grad, it is locked in eval mode (``model.train()`` 
 it), it runs under ``torch.no_grad()``, and its weights must load completely — a teacher whose
 checkpoint is missing or does not match its config is a hard error, never a warning.
 """
-import contextlib
 import logging
 import math
 import os
@@ -98,44 +97,11 @@ def build_teacher_model(spec: TeacherSpec, cfg: CfgNode) -> Tuple[nn.Module, str
     if spec.kind == YACS:
         return build_model(teacher_cfg), teacher_cfg.INPUT.FORMAT, weights
     try:
-        model = _instantiate(teacher_cfg.model)
+        model = instantiate(teacher_cfg.model)
     except Exception as e:  # arbitrary user code: name the teacher
         raise ConfigError(f"Teacher LazyConfig {spec.reference}: `model` cannot be built: "
                           f"{type(e).__name__}: {e}") from None
     return model, _lazy_input_format(teacher_cfg), weights
-
-
-def _instantiate(config) -> nn.Module:
-    """``instantiate(config)``; on the meta device (the pre-start check builds every model
-    there) tensors the constructors compute with stay on the CPU and only the parameters and
-    buffers go to meta: detectron2's ViT, Swin and MViT read drop-path rates with ``.item()``
-    while they are built, which meta tensors cannot answer."""
-    if torch.empty(()).device.type != "meta":
-        return instantiate(config)
-    with torch.device("cpu"), _parameters_and_buffers_on_meta():
-        return instantiate(config)
-
-
-@contextlib.contextmanager
-def _parameters_and_buffers_on_meta():
-    """While active, every parameter and buffer a module registers is moved to ``meta``."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def parameter_on_meta(module, name, param):
-        if param is not None:
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    def buffer_on_meta(module, name, tensor, persistent=True):
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"),
-                        persistent=persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = (register_parameter,
-                                                                   register_buffer)
 
 
 class FrozenTeacher:

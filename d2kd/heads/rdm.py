@@ -1,6 +1,6 @@
 """RDM losses of global-knowledge distillation (Tang et al., ECCV 2022), as functions.
 
-Transcribed from ../shared/methods/global_knowledge.md (Eq. 6-8). The head that applies them
+Transcribed from docs/methods/global_knowledge.md (Eq. 6-8). The head that applies them
 to a detector's KD instances builds on these; each is tested against an independent
 element-by-element transcription.
 """

@@ -8,13 +8,29 @@ leaves an installed torch / torchvision / detectron2 in place (tests/test_instal
 this with pip's resolver). The exact versions of the embedded environment are pinned in
 requirements/constraints.txt, which `make setup` passes to pip with `-c`.
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def packaged_configs():
+    """configs/ ships inside the package as d2kd/model_zoo/configs (a symlink in the source
+    tree, copied into wheels), so an installed d2kd finds them: d2kd.model_zoo.get_config_file."""
+    folder = os.path.join(HERE, "d2kd", "model_zoo")
+    return sorted(os.path.relpath(path, folder)
+                  for pattern in ("configs/**/*.yaml", "configs/**/*.py", "configs/**/*.md")
+                  for path in glob.glob(os.path.join(folder, pattern), recursive=True))
+
 
 setup(
     name="d2kd",
     version="0.1.0",
     description="Detectron2 extension for knowledge distillation of object detectors",
     packages=find_packages(include=["d2kd", "d2kd.*"]),
+    package_data={"d2kd.model_zoo": packaged_configs()},
     python_requires=">=3.9",
     install_requires=[
         # Lower bounds only: installing d2kd must never replace the torch / torchvision (and

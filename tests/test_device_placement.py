@@ -40,7 +40,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import d2kd.heads.detkds
+import d2kd.heads.detkds.head
 from d2kd.config import get_d2kd_cfg, load_config
 from d2kd.config.loading import import_extensions
 from d2kd.engine.teacher_order import AdapterFit
@@ -51,13 +51,13 @@ from d2kd.heads.masks import (box_area_masks, box_cell_masks, box_weight_maps,
                               gt_boxes_and_images, near_object_masks, random_keep_mask,
                               valid_cell_masks)
 from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
-from d2kd.modeling.taps import StudentTaps
+from d2kd.structures import StudentTaps
 from d2kd.modeling.teacher import FrozenTeacher
 from d2kd.prototypes import PrototypeBank, batched_box_pool, box_cells, box_pool
 from d2kd.prototypes.selection import coupled_coefficients, density
-from d2kd.search.genome import Formula, apply_formula, draw_mask
-from d2kd.search.ops import DISTRIBUTION_OPS
-from d2kd.search.registry import DISTANCES, SLOT_OPS
+from d2kd.heads.detkds.genome import Formula, apply_formula, draw_mask
+from d2kd.heads.detkds.ops import DISTRIBUTION_OPS
+from d2kd.heads.detkds.registry import DISTANCES, SLOT_OPS
 from d2kd.utils.step_scalars import flush_tensor_scalars, pending_tensor_scalars
 
 from conftest import CONFIGS, REPO
@@ -377,7 +377,7 @@ def test_head_losses_forward_and_backward(env, case, monkeypatch):
     it, and the forward reads nothing on the host."""
     name, arch, options = HEAD_CASES[case]
     if isinstance(env, FakeCuda):  # its value check cannot run on fake tensors (listed)
-        monkeypatch.setattr(d2kd.heads.detkds, "dry_run", lambda genome, batch_size: None)
+        monkeypatch.setattr(d2kd.heads.detkds.head, "dry_run", lambda genome, batch_size: None)
     cfg = _cfg(arch, **options)
     with env.building():
         head = DISTILL_HEAD_REGISTRY.get(name)(cfg, _shapes(STUDENT_CHANNELS),

@@ -10,7 +10,7 @@ from detectron2.utils.events import EventStorage
 from d2kd.config import get_d2kd_cfg
 from d2kd.heads import DFDHead, TeacherOutputs
 from d2kd.heads.dfd import shifted_pseudo_huber, upper_quantile
-from d2kd.modeling.taps import StudentTaps
+from d2kd.structures import StudentTaps
 from d2kd.utils.step_scalars import flush_tensor_scalars
 
 STRIDE = 8

@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from d2kd.config import get_d2kd_cfg
 from d2kd.heads import LocKDHead, LogitKDHead, TeacherOutputs
 from d2kd.heads.response import binary_kl
-from d2kd.modeling.taps import StudentTaps
+from d2kd.structures import StudentTaps
 
 
 def _cfg(arch, **logit):

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from d2kd.config import load_config
-from d2kd.model_zoo import ensure_pretrained_backbone
+from d2kd.launch.pretrain import ensure_pretrained_backbone
 
 from conftest import CONFIGS, tiny_training_cfg
 

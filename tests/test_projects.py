@@ -33,7 +33,7 @@ def test_project_head_is_zero_for_identical_maps():
 
     from d2kd.config import load_config
     from d2kd.heads import DISTILL_HEAD_REGISTRY, TeacherOutputs
-    from d2kd.modeling.taps import StudentTaps
+    from d2kd.structures import StudentTaps
 
     cfg = load_config(PROJECT_CONFIG)  # imports the project, which registers the head
     from detectron2.layers import ShapeSpec

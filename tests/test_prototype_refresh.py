@@ -258,7 +258,7 @@ def test_prototype_weighting_fills_gt_cells_with_the_hand_computed_weight(tiny_d
     from detectron2.structures import Boxes, Instances
 
     from d2kd.heads.registry import TeacherOutputs
-    from d2kd.modeling.taps import StudentTaps
+    from d2kd.structures import StudentTaps
 
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     cfg = distill_cfg(str(tmp_path), weights, heads=("FitNetHead",))

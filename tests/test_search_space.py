@@ -7,7 +7,7 @@ import torch
 
 from d2kd.search import (DISTANCES, SLOT_OPS, GenomeError, apply_formula, dry_run, format_genome,
                          parse_genome)
-from d2kd.search.genome import Formula
+from d2kd.heads.detkds.genome import Formula
 
 X = torch.randn(4, 3, 6, 5, generator=torch.Generator().manual_seed(0))
 
@@ -161,7 +161,7 @@ def test_global_input_is_the_formula_on_the_aligned_maps():
 
     from d2kd.config import get_d2kd_cfg
     from d2kd.heads import DetKDSHead, TeacherOutputs
-    from d2kd.modeling.taps import StudentTaps
+    from d2kd.structures import StudentTaps
 
     cfg = get_d2kd_cfg()
     cfg.DISTILL.IN_FEATURES = ["p3", "p4"]
@@ -195,7 +195,7 @@ def test_attention_gradients_stay_finite_where_the_softmax_underflows(name):
 
 def test_correlation_distance_equals_the_explicit_cross_correlation_matrix_loss():
     """Reference: the (D, D) matrix written out, as in the formula (Barlow-Twins style)."""
-    from d2kd.search.ops import DISTANCES
+    from d2kd.heads.detkds.ops import DISTANCES
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)

@@ -20,7 +20,7 @@ import d2kd  # noqa: F401
 from d2kd.config import load_config
 from d2kd.data import digitsdet_root, ensure_digitsdet
 from d2kd.utils.io import atomic_save_figure
-from d2kd.utils.train_net_process import run_train_net
+from d2kd.launch.process import run_train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("d2kd.demo")
@@ -68,10 +68,11 @@ def save_chart(results: Dict[str, Dict[str, float]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     metrics = ["AP", "AP50", "APs", "APm", "APl"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     width = 0.8 / len(results)
     for i, (name, box) in enumerate(results.items()):
         xs = [m + i * width for m in range(len(metrics))]

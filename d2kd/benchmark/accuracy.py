@@ -16,7 +16,7 @@ from tabulate import tabulate
 from ..config import ConfigError, load_config
 from ..config.saved import changed_settings
 from ..utils.io import atomic_write_json, atomic_write_text
-from ..utils.train_net_process import run_train_net
+from ..launch.process import run_train_net
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
 """The accuracy table as a chart: mean box AP per row, every seed's AP marked."""
 from typing import Dict, List
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..utils.io import atomic_save_figure  # noqa: E402
+from ..utils.io import atomic_save_figure
 
 
 def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
@@ -14,7 +11,8 @@ def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
     (``runs``) so that the spread is visible next to the differences."""
     names = [row["name"] for row in summary]
     means = [row["bbox/AP"] for row in summary]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    fig = Figure(figsize=(7, 0.45 * len(names) + 1.2))
+    ax = fig.subplots()
     positions = range(len(names))
     ax.barh(positions, means, color="#8fb3d9")
     for position, name, mean in zip(positions, names, means):

@@ -52,12 +52,13 @@ import time
 import traceback
 from typing import Dict, List, Optional, Sequence
 
+from ..model_zoo import get_config_file
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("d2kd.benchmark.coco_runs")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COCO_CONFIGS = os.path.join(REPO, "configs", "COCO")
+# the COCO configs (their source files in a checkout, the packaged copies in an installation)
+COCO_CONFIGS = os.path.dirname(os.path.realpath(get_config_file("COCO/Base-RetinaNet.yaml")))
 NUM_CLASSES = 10  # DigitsDet
 CLASS_KEYS = ("MODEL.RETINANET.NUM_CLASSES", "MODEL.ROI_HEADS.NUM_CLASSES",
               "MODEL.FCOS.NUM_CLASSES")
@@ -106,7 +107,8 @@ def save_random_backbone(cfg, path: str, seed: int = 0) -> str:
 
 
 def _relpath(path: str) -> str:
-    return os.path.relpath(os.path.abspath(path), REPO)
+    """``path`` relative to the working directory (records name configs as users type them)."""
+    return os.path.relpath(os.path.realpath(path))
 
 
 def classify(config_file: str) -> Dict:
@@ -198,7 +200,8 @@ def _one_line(error: BaseException) -> str:
     where = ""
     if frames:
         frame = frames[-1]
-        path = _relpath(frame.filename) if frame.filename.startswith(REPO) else frame.filename
+        path = (_relpath(frame.filename) if frame.filename.startswith(os.getcwd())
+                else frame.filename)
         where = f" ({path}:{frame.lineno})"
     return f"{type(error).__name__}: {message}{where}"
 
@@ -313,7 +316,7 @@ def _run_child(config_file: str, opts: Sequence[str], out_path: str, log_path: s
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:

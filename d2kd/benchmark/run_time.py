@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 from ..config import load_config
 from ..utils.io import atomic_write_json, atomic_write_text
-from ..utils.train_net_process import run_train_net
+from ..launch.process import run_train_net
 
 
 def steady_step_seconds(metrics_lines: Sequence[str]) -> float:

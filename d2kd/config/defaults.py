@@ -105,7 +105,7 @@ def _add_own_keys(cfg: CN) -> None:
     # for GlobalKnowledgeHead, options in DISTILL.PROTOTYPES); global-knowledge Table 4.
     cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED = False
 
-    # MGD (masked generative distillation), see ../shared/methods/mtpd.md.
+    # MGD (masked generative distillation), see docs/methods/baselines.md.
     cfg.DISTILL.MGD = CN()
     # alpha: the loss is (alpha / N) * sum over (n, c, h, w) of (G(S * M) - T)^2.
     cfg.DISTILL.MGD.ALPHA = 2e-5
@@ -149,7 +149,7 @@ def _add_own_keys(cfg: CN) -> None:
     # Transition point of smooth-L1.
     cfg.DISTILL.LOC.BETA = 0.1
 
-    # DFD: disparity-aware feature distillation (d2kd/heads/dfd.py, ../shared/methods/dfd.md).
+    # DFD: disparity-aware feature distillation (d2kd/heads/dfd.py, docs/methods/dfd.md).
     cfg.DISTILL.DFD = CN()
     # alpha: the loss is (alpha / N) * sum over cells of the per-cell constraint (MGD-like scale;
     # 2e-5 for one-stage, 5e-7 for two-stage detectors as starting points).
@@ -159,7 +159,7 @@ def _add_own_keys(cfg: CN) -> None:
     # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel" (mse / teacher energy).
     cfg.DISTILL.DFD.DISPARITY = "mse"
     # Constraint on hard cells: "pseudo_huber" (shifted to the threshold: continuous value and
-    # slope), "pseudo_huber_unshifted" (the spec's literal form), "downweight", "cosine" or
+    # slope), "pseudo_huber_unshifted" (the unshifted form), "downweight", "cosine" or
     # "generative".
     cfg.DISTILL.DFD.LENIENT = "pseudo_huber"
     # Ablation: lenient on easy cells and strict on hard ones.
@@ -224,7 +224,7 @@ def _add_own_keys(cfg: CN) -> None:
     # Images per forward during extraction (images of equal size only).
     cfg.DISTILL.PROTOTYPES.EXTRACT_BATCH_SIZE = 16
 
-    # DetKDS: a searched distiller given as a genome string (d2kd/search/genome.py).
+    # DetKDS: a searched distiller given as a genome string (d2kd/heads/detkds/genome.py).
     cfg.DISTILL.DETKDS = CN()
     # e.g. "global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2".
     cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_N|l1|w=6"

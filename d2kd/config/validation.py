@@ -7,8 +7,9 @@ from typing import Iterable
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
 
-from .. import model_zoo
+from ..model_zoo import PRETRAINED_PREFIX
 from ..data import ensure_digitsdet
 from .loading import ConfigError
 from .schedule import TeacherSchedule
@@ -58,14 +59,11 @@ def check_annotation_file(json_file: str, dataset_name: str) -> None:
 
 
 def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
-    """A local weights file must exist (remote URLs are left to detectron2's PathManager).
-
-    ``digitsdet-pretrained://NAME`` is resolved here, in the launching process: a backbone
-    that is not cached yet is pre-trained now, once, before any training process starts.
-    """
-    if path.startswith(model_zoo.PREFIX):
+    """A local weights file must exist (remote URLs are left to detectron2's PathManager;
+    ``digitsdet-pretrained://NAME`` must have been pre-trained, which the launchers do)."""
+    if path.startswith(PRETRAINED_PREFIX):
         try:
-            model_zoo.ensure_pretrained_backbone(path[len(model_zoo.PREFIX):])
+            PathManager.get_local_path(path)
         except FileNotFoundError as e:
             raise ConfigError(f"{key}={path}: {e}") from None
         return

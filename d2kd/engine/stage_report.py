@@ -12,17 +12,14 @@ import logging
 import os
 from typing import Dict, List
 
-import matplotlib
+from detectron2.config import CfgNode
+from detectron2.utils import comm
+from matplotlib.figure import Figure
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ..config.schedule import TeacherSchedule  # noqa: E402
-from ..utils.io import atomic_save_figure, atomic_write_json  # noqa: E402
-from .export import save_student  # noqa: E402
+from ..config.schedule import TeacherSchedule
+from ..utils.io import atomic_save_figure, atomic_write_json
+from .export import save_student
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +37,8 @@ def stage_ap(results: Dict) -> Dict[str, float]:
 
 def plot_stage_ap(records: List[Dict], path: str) -> None:
     """AP (box, and mask when present) against the stage, one line per task."""
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.subplots()
     for task in ("bbox", "segm"):
         points = [(r["stage"], r["ap"][task]) for r in records if task in r["ap"]]
         if points:

@@ -1,5 +1,5 @@
 """DFD: disparity-aware feature distillation (Liu et al., ICML 2024), as reconstructed in
-../shared/methods/dfd.md (the paper's method section is not available; every choice below is
+docs/methods/dfd.md (the paper's method section is not available; every choice below is
 a config switch under ``DISTILL.DFD``).
 
 Per level and image, over valid (unpadded) cells:
@@ -13,9 +13,9 @@ Per level and image, over valid (unpadded) cells:
      e_theta the (1 - rho) quantile of e (= C theta for ``mse``) and kappa =
      ``KAPPA_SCALE * e_theta``, detached. Decision: the pseudo-Huber is shifted to the
      threshold so that the per-cell loss has the same value and slope on both sides of it
-     (the spec's un-shifted 2 kappa (sqrt(1 + e / kappa) - 1) jumps there); its gradient
+     (the un-shifted 2 kappa (sqrt(1 + e / kappa) - 1) jumps there); its gradient
      stays bounded for large gaps, and kappa -> infinity recovers plain imitation;
-   - ``pseudo_huber_unshifted``: the spec's literal ``2 kappa (sqrt(1 + e / kappa) - 1)``
+   - ``pseudo_huber_unshifted``: the un-shifted ``2 kappa (sqrt(1 + e / kappa) - 1)``
      (same kappa), which drops below the strict term at the threshold;
    - ``downweight``: ``DOWNWEIGHT * e``; ``cosine``: ``||T||^2 (1 - cos(S~, T))``;
    - ``generative``: MGD-style: ``(G(S~ * M) - T)^2`` summed over channels on hard cells, M
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..modeling.taps import StudentTaps
-from .feature_imitation import _FeatureHead, generation_block
+from ..structures import StudentTaps
+from .feature_imitation import FeatureHead, generation_block
 from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
 from .registry import DISTILL_HEAD_REGISTRY, TeacherOutputs
 
@@ -83,7 +83,30 @@ def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor, kappa: torch.Te
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class DFDHead(_FeatureHead):
+class DFDHead(FeatureHead):
+    """Disparity-aware feature distillation (Liu et al., ICML 2024), d2kd's reconstruction
+    (docs/methods/dfd.md; every choice a ``DISTILL.DFD`` key, see the module docstring).
+
+    Inputs per distilled level: student map S (N, C_s, H_s, W_s), teacher map T (N, C, H, W);
+    S~ = A(S) (N, C, H, W) after the 1x1 adapter (channels differ) and bilinear resize
+    (strides differ). Per image, over valid (unpadded) cells only:
+
+    - disparity d (N, H, W), detached: ``mse`` d = (1/C) sum_c (T - S~)^2 (or ``cos``,
+      ``rel``);
+    - theta = the (1 - rho) quantile of d per image (and stratum when ``FG_BG_STRATIFIED``);
+      hard cells H = {d > theta}, easy cells E = the other valid cells;
+    - e = sum_c (T - S~)^2 (N, H, W); strict phi_S(e) = e; lenient (default
+      ``pseudo_huber``) ``phi_L(e) = e_theta + 2 kappa (sqrt(1 + (e - e_theta) / kappa) - 1)``
+      with e_theta the (1 - rho) quantile of e and kappa = KAPPA_SCALE * e_theta, detached;
+    - ``L = sum_l (ALPHA / N) sum_{n,h,w} omega (BETA_EASY 1_E phi_S(e)
+      + BETA_HARD 1_H phi_L(e))`` (``REVERSED``: phi_L on E, phi_S on H), omega = FG_WEIGHT /
+      BG_WEIGHT on GT-box / other cells when stratified, else 1.
+
+    Returns ``loss_kd_dfd_feat`` (0-dim). Logs ``kd/dfd/loss/<level>`` every step and, every
+    ``STATS_PERIOD`` iterations, ``kd/dfd/{hard_fraction,d_easy,d_hard,theta}/<level>``.
+    With ``LENIENT`` "generative" it owns MGD generators (C -> C) per level.
+    """
+
     name = "dfd"
 
     def __init__(self, cfg, student_shapes, teacher_shapes):

@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
-from ..modeling.taps import StudentTaps
+from ..structures import StudentKind, StudentTaps
 from .alignment import FeatureAligner
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
 from .prototype_weighting import PrototypeWeighting
@@ -20,7 +20,7 @@ def generation_block(channels: int) -> nn.Sequential:
                          nn.Conv2d(channels, channels, 3, padding=1))
 
 
-class _FeatureHead(DistillHead):
+class FeatureHead(DistillHead):
     """Shared part: the distilled levels, their aligner and, when ``prototype_weighted``, the
     RDM robustness weights of GT instances as per-cell weights (global-knowledge Table 4)."""
 
@@ -44,7 +44,7 @@ class _FeatureHead(DistillHead):
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class FitNetHead(_FeatureHead):
+class FitNetHead(FeatureHead):
     """FitNet: ``weight * mean((A(S) - T)^2)`` per level over every cell, summed over levels."""
 
     name = "fitnet"
@@ -63,12 +63,20 @@ class FitNetHead(_FeatureHead):
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class MGDHead(_FeatureHead):
+class MGDHead(FeatureHead):
     """Masked generative distillation (Yang et al., ECCV 2022).
 
     Per level: a random spatial mask M (a cell is zeroed with probability ``MASK_RATIO``,
     shared over channels, resampled every step), a generator G = conv3x3 -> ReLU -> conv3x3,
     and ``(alpha / N) * sum_{n,c,h,w} (G(A(S) * M) - T)^2`` with N the batch size.
+
+    Shapes per distilled level: student map S (N, C_s, H_s, W_s), teacher map T
+    (N, C_t, H_t, W_t); A(S) (N, C_t, H_t, W_t) after the 1x1 adapter (channels differ) and
+    bilinear resize (strides differ); M (N, 1, H_t, W_t); G_l maps C_t -> C_t channels (one
+    generator per level). alpha = ``DISTILL.MGD.ALPHA``, the mask ratio lambda =
+    ``DISTILL.MGD.MASK_RATIO``. Returns ``loss_kd_mgd_feat`` (0-dim, the sum over levels);
+    logs ``kd/mgd/loss/<level>``. Reference: docs/methods/baselines.md (MGD), and
+    docs/methods/mtpd.md, where it is the per-stage loss.
     """
 
     name = "mgd"
@@ -93,11 +101,11 @@ class MGDHead(_FeatureHead):
 
 def _anchor_generator_for_levels(cfg: CfgNode, levels, student_shapes) -> DefaultAnchorGenerator:
     """The student's anchors (MODEL.ANCHOR_GENERATOR) on the distilled levels."""
-    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-    if arch == "FCOS":
-        raise ValueError("FGFIHead needs anchors; FCOS has none. Use FgBgHead for FCOS students.")
-    anchor_levels = list(cfg.MODEL.RETINANET.IN_FEATURES if arch == "RetinaNet"
-                         else cfg.MODEL.RPN.IN_FEATURES)
+    kind = StudentKind.from_config(cfg)
+    if not kind.anchored:
+        raise ValueError("FGFIHead needs anchors; this student has none (FCOS, or an R-CNN "
+                         "without an RPN). Use FgBgHead for such students.")
+    anchor_levels = list(kind.anchor_levels)
     sizes = cfg.MODEL.ANCHOR_GENERATOR.SIZES
     missing = [level for level in levels if level not in anchor_levels]
     if missing:
@@ -112,7 +120,7 @@ def _anchor_generator_for_levels(cfg: CfgNode, levels, student_shapes) -> Defaul
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class FGFIHead(_FeatureHead):
+class FGFIHead(FeatureHead):
     """Fine-grained feature imitation (Wang et al., CVPR 2019): imitation near objects only.
 
     Mask: cells with an anchor whose IoU with a GT box exceeds ``PSI`` times that box's best
@@ -144,7 +152,7 @@ class FGFIHead(_FeatureHead):
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class FgBgHead(_FeatureHead):
+class FgBgHead(FeatureHead):
     """Decoupled foreground/background imitation (DeFeat-style).
 
     Per level, with F = cells whose centre lies in a GT box and B the rest:

@@ -1,6 +1,6 @@
 """RDM: robust distillation with global knowledge (Tang et al., ECCV 2022).
 
-Spec: ../shared/methods/global_knowledge.md. KD instances are the positives the student's
+Reference: docs/methods/global_knowledge.md. KD instances are the positives the student's
 own loss used: positive sampled proposals (R-CNN; labels from their matched GT, each on the
 FPN level detectron2's ``assign_boxes_to_levels`` picks) or positive anchors (RetinaNet; the
 anchor box on its own level). Their features are box-pooled from the raw FPN maps of both
@@ -28,14 +28,13 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..modeling.taps import StudentTaps
+from ..structures import StudentKind, StudentTaps
 from ..prototypes import PrototypeBank, batched_box_pool
 from .alignment import check_levels
 from .masks import box_weight_maps
-from .prototype_weighting import detector_num_classes
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
-from .response import DENSE_ARCHITECTURES, _dense_num_classes, _flatten_dense
+from .response import dense_num_classes, flatten_dense
 
 
 @dataclass
@@ -51,6 +50,38 @@ class KDInstances:
 
 @DISTILL_HEAD_REGISTRY.register()
 class GlobalKnowledgeHead(DistillHead):
+    """RDM losses with a PGM prototype bank (Tang et al., ECCV 2022;
+    docs/methods/global_knowledge.md).
+
+    Inputs per distilled level l: student map S (N, C_s, H_s, W_s), teacher map T
+    (N, C_t, H_t, W_t). KD instances of level l (module docstring): boxes (M_l, 4) XYXY in
+    input pixels, classes (M_l,), image indices (M_l,). Their features are box-pooled from
+    the raw maps: f^s (M_l, C_s), f^t (M_l, C_t). The bank ``self.bank`` holds prototypes
+    P^s [L, n_cls, K, C_s], P^t [L, n_cls, K, C_t] and ``valid`` [L, n_cls].
+
+    - Robustness weight (Eq. 8), detached, not clipped, (M_l,); 1 for a class without valid
+      prototypes:
+      ``w = 1 - |max_k cos(f^s, P^s[l, c, k]) - max_k cos(f^t, P^t[l, c, k])|``
+    - Global loss (Eq. 6): A^s, A^t (M_l, n_cls * K) cosines of every instance to every
+      prototype of the level; ``L_glob = sum_l mean smoothL1_{beta=1}(w A^s, w A^t)`` over the
+      columns of valid classes.
+    - Local feature loss (Eq. 7): g_l a 3x3 conv C_s -> C_t (bilinearly resized to
+      (H_t, W_t) if needed); M (N, 1, H_t, W_t) holds each KD box's w on the cells it covers
+      (max over boxes, 0 elsewhere), B = 1[M = 0]:
+      ``L_feat^l = FG_LAMBDA sum (g(S) - T)^2 M / max(1, 2 C_t sum M)
+      + BG_LAMBDA sum (g(S) - T)^2 B / max(1, 2 C_t sum B)``,
+      mean over levels (``LEVEL_REDUCTION`` "mean") or sum ("sum").
+    - Local response loss over the R = sum_l M_l instances: class logits z (R, K + 1) of both
+      box predictors on the student's positive RoIs (R-CNN) or (R, K) of both dense heads at
+      the positive anchors (RetinaNet); p = softmax(z / T), T = ``TEMPERATURE``:
+      ``L_resp = (1/R) sum_r w_r T^2 mean_c p^t (log p^t - log p^s)``.
+
+    Returns 0-dim losses ``loss_kd_gk_global`` (GLOBAL_WEIGHT * a * L_glob),
+    ``loss_kd_gk_feat`` (FEATURE_WEIGHT * a * L_feat) and ``loss_kd_gk_resp``
+    (RESPONSE_WEIGHT * L_resp), with a = max(0, 1 - iter / ATTENUATION_ITERS) (1 when
+    ATTENUATION is off). Logs ``kd/gk/feat/<level>``, ``kd/gk/weight_mean`` and ``kd/gk/weight_min``.
+    """
+
     name = "gk"
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
@@ -60,7 +91,8 @@ class GlobalKnowledgeHead(DistillHead):
         check_levels(self.levels, student_shapes, teacher_shapes)
         self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
         self.student_strides = {l: student_shapes[l].stride for l in self.levels}
-        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        kind = StudentKind.from_config(cfg)
+        self.dense = kind.dense
         # The response term reads the teacher's predictions; without it (RESPONSE_WEIGHT 0)
         # features suffice, so any teacher family serves (e.g. a Cascade R-CNN teacher for a
         # RetinaNet student).
@@ -68,7 +100,7 @@ class GlobalKnowledgeHead(DistillHead):
         self.teacher_needs = frozenset(
             {"features"} | ({"dense_predictions" if self.dense else "roi_predictions"}
                             if self.with_response else set()))
-        self.bank = PrototypeBank(self.levels, detector_num_classes(cfg),
+        self.bank = PrototypeBank(self.levels, kind.num_classes,
                                   cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)
@@ -82,9 +114,9 @@ class GlobalKnowledgeHead(DistillHead):
         self.attenuation_iters = gk.ATTENUATION_ITERS if gk.ATTENUATION else 0
         self.level_ids = [int(l[1:]) for l in self.levels]  # "p3" -> 3
         if self.dense:  # positive anchors come per head level
-            head_levels = list(cfg.MODEL.RETINANET.IN_FEATURES)
+            head_levels = list(kind.anchor_levels)
             missing = [l for l in self.levels if l not in head_levels]
-            if missing or cfg.DISTILL.STUDENT_META_ARCHITECTURE != "RetinaNet":
+            if missing or not kind.anchored:
                 raise ValueError("GlobalKnowledgeHead on a dense student needs a RetinaNet whose "
                                  f"head levels {head_levels} include DISTILL.IN_FEATURES "
                                  f"{self.levels}.")
@@ -112,7 +144,7 @@ class GlobalKnowledgeHead(DistillHead):
 
     def _dense_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
         labels = torch.stack(student.anchor_labels)  # (N, R over all head levels)
-        num_classes = _dense_num_classes(student)
+        num_classes = dense_num_classes(student)
         starts = list(itertools.accumulate([0] + [len(a) for a in student.anchors]))
         positive = (labels >= 0) & (labels < num_classes)
         spans = [(starts[i], starts[i + 1]) for i in
@@ -179,9 +211,9 @@ class GlobalKnowledgeHead(DistillHead):
         rows = torch.cat([instances[l].rows for l in self.levels])
         w = torch.cat(weights)
         if self.dense:
-            num_classes = _dense_num_classes(student)
-            s = _flatten_dense(student.dense_predictions[0], num_classes).flatten(0, 1)
-            t = _flatten_dense(teacher.dense_predictions[0], num_classes).flatten(0, 1)
+            num_classes = dense_num_classes(student)
+            s = flatten_dense(student.dense_predictions[0], num_classes).flatten(0, 1)
+            t = flatten_dense(teacher.dense_predictions[0], num_classes).flatten(0, 1)
         else:
             s, t = student.roi_predictions[0], teacher.roi_predictions[0]
         if len(rows) == 0:

@@ -14,20 +14,10 @@ from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..modeling.taps import StudentTaps
+from ..structures import StudentKind, StudentTaps
 from ..prototypes import PrototypeBank, batched_box_pool
 from .masks import box_weight_maps, gt_boxes_and_images
 from .registry import TeacherOutputs
-
-
-def detector_num_classes(cfg: CfgNode) -> int:
-    """Foreground classes of the student described by ``cfg``."""
-    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-    if arch == "RetinaNet":
-        return cfg.MODEL.RETINANET.NUM_CLASSES
-    if arch == "FCOS":
-        return cfg.MODEL.FCOS.NUM_CLASSES
-    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
 class PrototypeWeighting(nn.Module):
@@ -37,7 +27,7 @@ class PrototypeWeighting(nn.Module):
         self.levels = list(levels)
         self.student_strides = {l: student_shapes[l].stride for l in self.levels}
         self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
-        self.bank = PrototypeBank(self.levels, detector_num_classes(cfg),
+        self.bank = PrototypeBank(self.levels, StudentKind.from_config(cfg).num_classes,
                                   cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)

@@ -1,6 +1,5 @@
 """The distillation-head registry and the interface every head implements."""
-from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet
 
 import torch
 from detectron2.config import CfgNode
@@ -9,7 +8,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..modeling.taps import StudentTaps
+from ..structures import StudentTaps, TeacherOutputs  # noqa: F401  (TeacherOutputs re-exported)
 from ..utils.step_scalars import put_tensor_scalar
 
 DISTILL_HEAD_REGISTRY = Registry("DISTILL_HEAD")
@@ -18,16 +17,6 @@ Distillation heads, listed by name in ``DISTILL.HEADS``. A head is called as
 ``head(cfg, student_shapes, teacher_shapes)`` with the backbone output shapes of both models,
 declares in ``teacher_needs`` what the teacher must compute, and returns named losses.
 """
-
-
-@dataclass
-class TeacherOutputs:
-    """What the active teacher computed for one step (only what some head declared)."""
-
-    features: Optional[Dict[str, torch.Tensor]] = None
-    dense_predictions: Optional[List[List[torch.Tensor]]] = None
-    roi_predictions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    rpn_predictions: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
 
 
 class DistillHead(nn.Module):

@@ -11,13 +11,10 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
-from ..modeling.taps import StudentTaps
+from ..structures import StudentKind, StudentTaps
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 
-DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
-
-
-def _flatten_dense(per_level: List[torch.Tensor], dim: int) -> torch.Tensor:
+def flatten_dense(per_level: List[torch.Tensor], dim: int) -> torch.Tensor:
     """Per-level (N, A*dim, H, W) -> (N, sum(H*W*A), dim), detectron2's anchor order."""
     return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
 
@@ -34,7 +31,7 @@ class _ResponseHead(DistillHead):
 
     def __init__(self, cfg: CfgNode, student_shapes, teacher_shapes):
         super().__init__()
-        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        self.dense = StudentKind.from_config(cfg).dense
         need = "dense_predictions" if self.dense else "roi_predictions"
         self.teacher_needs = frozenset({"features", need})
 
@@ -64,9 +61,9 @@ class LogitKDHead(_ResponseHead):
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         t2 = self.temperature ** 2
         if self.dense:
-            num_classes = _dense_num_classes(student)
-            s = _flatten_dense(student.dense_predictions[0], num_classes)
-            t = _flatten_dense(teacher.dense_predictions[0], num_classes)
+            num_classes = dense_num_classes(student)
+            s = flatten_dense(student.dense_predictions[0], num_classes)
+            t = flatten_dense(teacher.dense_predictions[0], num_classes)
             if self.locations == "positive":
                 selected = _positive_anchors(student)
             else:
@@ -105,8 +102,8 @@ class LocKDHead(_ResponseHead):
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         if self.dense:
             positive = _positive_anchors(student)  # (N, R)
-            s = _flatten_dense(student.dense_predictions[1], 4)  # (N, R, 4)
-            t = _flatten_dense(teacher.dense_predictions[1], 4)
+            s = flatten_dense(student.dense_predictions[1], 4)  # (N, R, 4)
+            t = flatten_dense(teacher.dense_predictions[1], 4)
         else:
             positive, s, t = _rcnn_gt_class_deltas(student, teacher)  # (R,), (R, 4), (R, 4)
         # Mean over positives x 4 coordinates as a masked sum (no boolean indexing, no host
@@ -119,7 +116,7 @@ class LocKDHead(_ResponseHead):
         return {"loss_kd_loc_box": self.weight * loss}
 
 
-def _dense_num_classes(student: StudentTaps) -> int:
+def dense_num_classes(student: StudentTaps) -> int:
     """K of a dense student: logits have A*K channels, deltas A*4."""
     anchors_per_cell = student.dense_predictions[1][0].shape[1] // 4
     return student.dense_predictions[0][0].shape[1] // anchors_per_cell
@@ -128,7 +125,7 @@ def _dense_num_classes(student: StudentTaps) -> int:
 def _positive_anchors(student: StudentTaps) -> torch.Tensor:
     """(N, R) bool: anchors the student's own loss labelled with a foreground class."""
     labels = torch.stack(student.anchor_labels)  # class, K = background, -1 = ignored
-    return (labels >= 0) & (labels < _dense_num_classes(student))
+    return (labels >= 0) & (labels < dense_num_classes(student))
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

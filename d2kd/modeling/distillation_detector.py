@@ -7,13 +7,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from torch import nn
 
 from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
 from ..utils.step_scalars import flush_tensor_scalars
-from .taps import StudentTapper, StudentTaps
+from ..structures import StudentTapper, StudentTaps, is_dense_detector
 from .teacher import FrozenTeacher, build_teacher, crop_to_grids
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def check_response_compatible(student: nn.Module, teacher: nn.Module,
     needs = set().union(*(h.teacher_needs for h in heads.values()))
     if "dense_predictions" in needs:
         s, t = dense_head_layout(student), dense_head_layout(teacher)
-        if not (isinstance(student, DenseDetector) and s == t):
+        if not (is_dense_detector(student) and s == t):
             hint = (" (GlobalKnowledgeHead: DISTILL.GK.RESPONSE_WEIGHT 0 keeps its feature and "
                     "global terms only)" if "GlobalKnowledgeHead" in users("dense_predictions")
                     else "")

@@ -32,7 +32,7 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
-from .genome import Formula, parse_genome
+from ..heads.detkds.genome import Formula, parse_genome
 from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
 from .samplers import (SURPLUS, GeneticSampler, GenomeSampler, GridGenomeSampler,

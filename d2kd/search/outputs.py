@@ -11,17 +11,39 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ..utils.io import atomic_write_json, atomic_write_text
 from .report import best_so_far, markdown_cell, plot_best_so_far, session_overhead
 from .samplers import GENERATION_KEY, SURPLUS, fitness
 from .space import genome_inputs
 
-if TYPE_CHECKING:
-    from .driver import DetKDSSearch
+
+
+class SearchState(Protocol):
+    """What these writers read of a search (:class:`d2kd.search.driver.DetKDSSearch`)."""
+
+    arm: str
+    output_dir: str
+    session: str
+    workers: int
+    inputs: List[str]
+    skipped: List[str]
+    trials_per_input: int
+
+    def stages(self) -> List[str]: ...
+
+    def trials(self, stage: str) -> List[FrozenTrial]: ...
+
+    def total_trials(self) -> Optional[int]: ...
+
+    def baseline_ap(self) -> Optional[float]: ...
+
+    def survivors(self) -> list: ...
+
+    def best(self) -> Tuple[Optional[FrozenTrial], bool]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +53,7 @@ CSV_COLUMNS = ("study", "input", "number", "genome", "status", "ap", "seconds", 
 TRAINED = ("ok", "rejected", "pruned")
 
 
-def trial_rows(search: "DetKDSSearch") -> List[Dict]:
+def trial_rows(search: SearchState) -> List[Dict]:
     """One row per trial of the search (queued and surplus trials left out), stage by stage: the
     ``CSV_COLUMNS`` plus the ``session`` that ran it."""
     rows = []
@@ -55,7 +77,7 @@ def trial_rows(search: "DetKDSSearch") -> List[Dict]:
     return rows
 
 
-def write_tables(search: "DetKDSSearch") -> None:
+def write_tables(search: SearchState) -> None:
     """``trials.csv`` and ``trials.md`` (one row per trial), written atomically."""
     rows = trial_rows(search)
     buffer = io.StringIO()
@@ -71,7 +93,7 @@ def write_tables(search: "DetKDSSearch") -> None:
     atomic_write_text(os.path.join(search.output_dir, "trials.md"), "\n".join(lines) + "\n")
 
 
-def log_progress(search: "DetKDSSearch") -> None:
+def log_progress(search: SearchState) -> None:
     """Log trials done / planned, the mean time of a trained trial and the ETA."""
     rows = trial_rows(search)
     done = sum(r["status"] in TRAINED + ("cached",) for r in rows)
@@ -96,7 +118,7 @@ def best_config_yaml(config_file: str, opts: Sequence[str], genome: str, output_
     return "\n".join(lines) + "\n"
 
 
-def idle_at_end_seconds(search: "DetKDSSearch") -> float:
+def idle_at_end_seconds(search: SearchState) -> float:
     """Worker-seconds of this session spent after a worker's last trial while other workers
     still trained: for each worker (host, pid), the time from the end of its last trial to
     the end of the session's last trial."""
@@ -110,7 +132,7 @@ def idle_at_end_seconds(search: "DetKDSSearch") -> float:
     return sum((last - end).total_seconds() for end in ends.values())
 
 
-def finalize(search: "DetKDSSearch", config_file: str, opts: Sequence[str],
+def finalize(search: SearchState, config_file: str, opts: Sequence[str],
              session: Dict) -> Dict:
     """Write ``best_genome.txt``, ``best_config.yaml``, the tables, ``best_so_far.png`` and
     ``summary.json`` (with this session's wall time and trial times); returns the summary.

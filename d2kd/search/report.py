@@ -10,12 +10,9 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..utils.io import atomic_save_figure  # noqa: E402
+from ..utils.io import atomic_save_figure
 
 #: statuses of trials that count against the budget (a cached trial repeats an earlier AP)
 BUDGET_STATUSES = ("ok", "cached", "pruned", "rejected")
@@ -52,7 +49,8 @@ def plot_best_so_far(curves: Dict[str, List[float]], path: str,
                      baseline_ap: Optional[float] = None) -> None:
     """One line per search: best-so-far proxy AP vs trial number; the no-distillation
     baseline's AP as a dashed line when given."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if baseline_ap is not None:
         ax.axhline(baseline_ap, color="gray", linestyle="--", label="no distillation")
     for label, curve in curves.items():

@@ -2,7 +2,7 @@
 
 A *space* names the genes of a study (``{name: choices}``), turns gene values (an Optuna
 ``params`` dict) into a canonical genome string and says whether they are valid (the genome
-rules plus the dry run of d2kd/search/genome.py). Stage 1 searches the formula + weight of one
+rules plus the dry run of d2kd/heads/detkds/genome.py). Stage 1 searches the formula + weight of one
 knowledge input (:class:`FormulaSpace`), stage 2 the weights of the surviving formulas
 (:class:`WeightSpace`, where 0 switches an input off).
 """
@@ -15,9 +15,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from optuna.distributions import CategoricalDistribution
 
-from .genome import (RESHAPING_SLOT3, SIZE_CHANGING_SLOT2, SLOT3_ONLY_INPUTS, Formula, Genome,
-                     GenomeError, check_rules, dry_run, format_genome, parse_genome)
-from .registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
+from ..heads.detkds.genome import (RESHAPING_SLOT3, SIZE_CHANGING_SLOT2, SLOT3_ONLY_INPUTS,
+                                   Formula, Genome, GenomeError, check_rules, dry_run,
+                                   format_genome, parse_genome)
+from ..heads.detkds.registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
+from ..structures import StudentKind
 
 Params = Dict[str, object]
 
@@ -159,13 +161,10 @@ class WeightSpace(GenomeSpace):
 def student_can_use(cfg, knowledge_input: str) -> bool:
     """``logit``/``loc`` need a dense head (RetinaNet, FCOS) or an RPN; the others need FPN
     maps, which every d2kd distillation pair has."""
-    from ..heads.response import DENSE_ARCHITECTURES
-
     if knowledge_input not in SLOT3_ONLY_INPUTS:
         return True
-    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-    return arch in DENSE_ARCHITECTURES or (arch == "GeneralizedRCNN" and
-                                           cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN")
+    kind = StudentKind.from_config(cfg)
+    return kind.dense or kind.has_rpn
 
 
 def search_inputs(cfg) -> Tuple[List[str], List[str]]:

@@ -44,9 +44,8 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def atomic_save_figure(fig: Any, path: str) -> None:
-    """A matplotlib figure as a PNG (120 dpi) at ``path``, atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-
+    """A matplotlib :class:`~matplotlib.figure.Figure` as a PNG (120 dpi) at ``path``,
+    atomically. d2kd draws on ``Figure`` objects, never through pyplot, so that it leaves the
+    process's plotting backend alone."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)

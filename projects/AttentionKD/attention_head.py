@@ -18,7 +18,7 @@ from detectron2.config import CfgNode as CN
 from d2kd.config.defaults import register_config_extension
 from d2kd.heads import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 from d2kd.heads.alignment import check_levels
-from d2kd.modeling.taps import StudentTaps
+from d2kd.structures import StudentTaps
 
 
 @register_config_extension

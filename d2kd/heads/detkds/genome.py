@@ -81,7 +81,7 @@ def _parse_formula(text: str) -> Formula:
 
 
 def check_rules(formula: Formula) -> None:
-    """The validity rules that need no tensor (see ../shared/methods/detkds.md)."""
+    """The validity rules that need no tensor (see docs/methods/detkds.md)."""
     name = formula.input
     if formula.distance == "kl" and formula.slot3 not in DISTRIBUTION_OPS:
         raise GenomeError(f"{name}: distance 'kl' needs a distribution slot 3 "

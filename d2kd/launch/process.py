@@ -1,6 +1,6 @@
-"""Run ``tools/train_net.py`` as a child process: the one way d2kd launches a training from
-Python (benchmarks, the demo, backbone pre-training), so that every such run is an ordinary
-detectron2 output directory made by the same command a user types."""
+"""Run a training as a child process: ``python -m d2kd.launch.train_net``, the one way d2kd
+launches a training from Python (benchmarks, the demo, backbone pre-training), so that every
+such run is an ordinary detectron2 output directory made by the command a user types."""
 import logging
 import os
 import subprocess
@@ -10,13 +10,13 @@ from typing import Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+TRAIN_NET_MODULE = "d2kd.launch.train_net"
 
 
 def run_train_net(config_file: str, args: Sequence[str] = (), threads: int = 0,
                   env: Optional[Mapping[str, str]] = None, quiet: bool = True) -> float:
-    """``tools/train_net.py --config-file CONFIG ARGS...``; returns its wall time in seconds.
+    """``python -m d2kd.launch.train_net --config-file CONFIG ARGS...``; returns its wall time
+    in seconds.
 
     Args:
         args: further command-line arguments and trailing ``KEY VALUE`` overrides.
@@ -31,7 +31,7 @@ def run_train_net(config_file: str, args: Sequence[str] = (), threads: int = 0,
         child_env.setdefault("PYTHONUNBUFFERED", "1")
     if threads:
         child_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, *args]
+    cmd = [sys.executable, "-m", TRAIN_NET_MODULE, "--config-file", config_file, *args]
     logger.info("$ %s", " ".join(cmd))
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=child_env,

@@ -4,14 +4,14 @@ Every op maps a tensor to a tensor and is applied identically and independently 
 student and the teacher tensor; a formula is ``distance(slot3(slot2(slot1(S))),
 slot3(slot2(slot1(T))))``. Ops take (N, C, H, W) maps; slot-3 ops may reshape to
 (N, C*H*W) (``batch``) or (N, C, H*W) (``channel``). Third-party ops and distances register
-with ``SLOT_OPS[slot].register(name)`` / ``DISTANCES.register(name)`` (d2kd.search.registry).
+with ``SLOT_OPS[slot].register(name)`` / ``DISTANCES.register(name)`` (d2kd.heads.detkds.registry).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..heads.masks import random_keep_mask
+from ..masks import random_keep_mask
 from .registry import DISTANCES, SLOT_OPS
 
 TAU = 0.5  # attention temperature of slot 1

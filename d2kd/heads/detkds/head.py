@@ -1,5 +1,5 @@
 """The searched-distiller head of DetKDS: a genome string turned into a loss
-(d2kd/search/genome.py; ../shared/methods/detkds.md).
+(d2kd/heads/detkds/genome.py; docs/methods/detkds.md).
 
 Knowledge inputs, per distilled level, summed over levels:
 
@@ -18,12 +18,11 @@ from typing import Dict, List
 import torch
 from torchvision.ops import roi_align
 
-from ..search.genome import GenomeError, distance, dry_run, parse_genome, transform
-from ..modeling.taps import StudentTaps
-from .alignment import FeatureAligner
-from .masks import box_area_masks
-from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
-from .response import DENSE_ARCHITECTURES
+from .genome import GenomeError, distance, dry_run, parse_genome, transform
+from ...structures import StudentKind, StudentTaps
+from ..alignment import FeatureAligner
+from ..masks import box_area_masks
+from ..registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 
 INSTANCE_SIZE = 14
 BACKGROUND_WEIGHT = 0.5
@@ -31,6 +30,34 @@ BACKGROUND_WEIGHT = 0.5
 
 @DISTILL_HEAD_REGISTRY.register()
 class DetKDSHead(DistillHead):
+    """A DetKDS distiller (Li et al., ICML 2024) given as a genome, ``DISTILL.DETKDS.GENOME``
+    (docs/methods/detkds.md).
+
+    Each formula ``<input>:<t1>|<t2>|<t3>|<dist>|w=<gamma>`` of the genome gives one loss
+
+        ``L_input = sum_levels gamma * dist(t3(t2(t1(X^s))), t3(t2(t1(X^t))))``
+
+    with the slot ops t1, t2, t3 applied identically and independently to both tensors (one
+    random mask shared by both for t1 = ``mask``) and ``dist`` a mean over elements
+    (d2kd/heads/detkds/ops.py). X^s, X^t per input:
+
+    - ``global``: S~ = A(S) (N, C_t, H, W) (1x1 adapter and bilinear resize of the student map
+      (N, C_s, H_s, W_s)) and T (N, C_t, H, W), per level of ``DISTILL.IN_FEATURES``;
+    - ``fgbg``: S~ * m_fg, T * m_fg and, at weight 0.5, S~ * m_bg, T * m_bg, with m_fg
+      (N, 1, H, W) = 1 / (box area in cells) on GT-box cells (max over boxes) and m_bg
+      (N, 1, H, W) uniform on the other cells, summing to 1 per image;
+    - ``instance``: the cascade on S~ and T, then RoIAlign of every GT box: (M, C_t, 14, 14),
+      M the GT boxes of the batch (the cascade must keep the layout);
+    - ``logit``: sigmoid of the classification maps (N, A*K, H, W) of both dense heads, or of
+      both RPN objectness maps (N, A, H, W), per head level; slot 3 only;
+    - ``loc``: the regression maps (N, A*4, H, W) (dense deltas or RPN deltas) times a mask
+      (N, 1, H, W) of the positions where the teacher's top sigmoid score exceeds
+      ``LOC_SCORE_THRESH``; slot 3 only.
+
+    Returns one 0-dim loss per input of the genome, ``loss_kd_detkds_<input>`` (weight
+    included). The genome is parsed and dry-run at build time (invalid: ValueError).
+    """
+
     name = "detkds"
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
@@ -45,7 +72,7 @@ class DetKDSHead(DistillHead):
                         if level in student_shapes}
         self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
                                       cfg.DISTILL.ADAPTER)
-        self.dense = cfg.DISTILL.STUDENT_META_ARCHITECTURE in DENSE_ARCHITECTURES
+        self.dense = StudentKind.from_config(cfg).dense
         self.loc_score_thresh = cfg.DISTILL.DETKDS.LOC_SCORE_THRESH
         needs = {"features"}
         if any(f.input in ("logit", "loc") for f in self.genome.formulas):

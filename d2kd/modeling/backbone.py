@@ -7,6 +7,8 @@ value for basic-block (18, 34) and bottleneck (50, 101, 152) ResNets alike. Stag
 ``RES2_OUT_CHANNELS * 2**(k-2)`` output channels; bottleneck stages keep detectron2's
 ``NUM_GROUPS * WIDTH_PER_GROUP`` inner width, doubled per stage.
 """
+from typing import Sequence
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, ResNet
@@ -22,31 +24,26 @@ _BLOCKS_PER_STAGE = {
 }
 
 
-@BACKBONE_REGISTRY.register()
-def build_scalable_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """ResNet-{18,34,50,101,152} of any width (see module docstring)."""
-    res = cfg.MODEL.RESNETS
-    if res.DEPTH not in _BLOCKS_PER_STAGE:
-        raise ValueError(
-            f"MODEL.RESNETS.DEPTH={res.DEPTH} is not one of {sorted(_BLOCKS_PER_STAGE)}."
-        )
-    if any(res.DEFORM_ON_PER_STAGE) or res.RES5_DILATION != 1:
-        raise ValueError(
-            "build_scalable_resnet_backbone supports neither deformable convolutions nor "
-            "res5 dilation; use detectron2's build_resnet_backbone for those."
-        )
-    basic = res.DEPTH in (18, 34)
-    stem = BasicStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=res.NORM)
-    in_channels, out_channels = res.STEM_OUT_CHANNELS, res.RES2_OUT_CHANNELS
-    bottleneck_channels = res.NUM_GROUPS * res.WIDTH_PER_GROUP
+def scalable_resnet(*, depth: int, stem_out_channels: int, res2_out_channels: int,
+                    out_features: Sequence[str], norm: str = "BN", num_groups: int = 1,
+                    width_per_group: int = 64, stride_in_1x1: bool = False, freeze_at: int = 0,
+                    in_channels: int = 3) -> ResNet:
+    """ResNet-{18,34,50,101,152} of any width (see module docstring); the arguments are
+    ``MODEL.RESNETS``' keys in lower case (a LazyConfig builds it with ``L(scalable_resnet)``)."""
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not one of {sorted(_BLOCKS_PER_STAGE)}.")
+    basic = depth in (18, 34)
+    stem = BasicStem(in_channels, stem_out_channels, norm=norm)
+    in_channels, out_channels = stem_out_channels, res2_out_channels
+    bottleneck_channels = num_groups * width_per_group
     stages = []
-    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[res.DEPTH]):
+    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
         stage_kwargs = dict(
             num_blocks=num_blocks,
             stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1),
             in_channels=in_channels,
             out_channels=out_channels,
-            norm=res.NORM,
+            norm=norm,
         )
         if basic:
             stage_kwargs["block_class"] = BasicBlock
@@ -54,13 +51,30 @@ def build_scalable_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
             stage_kwargs.update(
                 block_class=BottleneckBlock,
                 bottleneck_channels=bottleneck_channels,
-                num_groups=res.NUM_GROUPS,
-                stride_in_1x1=res.STRIDE_IN_1X1,
+                num_groups=num_groups,
+                stride_in_1x1=stride_in_1x1,
             )
         stages.append(ResNet.make_stage(**stage_kwargs))
         in_channels, out_channels = out_channels, out_channels * 2
         bottleneck_channels *= 2
-    return ResNet(stem, stages, out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+
+
+@BACKBONE_REGISTRY.register()
+def build_scalable_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """:func:`scalable_resnet` from ``MODEL.RESNETS``."""
+    res = cfg.MODEL.RESNETS
+    if any(res.DEFORM_ON_PER_STAGE) or res.RES5_DILATION != 1:
+        raise ValueError(
+            "build_scalable_resnet_backbone supports neither deformable convolutions nor "
+            "res5 dilation; use detectron2's build_resnet_backbone for those."
+        )
+    return scalable_resnet(
+        depth=res.DEPTH, stem_out_channels=res.STEM_OUT_CHANNELS,
+        res2_out_channels=res.RES2_OUT_CHANNELS, out_features=res.OUT_FEATURES, norm=res.NORM,
+        num_groups=res.NUM_GROUPS, width_per_group=res.WIDTH_PER_GROUP,
+        stride_in_1x1=res.STRIDE_IN_1X1, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        in_channels=input_shape.channels)
 
 
 def build_fpn(cfg, bottom_up: Backbone, top_block_input: str) -> FPN:

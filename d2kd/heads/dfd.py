@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -109,31 +110,47 @@ class DFDHead(FeatureHead):
 
     name = "dfd"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
-        dfd = cfg.DISTILL.DFD
-        self.alpha = dfd.ALPHA
-        self.rho = dfd.HARD_FRACTION
-        self.kind = dfd.DISPARITY
-        self.lenient = dfd.LENIENT
-        self.reversed = dfd.REVERSED
-        self.kappa_scale = dfd.KAPPA_SCALE
-        self.downweight = dfd.DOWNWEIGHT
-        self.beta_easy, self.beta_hard = dfd.BETA_EASY, dfd.BETA_HARD
-        self.stratified = dfd.FG_BG_STRATIFIED
-        self.fg_weight, self.bg_weight = dfd.FG_WEIGHT, dfd.BG_WEIGHT
-        self.stats_period = dfd.STATS_PERIOD
+    @configurable
+    def __init__(self, *, alpha: float, hard_fraction: float, disparity: str, lenient: str,
+                 reversed: bool, kappa_scale: float, downweight: float, beta_easy: float,
+                 beta_hard: float, fg_bg_stratified: bool, fg_weight: float, bg_weight: float,
+                 stats_period: int, mask_ratio: float, **feature_head):
+        """Arguments: the ``DISTILL.DFD`` keys in lower case (see d2kd/config/defaults.py);
+        ``mask_ratio``: MGD's mask ratio, for ``lenient="generative"``."""
+        super().__init__(**feature_head)
+        self.alpha = alpha
+        self.rho = hard_fraction
+        self.kind = disparity
+        self.lenient = lenient
+        self.reversed = reversed
+        self.kappa_scale = kappa_scale
+        self.downweight = downweight
+        self.beta_easy, self.beta_hard = beta_easy, beta_hard
+        self.stratified = fg_bg_stratified
+        self.fg_weight, self.bg_weight = fg_weight, bg_weight
+        self.stats_period = stats_period
         if self.kind not in DISPARITIES:
             raise ValueError(f"DISTILL.DFD.DISPARITY={self.kind!r} is not one of {DISPARITIES}.")
         if self.lenient not in LENIENT_TYPES:
             raise ValueError(f"DISTILL.DFD.LENIENT={self.lenient!r} is not one of {LENIENT_TYPES}.")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.rho} must lie in [0, 1].")
-        self.mask_ratio = cfg.DISTILL.MGD.MASK_RATIO  # LENIENT = "generative": MGD's mask
+        self.mask_ratio = mask_ratio
         self.generators = nn.ModuleDict()
         if self.lenient == "generative":
+            teacher_shapes = feature_head["teacher_shapes"]
             self.generators.update(
                 {l: generation_block(teacher_shapes[l].channels) for l in self.levels})
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        dfd = cfg.DISTILL.DFD
+        keys = ("ALPHA", "HARD_FRACTION", "DISPARITY", "LENIENT", "REVERSED", "KAPPA_SCALE",
+                "DOWNWEIGHT", "BETA_EASY", "BETA_HARD", "FG_BG_STRATIFIED", "FG_WEIGHT",
+                "BG_WEIGHT", "STATS_PERIOD")
+        return {**cls.feature_args(cfg, student_shapes, teacher_shapes),
+                **{key.lower(): dfd[key] for key in keys},
+                "mask_ratio": cfg.DISTILL.MGD.MASK_RATIO}
 
     def threshold(self, values: torch.Tensor, valid: torch.Tensor,
                   fg: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Feature-imitation heads on FPN levels: FitNet, MGD, FGFI and decoupled fg/bg."""
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
 from ..structures import StudentKind, StudentTaps
-from .alignment import FeatureAligner
+from .alignment import FeatureAligner, check_levels
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
 from .prototype_weighting import PrototypeWeighting
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
@@ -24,15 +24,35 @@ class FeatureHead(DistillHead):
     """Shared part: the distilled levels, their aligner and, when ``prototype_weighted``, the
     RDM robustness weights of GT instances as per-cell weights (global-knowledge Table 4)."""
 
-    def __init__(self, cfg: CfgNode, student_shapes: Dict[str, ShapeSpec],
-                 teacher_shapes: Dict[str, ShapeSpec], prototype_weighted: bool = False):
+    def __init__(self, *, levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec], adapters: bool = True,
+                 weighting: Optional[PrototypeWeighting] = None):
+        """
+        Args:
+            levels: the distilled levels (student names; ``DISTILL.IN_FEATURES``).
+            student_shapes, teacher_shapes: both backbones' output shapes, the teacher's under
+                the student's level names.
+            adapters: 1x1 adapters where channels differ (``DISTILL.ADAPTER``).
+            weighting: RDM cell weights (``PROTOTYPE_WEIGHTED``), or None.
+        """
         super().__init__()
-        self.levels = list(cfg.DISTILL.IN_FEATURES)
-        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
-                                      cfg.DISTILL.ADAPTER)  # checks the levels exist
+        self.levels = list(levels)
+        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes, adapters)
         self.strides = {level: teacher_shapes[level].stride for level in self.levels}
-        self.weighting = (PrototypeWeighting(cfg, self.levels, student_shapes, teacher_shapes)
-                          if prototype_weighted else None)
+        self.weighting = weighting
+
+    @staticmethod
+    def feature_args(cfg: CfgNode, student_shapes: Dict[str, ShapeSpec],
+                     teacher_shapes: Dict[str, ShapeSpec], prototype_weighted: bool = False
+                     ) -> Dict:
+        """The base's arguments from ``cfg`` (for the heads' ``from_config``)."""
+        levels = list(cfg.DISTILL.IN_FEATURES)
+        check_levels(levels, student_shapes, teacher_shapes)
+        weighting = (PrototypeWeighting(cfg, levels, student_shapes, teacher_shapes)
+                     if prototype_weighted else None)
+        return {"levels": levels, "student_shapes": student_shapes,
+                "teacher_shapes": teacher_shapes, "adapters": cfg.DISTILL.ADAPTER,
+                "weighting": weighting}
 
     def squared_error(self, aligned: torch.Tensor, student: StudentTaps, teacher: TeacherOutputs,
                       level: str) -> torch.Tensor:
@@ -49,10 +69,16 @@ class FitNetHead(FeatureHead):
 
     name = "fitnet"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes,
-                         cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED)
-        self.weight = cfg.DISTILL.FITNET.WEIGHT
+    @configurable
+    def __init__(self, *, weight: float = 1.0, **feature_head):
+        super().__init__(**feature_head)
+        self.weight = weight
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        return {**cls.feature_args(cfg, student_shapes, teacher_shapes,
+                                   cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED),
+                "weight": cfg.DISTILL.FITNET.WEIGHT}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
@@ -81,12 +107,19 @@ class MGDHead(FeatureHead):
 
     name = "mgd"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
-        self.alpha = cfg.DISTILL.MGD.ALPHA
-        self.mask_ratio = cfg.DISTILL.MGD.MASK_RATIO
+    @configurable
+    def __init__(self, *, alpha: float = 2e-5, mask_ratio: float = 0.65, **feature_head):
+        super().__init__(**feature_head)
+        self.alpha = alpha
+        self.mask_ratio = mask_ratio
+        teacher_shapes = feature_head["teacher_shapes"]
         self.generators = nn.ModuleDict(
             {level: generation_block(teacher_shapes[level].channels) for level in self.levels})
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        return {**cls.feature_args(cfg, student_shapes, teacher_shapes),
+                "alpha": cfg.DISTILL.MGD.ALPHA, "mask_ratio": cfg.DISTILL.MGD.MASK_RATIO}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
@@ -130,11 +163,21 @@ class FGFIHead(FeatureHead):
 
     name = "fgfi"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
-        self.weight = cfg.DISTILL.FGFI.WEIGHT
-        self.psi = cfg.DISTILL.FGFI.PSI
-        self.anchor_generator = _anchor_generator_for_levels(cfg, self.levels, student_shapes)
+    @configurable
+    def __init__(self, *, anchor_generator: DefaultAnchorGenerator, weight: float = 0.01,
+                 psi: float = 0.5, **feature_head):
+        """``anchor_generator``: the student's anchors on the distilled levels, in order."""
+        super().__init__(**feature_head)
+        self.weight = weight
+        self.psi = psi
+        self.anchor_generator = anchor_generator
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        feature_head = cls.feature_args(cfg, student_shapes, teacher_shapes)
+        return {**feature_head, "weight": cfg.DISTILL.FGFI.WEIGHT, "psi": cfg.DISTILL.FGFI.PSI,
+                "anchor_generator": _anchor_generator_for_levels(
+                    cfg, feature_head["levels"], student_shapes)}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)
@@ -162,10 +205,17 @@ class FgBgHead(FeatureHead):
 
     name = "fgbg"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes, cfg.DISTILL.FGBG.PROTOTYPE_WEIGHTED)
-        self.fg_weight = cfg.DISTILL.FGBG.FG_WEIGHT
-        self.bg_weight = cfg.DISTILL.FGBG.BG_WEIGHT
+    @configurable
+    def __init__(self, *, fg_weight: float = 1.0, bg_weight: float = 2.0, **feature_head):
+        super().__init__(**feature_head)
+        self.fg_weight = fg_weight
+        self.bg_weight = bg_weight
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        return {**cls.feature_args(cfg, student_shapes, teacher_shapes,
+                                   cfg.DISTILL.FGBG.PROTOTYPE_WEIGHTED),
+                "fg_weight": cfg.DISTILL.FGBG.FG_WEIGHT, "bg_weight": cfg.DISTILL.FGBG.BG_WEIGHT}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)

@@ -20,16 +20,18 @@ weight is 1 and the global loss is 0.
 """
 import itertools
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..structures import StudentKind, StudentTaps
 from ..prototypes import PrototypeBank, batched_box_pool
+from ..structures import StudentKind, StudentTaps
 from .alignment import check_levels
 from .masks import box_weight_maps
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
@@ -84,43 +86,67 @@ class GlobalKnowledgeHead(DistillHead):
 
     name = "gk"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec], student_kind: StudentKind,
+                 num_prototypes: int, global_weight: float, feature_weight: float,
+                 response_weight: float, temperature: float, fg_lambda: float,
+                 bg_lambda: float, level_reduction: str = "mean", attenuation_iters: int = 0):
+        """
+        Args:
+            levels, student_shapes, teacher_shapes: as for the feature heads.
+            student_kind: what the student is (dense or R-CNN, its anchor levels, classes).
+            num_prototypes: prototypes per class (``DISTILL.PROTOTYPES.NUM_PROTOTYPES``).
+            global_weight, feature_weight, response_weight, temperature, fg_lambda,
+                bg_lambda, level_reduction: ``DISTILL.GK`` keys in lower case.
+            attenuation_iters: the loss attenuation's length in iterations (0: off;
+                ``DISTILL.GK.ATTENUATION`` / ``ATTENUATION_ITERS``).
+        """
         super().__init__()
-        gk = cfg.DISTILL.GK
-        self.levels = list(cfg.DISTILL.IN_FEATURES)
+        self.levels = list(levels)
         check_levels(self.levels, student_shapes, teacher_shapes)
         self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
         self.student_strides = {l: student_shapes[l].stride for l in self.levels}
-        kind = StudentKind.from_config(cfg)
-        self.dense = kind.dense
+        self.dense = student_kind.dense
         # The response term reads the teacher's predictions; without it (RESPONSE_WEIGHT 0)
         # features suffice, so any teacher family serves (e.g. a Cascade R-CNN teacher for a
         # RetinaNet student).
-        self.with_response = gk.RESPONSE_WEIGHT != 0
+        self.with_response = response_weight != 0
         self.teacher_needs = frozenset(
             {"features"} | ({"dense_predictions" if self.dense else "roi_predictions"}
                             if self.with_response else set()))
-        self.bank = PrototypeBank(self.levels, kind.num_classes,
-                                  cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
+        self.bank = PrototypeBank(self.levels, student_kind.num_classes, num_prototypes,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)
         self.adapters = nn.ModuleDict({
             l: nn.Conv2d(student_shapes[l].channels, teacher_shapes[l].channels, 3, padding=1)
             for l in self.levels})
-        self.weights = (gk.GLOBAL_WEIGHT, gk.FEATURE_WEIGHT, gk.RESPONSE_WEIGHT)
-        self.temperature = gk.TEMPERATURE
-        self.fg_lambda, self.bg_lambda = gk.FG_LAMBDA, gk.BG_LAMBDA
-        self.level_mean = gk.LEVEL_REDUCTION == "mean"
-        self.attenuation_iters = gk.ATTENUATION_ITERS if gk.ATTENUATION else 0
+        self.weights = (global_weight, feature_weight, response_weight)
+        self.temperature = temperature
+        self.fg_lambda, self.bg_lambda = fg_lambda, bg_lambda
+        self.level_mean = level_reduction == "mean"
+        self.attenuation_iters = attenuation_iters
         self.level_ids = [int(l[1:]) for l in self.levels]  # "p3" -> 3
         if self.dense:  # positive anchors come per head level
-            head_levels = list(kind.anchor_levels)
+            head_levels = list(student_kind.anchor_levels)
             missing = [l for l in self.levels if l not in head_levels]
-            if missing or not kind.anchored:
+            if missing or not student_kind.anchored:
                 raise ValueError("GlobalKnowledgeHead on a dense student needs a RetinaNet whose "
                                  f"head levels {head_levels} include DISTILL.IN_FEATURES "
                                  f"{self.levels}.")
             self.anchor_level_index = {l: head_levels.index(l) for l in self.levels}
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        gk = cfg.DISTILL.GK
+        return {"levels": list(cfg.DISTILL.IN_FEATURES), "student_shapes": student_shapes,
+                "teacher_shapes": teacher_shapes, "student_kind": StudentKind.from_config(cfg),
+                "num_prototypes": cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
+                "global_weight": gk.GLOBAL_WEIGHT, "feature_weight": gk.FEATURE_WEIGHT,
+                "response_weight": gk.RESPONSE_WEIGHT, "temperature": gk.TEMPERATURE,
+                "fg_lambda": gk.FG_LAMBDA, "bg_lambda": gk.BG_LAMBDA,
+                "level_reduction": gk.LEVEL_REDUCTION,
+                "attenuation_iters": gk.ATTENUATION_ITERS if gk.ATTENUATION else 0}
 
     # ---- KD instances --------------------------------------------------------------------
     def kd_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:

@@ -7,30 +7,41 @@ its :class:`PrototypeBank` is refreshed like the global-knowledge head's (by
 box-pooled raw FPN features of both models) fills the cells it covers (max over overlapping
 boxes), and every other cell weighs 1.
 """
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..structures import StudentKind, StudentTaps
 from ..prototypes import PrototypeBank, batched_box_pool
+from ..structures import StudentKind, StudentTaps
 from .masks import box_weight_maps, gt_boxes_and_images
 from .registry import TeacherOutputs
 
 
 class PrototypeWeighting(nn.Module):
-    def __init__(self, cfg: CfgNode, levels, student_shapes: Dict[str, ShapeSpec],
-                 teacher_shapes: Dict[str, ShapeSpec]):
+    """RDM robustness weights of GT instances (global-knowledge Eq. 8) as per-cell weights of a
+    feature head's squared error, from a prototype bank refreshed like GlobalKnowledgeHead's."""
+
+    @configurable
+    def __init__(self, *, levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
+                 teacher_shapes: Dict[str, ShapeSpec], num_classes: int, num_prototypes: int):
         super().__init__()
         self.levels = list(levels)
         self.student_strides = {l: student_shapes[l].stride for l in self.levels}
         self.teacher_strides = {l: teacher_shapes[l].stride for l in self.levels}
-        self.bank = PrototypeBank(self.levels, StudentKind.from_config(cfg).num_classes,
-                                  cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
+        self.bank = PrototypeBank(self.levels, num_classes, num_prototypes,
                                   teacher_shapes[self.levels[0]].channels,
                                   student_shapes[self.levels[0]].channels)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, levels: Sequence[str],
+                    student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]):
+        return {"levels": levels, "student_shapes": student_shapes,
+                "teacher_shapes": teacher_shapes,
+                "num_classes": StudentKind.from_config(cfg).num_classes,
+                "num_prototypes": cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES}
 
     def cell_weights(self, student: StudentTaps, teacher: TeacherOutputs,
                      level: str) -> torch.Tensor:

@@ -16,6 +16,9 @@ DISTILL_HEAD_REGISTRY.__doc__ = """
 Distillation heads, listed by name in ``DISTILL.HEADS``. A head is called as
 ``head(cfg, student_shapes, teacher_shapes)`` with the backbone output shapes of both models,
 declares in ``teacher_needs`` what the teacher must compute, and returns named losses.
+d2kd's heads are ``@configurable``: ``from_config(cfg, student_shapes, teacher_shapes)`` reads
+their keys, and a LazyConfig builds them from keyword arguments (``L(MGDHead)(levels=...,
+student_shapes=..., teacher_shapes=..., alpha=...)``).
 """
 
 

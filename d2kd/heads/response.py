@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import CfgNode
+from detectron2.config import configurable
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..structures import StudentKind, StudentTaps
@@ -29,9 +29,10 @@ def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
 class _ResponseHead(DistillHead):
     """Shared part: dense vs R-CNN mode and the matching teacher outputs."""
 
-    def __init__(self, cfg: CfgNode, student_shapes, teacher_shapes):
+    def __init__(self, *, dense: bool):
+        """``dense``: the student is a dense detector (else an R-CNN; ``StudentKind``)."""
         super().__init__()
-        self.dense = StudentKind.from_config(cfg).dense
+        self.dense = dense
         need = "dense_predictions" if self.dense else "roi_predictions"
         self.teacher_needs = frozenset({"features", need})
 
@@ -48,15 +49,24 @@ class LogitKDHead(_ResponseHead):
 
     name = "logit"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
-        self.weight = cfg.DISTILL.LOGIT.WEIGHT
-        self.temperature = cfg.DISTILL.LOGIT.TEMPERATURE
-        self.locations = cfg.DISTILL.LOGIT.DENSE_LOCATIONS
-        self.confidence = cfg.DISTILL.LOGIT.CONFIDENCE
+    @configurable
+    def __init__(self, *, dense: bool, weight: float = 1.0, temperature: float = 2.0,
+                 dense_locations: str = "positive", confidence: float = 0.5):
+        super().__init__(dense=dense)
+        self.weight = weight
+        self.temperature = temperature
+        self.locations = dense_locations
+        self.confidence = confidence
         if self.locations not in ("positive", "teacher_confident"):
             raise ValueError(f"DISTILL.LOGIT.DENSE_LOCATIONS={self.locations!r} is not one of "
                              "'positive', 'teacher_confident'.")
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        logit = cfg.DISTILL.LOGIT
+        return {"dense": StudentKind.from_config(cfg).dense, "weight": logit.WEIGHT,
+                "temperature": logit.TEMPERATURE, "dense_locations": logit.DENSE_LOCATIONS,
+                "confidence": logit.CONFIDENCE}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         t2 = self.temperature ** 2
@@ -91,13 +101,21 @@ class LocKDHead(_ResponseHead):
 
     name = "loc"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
-        super().__init__(cfg, student_shapes, teacher_shapes)
-        self.weight = cfg.DISTILL.LOC.WEIGHT
-        self.loss_type = cfg.DISTILL.LOC.LOSS
-        self.beta = cfg.DISTILL.LOC.BETA
+    @configurable
+    def __init__(self, *, dense: bool, weight: float = 1.0, loss: str = "smooth_l1",
+                 beta: float = 0.1):
+        super().__init__(dense=dense)
+        self.weight = weight
+        self.loss_type = loss
+        self.beta = beta
         if self.loss_type not in ("l1", "smooth_l1"):
             raise ValueError(f"DISTILL.LOC.LOSS={self.loss_type!r} is not 'l1' or 'smooth_l1'.")
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        loc = cfg.DISTILL.LOC
+        return {"dense": StudentKind.from_config(cfg).dense, "weight": loc.WEIGHT,
+                "loss": loc.LOSS, "beta": loc.BETA}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         if self.dense:

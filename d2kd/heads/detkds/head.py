@@ -13,16 +13,18 @@ Knowledge inputs, per distilled level, summed over levels:
 - ``loc``: the regression maps (dense deltas or RPN deltas) at positions where the teacher's
   top score exceeds ``LOC_SCORE_THRESH`` (our definition: the authors left it out).
 """
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from torchvision.ops import roi_align
 
-from .genome import GenomeError, distance, dry_run, parse_genome, transform
 from ...structures import StudentKind, StudentTaps
 from ..alignment import FeatureAligner
 from ..masks import box_area_masks
 from ..registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from .genome import GenomeError, distance, dry_run, parse_genome, transform
 
 INSTANCE_SIZE = 14
 BACKGROUND_WEIGHT = 0.5
@@ -60,24 +62,43 @@ class DetKDSHead(DistillHead):
 
     name = "detkds"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, genome: str, levels: Sequence[str],
+                 student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
+                 dense: bool, adapters: bool = True, loc_score_thresh: float = 0.5,
+                 dry_run_batch_size: int = 2):
+        """
+        Args:
+            genome: the distiller, a genome string (``DISTILL.DETKDS.GENOME``); parsed and
+                dry-run on ``dry_run_batch_size`` images here.
+            levels, student_shapes, teacher_shapes, adapters: as for the feature heads.
+            dense: the student is a dense detector (``StudentKind``).
+            loc_score_thresh: ``DISTILL.DETKDS.LOC_SCORE_THRESH``.
+        """
         super().__init__()
         try:
-            self.genome = parse_genome(cfg.DISTILL.DETKDS.GENOME)
-            dry_run(self.genome, batch_size=max(cfg.SOLVER.IMS_PER_BATCH, 1))
+            self.genome = parse_genome(genome)
+            dry_run(self.genome, batch_size=dry_run_batch_size)
         except GenomeError as e:
             raise ValueError(f"DISTILL.DETKDS.GENOME: {e}") from None
-        self.levels = list(cfg.DISTILL.IN_FEATURES)
+        self.levels = list(levels)
         self.strides = {level: student_shapes[level].stride for level in self.levels
                         if level in student_shapes}
-        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes,
-                                      cfg.DISTILL.ADAPTER)
-        self.dense = StudentKind.from_config(cfg).dense
-        self.loc_score_thresh = cfg.DISTILL.DETKDS.LOC_SCORE_THRESH
+        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes, adapters)
+        self.dense = dense
+        self.loc_score_thresh = loc_score_thresh
         needs = {"features"}
         if any(f.input in ("logit", "loc") for f in self.genome.formulas):
             needs.add("dense_predictions" if self.dense else "rpn_predictions")
         self.teacher_needs = frozenset(needs)
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        return {"genome": cfg.DISTILL.DETKDS.GENOME, "levels": list(cfg.DISTILL.IN_FEATURES),
+                "student_shapes": student_shapes, "teacher_shapes": teacher_shapes,
+                "dense": StudentKind.from_config(cfg).dense, "adapters": cfg.DISTILL.ADAPTER,
+                "loc_score_thresh": cfg.DISTILL.DETKDS.LOC_SCORE_THRESH,
+                "dry_run_batch_size": max(cfg.SOLVER.IMS_PER_BATCH, 1)}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
         aligned = self.aligner(student.features, teacher.features)

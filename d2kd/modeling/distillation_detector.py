@@ -1,18 +1,18 @@
 """The one meta-architecture of d2kd: a student trained by frozen teachers through heads."""
 import gc
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ..config.schedule import TeacherSchedule
 from ..heads import TeacherOutputs, build_distill_heads
-from ..utils.step_scalars import flush_tensor_scalars
 from ..structures import StudentTapper, StudentTaps, is_dense_detector
+from ..utils.step_scalars import flush_tensor_scalars
 from .teacher import FrozenTeacher, build_teacher, crop_to_grids
 
 logger = logging.getLogger(__name__)
@@ -113,37 +113,76 @@ class DistillationDetector(nn.Module):
     from ``parameters()`` (so from the optimizer) and from DDP.
     """
 
-    def __init__(self, cfg: CfgNode):
+    @configurable
+    def __init__(self, *, student: nn.Module, input_format: str,
+                 teacher: Optional[FrozenTeacher] = None,
+                 heads: Optional[Mapping[str, nn.Module]] = None,
+                 config: Optional[CfgNode] = None):
+        """
+        Args:
+            student: the detector being trained (any detectron2 meta-architecture).
+            input_format: the channel order of the student's input ("RGB" or "BGR").
+            teacher, heads: one frozen teacher and the heads that distil it (name -> head),
+                as a LazyConfig gives them (``L(load_teacher)(...)``, ``L(MGDHead)(...)``).
+            config: instead of ``teacher`` and ``heads``, the yacs config they are built
+                from: ``DISTILL.TEACHER`` (several teachers and teacher schedules) and
+                ``DISTILL.HEADS`` (rebuilt for every stage by :meth:`activate`).
+        """
         super().__init__()
-        self.cfg = cfg
-        self.student = META_ARCH_REGISTRY.get(cfg.DISTILL.STUDENT_META_ARCHITECTURE)(
-            student_config(cfg))
-        self.input_format = cfg.INPUT.FORMAT
-        # Resident teachers; None where not loaded (a teacher schedule holds only its stage's).
-        self.teachers: List[Optional[FrozenTeacher]] = [None] * len(cfg.DISTILL.TEACHER.CONFIGS)
-        schedule = TeacherSchedule.from_config(cfg)
-        if schedule is None:
-            self.activate({0: 1.0}, cfg)
-        else:
-            self.activate(schedule.stage_teachers(0), schedule.head_config(cfg, 0))
+        self.student = student
+        self.input_format = input_format
+        self.cfg = config
+        if config is not None:
+            # Resident teachers; None where not loaded (a schedule holds only its stage's).
+            self.teachers: List[Optional[FrozenTeacher]] = (
+                [None] * len(config.DISTILL.TEACHER.CONFIGS))
+            schedule = TeacherSchedule.from_config(config)
+            if schedule is None:
+                self.activate({0: 1.0}, config)
+            else:
+                self.activate(schedule.stage_teachers(0), schedule.head_config(config, 0))
+            return
+        if teacher is None or not heads:
+            raise ValueError("DistillationDetector needs a teacher and its heads, or the yacs "
+                             "config to build them from (config=...).")
+        self.teachers = [teacher.match_student(self.student.backbone.output_shape()).to(
+            self.device)]
+        self._install_heads({0: 1.0}, {0: nn.ModuleDict(heads)})
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode):
+        return {"student": META_ARCH_REGISTRY.get(cfg.DISTILL.STUDENT_META_ARCHITECTURE)(
+                    student_config(cfg)),
+                "input_format": cfg.INPUT.FORMAT, "config": cfg}
 
     def activate(self, teacher_weights: Dict[int, float], head_cfg: CfgNode) -> None:
         """Make exactly the teachers of ``teacher_weights`` (index -> loss weight) resident —
         the others are freed before missing ones load — and build fresh heads for them from
         ``head_cfg``. With several teachers, head ``H`` of teacher ``i`` is ``heads["H_t<i>"]``
-        and its losses are ``loss_kd_..._t<i>``, multiplied by the teacher's weight."""
+        and its losses are ``loss_kd_..._t<i>``, multiplied by the teacher's weight. Needs the
+        yacs config (``config``) the model was built from."""
+        if self.cfg is None:
+            raise ValueError("Teacher schedules (DistillationDetector.activate) build their "
+                             "teachers and heads from a yacs config (DISTILL.*); a model given "
+                             "one teacher and its heads has one stage.")
         self.release_teachers(keep=teacher_weights)
         for index in sorted(teacher_weights):
             if self.teachers[index] is None:
                 self.teachers[index] = build_teacher(
                     self.cfg, index, self.student.backbone.output_shape()).to(self.device)
+        self._install_heads(teacher_weights, {
+            index: build_distill_heads(head_cfg, self.student.backbone.output_shape(),
+                                       self.teachers[index].backbone_shapes)
+            for index in sorted(teacher_weights)})
+
+    def _install_heads(self, teacher_weights: Dict[int, float],
+                       heads_per_teacher: Dict[int, nn.ModuleDict]) -> None:
+        """The heads of the resident teachers (index -> name -> head), checked against them."""
         self.teacher_weights = dict(teacher_weights)
         self.active_teacher = min(teacher_weights)
         self.heads = nn.ModuleDict()
         self.head_teacher: Dict[str, int] = {}  # head key -> teacher index
-        for index in sorted(teacher_weights):
-            heads = build_distill_heads(head_cfg, self.student.backbone.output_shape(),
-                                        self.teachers[index].backbone_shapes)
+        for index, heads in sorted(heads_per_teacher.items()):
             check_response_compatible(self.student, self.teachers[index].model, heads)
             for name, head in heads.items():
                 key = name if len(teacher_weights) == 1 else f"{name}_t{index}"

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..compat.checkpoint import UnreadableCheckpoint, load_weights
 from ..compat.padding import padded_size
-from ..config.loading import ConfigError
+from ..config.loading import ConfigError, get_d2kd_cfg
 from ..config.teachers import YACS, TeacherSpec, load_teacher_config, teacher_specs, teacher_weights
 from ..heads.alignment import match_levels
 
@@ -89,6 +89,23 @@ def build_teacher(cfg: CfgNode, index: int,
                          cascade_stage)
 
 
+def load_teacher(config: str, weights: str, *, opts: Sequence[str] = (),
+                 lazy_overrides: Sequence[str] = (), cascade_stage: str = "mean",
+                 device: str = "cpu") -> "FrozenTeacher":
+    """A :class:`FrozenTeacher` from its config (a yacs or LazyConfig file, or
+    ``model_zoo://...``) and weights, loaded strictly — the ``DISTILL.TEACHER`` keys of one
+    teacher as arguments, for LazyConfig recipes (``L(load_teacher)(config=..., weights=...)``).
+    Its levels are matched to the student's by :class:`DistillationDetector`."""
+    cfg = get_d2kd_cfg()
+    cfg.MODEL.DEVICE = device
+    cfg.DISTILL.TEACHER.CONFIGS = [config]
+    cfg.DISTILL.TEACHER.WEIGHTS = [weights]
+    cfg.DISTILL.TEACHER.OPTS = list(opts)
+    cfg.DISTILL.TEACHER.LAZY_OVERRIDES = list(lazy_overrides)
+    cfg.DISTILL.TEACHER.CASCADE_STAGE = cascade_stage
+    return build_teacher(cfg, 0)
+
+
 def build_teacher_model(spec: TeacherSpec, cfg: CfgNode) -> Tuple[nn.Module, str, str]:
     """(model with its initial weights, input format, the weights it must load) of a
     teacher."""
@@ -127,20 +144,26 @@ class FrozenTeacher:
         self.weights = weights
         self.name = name
         self.cascade_stage = cascade_stage
-        own = model.backbone.output_shape()
+        self.model.requires_grad_(False)
+        _lock_eval(self.model)
+        logger.info("Teacher %s (%s) loaded from %s", name, type(model).__name__, weights)
+        self.match_student(student_shapes)
+
+    def match_student(self, student_shapes: Optional[Dict[str, ShapeSpec]]) -> "FrozenTeacher":
+        """Present the teacher's levels under the names of the student levels they match by
+        stride (None: the teacher's own names); returns self."""
+        own = self.model.backbone.output_shape()
         # student level name -> teacher level name
         self.levels: Dict[str, str] = (match_levels(student_shapes, own) if student_shapes
                                        else {level: level for level in own})
         # student levels whose teacher map has the student's stride (cropped, never resized)
         self._same_stride = {s for s, t in self.levels.items()
                              if not student_shapes or student_shapes[s].stride == own[t].stride}
-        self.model.requires_grad_(False)
-        _lock_eval(self.model)
-        logger.info("Teacher %s (%s) loaded from %s", name, type(model).__name__, weights)
         renamed = {s: t for s, t in self.levels.items() if s != t}
         if renamed:
-            logger.info("Teacher %s levels matched to student levels by stride: %s", name,
+            logger.info("Teacher %s levels matched to student levels by stride: %s", self.name,
                         ", ".join(f"{s} <- {t}" for s, t in sorted(renamed.items())))
+        return self
 
     @property
     def backbone_shapes(self) -> Dict[str, ShapeSpec]:

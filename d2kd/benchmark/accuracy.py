@@ -16,7 +16,7 @@ from tabulate import tabulate
 from ..config import ConfigError, load_config
 from ..config.saved import changed_settings
 from ..utils.io import atomic_write_json, atomic_write_text
-from ..launch.process import run_train_net
+from ..launch.process import run_options, run_train_net
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) ->
     """Settings of a finished run's saved ``config.yaml`` that ``config_file`` with ``opts`` no
     longer gives (:func:`d2kd.config.saved.changed_settings`); empty when the run saved none."""
     saved_config = os.path.join(output_dir, "config.yaml")
-    if not os.path.isfile(saved_config):
-        return []
+    if not os.path.isfile(saved_config) or config_file.endswith(".py"):
+        return []  # a LazyConfig recipe: Python, compared by its file only
     return changed_settings(saved_config, load_config(config_file, opts))
 
 
@@ -65,7 +65,7 @@ def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Seque
                        threads: int = 0) -> Dict:
     """Train (resuming an interrupted run) and evaluate; record the results and the wall time
     (training + evaluation) in ``benchmark_run.json``."""
-    seconds = run_train_net(config_file, ["--resume", "SEED", str(seed), "OUTPUT_DIR", output_dir,
+    seconds = run_train_net(config_file, ["--resume", *run_options(config_file, seed, output_dir),
                                           *opts], threads=threads)
     with open(os.path.join(output_dir, "inference", "results.json")) as f:
         results = json.load(f)

@@ -24,3 +24,17 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
             params, lr=solver.BASE_LR, betas=tuple(solver.BETAS), weight_decay=solver.WEIGHT_DECAY,
         )
     raise ValueError(f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r} is not one of 'SGD', 'AdamW'.")
+
+
+def clipped_optimizer(optimizer_class: type, *, clip_type: str = "norm",
+                      clip_value: float = 10.0, norm_type: float = 2.0,
+                      **kwargs) -> torch.optim.Optimizer:
+    """``optimizer_class(**kwargs)`` with detectron2's gradient clipping — what
+    ``SOLVER.CLIP_GRADIENTS`` gives a yacs run — for LazyConfig recipes:
+    ``L(clipped_optimizer)(optimizer_class=torch.optim.AdamW, params=..., lr=...)``.
+
+    ``clip_type``: "value", "norm" (each parameter's gradient) or "full_model"."""
+    clipping = CfgNode({"SOLVER": {"CLIP_GRADIENTS": {
+        "ENABLED": True, "CLIP_TYPE": clip_type, "CLIP_VALUE": clip_value,
+        "NORM_TYPE": norm_type}}})
+    return maybe_add_gradient_clipping(clipping, optimizer_class)(**kwargs)

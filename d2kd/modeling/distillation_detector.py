@@ -1,7 +1,7 @@
 """The one meta-architecture of d2kd: a student trained by frozen teachers through heads."""
 import gc
 import logging
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -116,14 +116,15 @@ class DistillationDetector(nn.Module):
     @configurable
     def __init__(self, *, student: nn.Module, input_format: str,
                  teacher: Optional[FrozenTeacher] = None,
-                 heads: Optional[Mapping[str, nn.Module]] = None,
+                 heads: Sequence[nn.Module] = (),
                  config: Optional[CfgNode] = None):
         """
         Args:
             student: the detector being trained (any detectron2 meta-architecture).
             input_format: the channel order of the student's input ("RGB" or "BGR").
-            teacher, heads: one frozen teacher and the heads that distil it (name -> head),
-                as a LazyConfig gives them (``L(load_teacher)(...)``, ``L(MGDHead)(...)``).
+            teacher, heads: one frozen teacher and the heads that distil it, as a LazyConfig
+                gives them (``L(load_teacher)(...)``, ``[L(MGDHead)(...)]``); a head is named
+                by its class, as in ``DISTILL.HEADS``.
             config: instead of ``teacher`` and ``heads``, the yacs config they are built
                 from: ``DISTILL.TEACHER`` (several teachers and teacher schedules) and
                 ``DISTILL.HEADS`` (rebuilt for every stage by :meth:`activate`).
@@ -145,9 +146,15 @@ class DistillationDetector(nn.Module):
         if teacher is None or not heads:
             raise ValueError("DistillationDetector needs a teacher and its heads, or the yacs "
                              "config to build them from (config=...).")
+        named = nn.ModuleDict()
+        for head in heads:
+            name = type(head).__name__
+            if name in named:
+                raise ValueError(f"DistillationDetector: two {name} heads.")
+            named[name] = head
         self.teachers = [teacher.match_student(self.student.backbone.output_shape()).to(
             self.device)]
-        self._install_heads({0: 1.0}, {0: nn.ModuleDict(heads)})
+        self._install_heads({0: 1.0}, {0: named})
 
     @classmethod
     def from_config(cls, cfg: CfgNode):

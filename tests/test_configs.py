@@ -8,6 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+import d2kd.search  # noqa: F401  (the search config's keys, DISTILL.DETKDS.SEARCH)
 from d2kd.compat.projects import missing_transformer_backbones, projects_dir
 from d2kd.config import load_config
 from d2kd.config.teachers import (PROJECTS_PREFIX, YACS, TeacherSpec, load_teacher_config,
@@ -75,7 +76,9 @@ def skip_swin_without_upstream(cfg) -> None:
                     "Swin teacher needs detectron2 main (make test-upstream)")
 
 
-@pytest.mark.parametrize("config_file", CONFIG_FILES)
+@pytest.mark.parametrize("config_file", [  # COCO's full-size models: seconds each
+    pytest.param(f, marks=pytest.mark.slow) if f.startswith("COCO/") else f
+    for f in CONFIG_FILES])
 def test_config_builds(config_file, untrained_teachers):
     cfg = load_config(os.path.join(CONFIGS, config_file))
     cfg.MODEL.DEVICE = "cpu"

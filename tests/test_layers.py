@@ -193,6 +193,25 @@ def test_library_computes_no_paths_into_the_checkout():
     assert found == {}
 
 
+@pytest.mark.slow
+def test_application_keys_stay_out_of_model_configs():
+    """Without the search application, configs have no DISTILL.DETKDS.SEARCH node, and a config
+    that sets one is an error that names the application (a fresh process: the test session
+    has imported d2kd.search)."""
+    code = ("import d2kd\n"
+            "from d2kd.config import ConfigError, get_d2kd_cfg, load_config\n"
+            "assert 'SEARCH' not in get_d2kd_cfg().DISTILL.DETKDS\n"
+            "assert 'GENOME' in get_d2kd_cfg().DISTILL.DETKDS\n"
+            "try:\n"
+            f"    load_config({os.path.join(REPO, 'configs', 'DigitsDet', 'retinanet_R18_from_R50_detkds_search.yaml')!r})\n"
+            "except ConfigError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert "unknown config key DISTILL.DETKDS.SEARCH" in out
+    assert "tools/search_net.py" in out
+
+
 # ---- an installed (not editable) d2kd trains --------------------------------------------------
 @pytest.mark.slow
 def test_non_editable_install_trains_a_distillation_with_packaged_configs(tmp_path):

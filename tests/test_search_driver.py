@@ -28,8 +28,7 @@ from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tourna
 from d2kd.search.space import FormulaSpace, WeightSpace
 from d2kd.search.storage import open_storage
 
-from conftest import CONFIGS, REPO
-from test_distillation_core import TEACHER, save_untrained_teacher
+from conftest import CONFIGS, REPO, TEACHER, save_untrained_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
@@ -154,6 +153,7 @@ def test_an_evaluated_genome_is_never_trained_twice(tmp_path):
     assert len(evaluator.calls) == len(set(evaluator.calls)) == 3  # baseline + 2 genomes
 
 
+@pytest.mark.slow
 def test_stage2_combines_the_inputs_that_beat_the_baseline(tmp_path):
     evaluator = FakeEvaluator(baseline=-1.0)  # every input survives
     search = fake_search(tmp_path, evaluator, 2, "['logit', 'loc']",
@@ -168,6 +168,7 @@ def test_stage2_combines_the_inputs_that_beat_the_baseline(tmp_path):
                                        for t in search.trials(s))
 
 
+@pytest.mark.slow
 def test_planned_trials_are_known_up_front_for_one_input_and_after_stage1_for_several(tmp_path):
     single = fake_search(tmp_path / "one", FakeEvaluator(), 3)
     assert single.total_trials() == 1 + 3  # baseline + stage 1; one input never has a stage 2
@@ -263,6 +264,7 @@ def tiny_env(monkeypatch, tiny_digitsdet):
     monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tiny_digitsdet))
 
 
+@pytest.mark.slow
 def test_proxy_rejects_an_exploding_candidate_and_prunes_on_request(proxy_config_file, tiny_env,
                                                                    tmp_path):
     evaluator = ProxyEvaluator(proxy_config_file, [], threads=1)
@@ -277,6 +279,7 @@ def test_proxy_rejects_an_exploding_candidate_and_prunes_on_request(proxy_config
     assert (tmp_path / "b" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_proxy_reports_a_dead_trial_process_as_infrastructure_failure(tmp_path, tiny_env):
     evaluator = ProxyEvaluator(str(tmp_path / "missing.yaml"), [], threads=1)
     with pytest.raises(InfrastructureFailure, match="exited with code 1"):
@@ -288,6 +291,7 @@ def _rows(output):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, tiny_env,
                                                              tmp_path):
     output = str(tmp_path / "search")
@@ -327,7 +331,10 @@ def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, 
     assert summary["best_genome"] and session["trial_seconds"] > 0
     assert 0 <= session["overhead_without_idle_at_end"] <= session["overhead"] < 1
     assert open(os.path.join(output, "best_genome.txt")).read().strip() == summary["best_genome"]
-    assert "GENOME" in open(os.path.join(output, "best_config.yaml")).read()
+    best_config = load_config(os.path.join(output, "best_config.yaml"))
+    assert best_config.DISTILL.DETKDS.GENOME == summary["best_genome"]
+    # tools/train_net.py's keys only: the search's own keys are left out
+    assert "SEARCH:" not in open(os.path.join(output, "best_config.yaml")).read()
     assert os.path.isfile(os.path.join(output, "best_so_far.png"))
 
 
@@ -379,6 +386,7 @@ def test_idle_at_end_sums_each_worker_s_wait_for_the_session_s_last_trial(tmp_pa
     assert idle_at_end_seconds(search) == 160 - 130  # worker 1 waited for worker 2
 
 
+@pytest.mark.slow
 def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice(tmp_path):
     url = f"sqlite:///{tmp_path / 'search.db'}"
     cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", "['logit']")
@@ -390,6 +398,7 @@ def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice
     assert len(joined.trials("stage1-logit")) == 3
 
 
+@pytest.mark.slow
 def test_best_so_far_and_compare(tmp_path):
     rows = [{"study": "baseline", "status": "ok", "ap": "9.0", "completed": "1"},
             {"study": "stage1-global", "status": "ok", "ap": "3.0", "completed": "2"},

@@ -41,6 +41,9 @@ def _all_keys(node: CfgNode, prefix: str = "") -> Iterator[str]:
 def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]}?" if close else ""
+    if key.split(".")[:3] == ["DISTILL", "DETKDS", "SEARCH"]:
+        hint = (" The DetKDS search's keys belong to its application: run the config with "
+                "tools/search_net.py (or import d2kd.search first).")
     return ConfigError(f"{source}: unknown config key {key}.{hint}")
 
 

@@ -38,3 +38,4 @@ def clipped_optimizer(optimizer_class: type, *, clip_type: str = "norm",
         "ENABLED": True, "CLIP_TYPE": clip_type, "CLIP_VALUE": clip_value,
         "NORM_TYPE": norm_type}}})
     return maybe_add_gradient_clipping(clipping, optimizer_class)(**kwargs)
+

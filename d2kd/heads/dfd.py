@@ -28,10 +28,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..config.defaults import register_config_extension
 from ..structures import StudentTaps
 from .feature_imitation import FeatureHead, generation_block
 from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
@@ -235,3 +236,39 @@ def _stats(hard, easy, valid, d, theta):
     """(hard fraction, mean d on easy cells, mean d on hard cells, mean theta on valid cells)."""
     return (hard.sum() / valid.sum().clamp(min=1), _masked_mean(d, easy),
             _masked_mean(d, hard), _masked_mean(theta, valid))
+
+
+@register_config_extension
+def add_dfd_config(cfg: CfgNode) -> None:
+    """``DISTILL.DFD``: :class:`DFDHead`."""
+    if "DFD" in cfg.DISTILL:
+        return
+    # DFD: disparity-aware feature distillation (d2kd/heads/dfd.py, docs/methods/dfd.md).
+    cfg.DISTILL.DFD = CfgNode()
+    # alpha: the loss is (alpha / N) * sum over cells of the per-cell constraint (MGD-like scale;
+    # 2e-5 for one-stage, 5e-7 for two-stage detectors as starting points).
+    cfg.DISTILL.DFD.ALPHA = 2e-5
+    # rho: fraction of valid cells per image and level treated as hard (largest disparity).
+    cfg.DISTILL.DFD.HARD_FRACTION = 0.3
+    # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel" (mse / teacher energy).
+    cfg.DISTILL.DFD.DISPARITY = "mse"
+    # Constraint on hard cells: "pseudo_huber" (shifted to the threshold: continuous value and
+    # slope), "pseudo_huber_unshifted" (the unshifted form), "downweight", "cosine" or
+    # "generative".
+    cfg.DISTILL.DFD.LENIENT = "pseudo_huber"
+    # Ablation: lenient on easy cells and strict on hard ones.
+    cfg.DISTILL.DFD.REVERSED = False
+    # kappa = KAPPA_SCALE * e_theta, the pseudo-Huber scale (larger: closer to plain MSE).
+    cfg.DISTILL.DFD.KAPPA_SCALE = 1.0
+    # Factor on hard cells for LENIENT = "downweight".
+    cfg.DISTILL.DFD.DOWNWEIGHT = 0.5
+    # beta_E, beta_H: weights of the easy-cell and hard-cell terms.
+    cfg.DISTILL.DFD.BETA_EASY = 1.0
+    cfg.DISTILL.DFD.BETA_HARD = 1.0
+    # Separate thresholds (and weights below) on GT-box cells and on the other cells.
+    cfg.DISTILL.DFD.FG_BG_STRATIFIED = False
+    # omega on GT-box cells and on the other cells when FG_BG_STRATIFIED (FGD's 2 : 1).
+    cfg.DISTILL.DFD.FG_WEIGHT = 2.0
+    cfg.DISTILL.DFD.BG_WEIGHT = 1.0
+    # Log hard fraction, mean disparity on easy/hard cells and theta every N iterations.
+    cfg.DISTILL.DFD.STATS_PERIOD = 20

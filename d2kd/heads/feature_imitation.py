@@ -7,6 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
+from ..config.defaults import register_config_extension
 from ..structures import StudentKind, StudentTaps
 from .alignment import FeatureAligner, check_levels
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
@@ -231,3 +232,40 @@ class FgBgHead(FeatureHead):
         self.log("fg", fg_terms)
         self.log("bg", bg_terms)
         return {"loss_kd_fgbg_fg": sum(fg_terms.values()), "loss_kd_fgbg_bg": sum(bg_terms.values())}
+
+
+@register_config_extension
+def add_feature_imitation_config(cfg: CfgNode) -> None:
+    """``DISTILL.{FITNET,MGD,FGFI,FGBG}``: the feature-imitation heads of this module."""
+    if "FITNET" in cfg.DISTILL:
+        return
+    # FitNet: MSE between adapted student and teacher maps on every cell.
+    cfg.DISTILL.FITNET = CfgNode()
+    # Loss weight (the loss is a mean over cells and channels, summed over levels).
+    cfg.DISTILL.FITNET.WEIGHT = 1.0
+    # Multiply each GT box's cells by its RDM robustness weight (prototype bank refreshed as
+    # for GlobalKnowledgeHead, options in DISTILL.PROTOTYPES); global-knowledge Table 4.
+    cfg.DISTILL.FITNET.PROTOTYPE_WEIGHTED = False
+
+    # MGD (masked generative distillation), see docs/methods/baselines.md.
+    cfg.DISTILL.MGD = CfgNode()
+    # alpha: the loss is (alpha / N) * sum over (n, c, h, w) of (G(S * M) - T)^2.
+    cfg.DISTILL.MGD.ALPHA = 2e-5
+    # lambda: probability that a spatial cell of the student map is masked (resampled per step).
+    cfg.DISTILL.MGD.MASK_RATIO = 0.65
+
+    # FGFI (fine-grained feature imitation): imitation on cells near objects only.
+    cfg.DISTILL.FGFI = CfgNode()
+    # Loss weight; the loss is sum(mask * (A(S) - T)^2) / (2 * masked cells).
+    cfg.DISTILL.FGFI.WEIGHT = 0.01
+    # psi: an anchor counts as near a GT box when IoU > psi * (best anchor IoU of that box).
+    cfg.DISTILL.FGFI.PSI = 0.5
+
+    # Decoupled foreground / background imitation (DeFeat-style).
+    cfg.DISTILL.FGBG = CfgNode()
+    # Weight of the foreground term (cells inside GT boxes; mean over those cells x channels).
+    cfg.DISTILL.FGBG.FG_WEIGHT = 1.0
+    # Weight of the background term (the other cells); larger than the foreground's.
+    cfg.DISTILL.FGBG.BG_WEIGHT = 2.0
+    # As DISTILL.FITNET.PROTOTYPE_WEIGHTED, for this head.
+    cfg.DISTILL.FGBG.PROTOTYPE_WEIGHTED = False

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..config.defaults import register_config_extension
 from ..prototypes import PrototypeBank, batched_box_pool
 from ..structures import StudentKind, StudentTaps
 from .alignment import check_levels
@@ -146,7 +147,8 @@ class GlobalKnowledgeHead(DistillHead):
                 "response_weight": gk.RESPONSE_WEIGHT, "temperature": gk.TEMPERATURE,
                 "fg_lambda": gk.FG_LAMBDA, "bg_lambda": gk.BG_LAMBDA,
                 "level_reduction": gk.LEVEL_REDUCTION,
-                "attenuation_iters": gk.ATTENUATION_ITERS if gk.ATTENUATION else 0}
+                "attenuation_iters": ((gk.ATTENUATION_ITERS or cfg.SOLVER.MAX_ITER)
+                                      if gk.ATTENUATION else 0)}
 
     # ---- KD instances --------------------------------------------------------------------
     def kd_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
@@ -262,3 +264,28 @@ def _set_entries(masks: List[torch.Tensor]) -> List[torch.Tensor]:
     else:
         picks = [torch.nonzero_static(m, size=c) for m, c in zip(masks, counts)]
     return [p.squeeze(1) if m.dim() == 1 else p for p, m in zip(picks, masks)]
+
+
+@register_config_extension
+def add_global_knowledge_config(cfg: CfgNode) -> None:
+    """``DISTILL.GK``: :class:`GlobalKnowledgeHead` (the node is named after the method's short
+    name, GK, as in its losses ``loss_kd_gk_*``)."""
+    if "GK" in cfg.DISTILL:
+        return
+    # Global-knowledge distillation, RDM losses (d2kd/heads/global_knowledge.py).
+    cfg.DISTILL.GK = CfgNode()
+    # Weights of the global (Eq. 6), local feature (Eq. 7) and local response losses.
+    cfg.DISTILL.GK.GLOBAL_WEIGHT = 5.0
+    cfg.DISTILL.GK.FEATURE_WEIGHT = 1.0
+    cfg.DISTILL.GK.RESPONSE_WEIGHT = 1.0
+    # Softmax temperature of the response loss.
+    cfg.DISTILL.GK.TEMPERATURE = 2.0
+    # lambda_fg, lambda_bg of the local feature loss.
+    cfg.DISTILL.GK.FG_LAMBDA = 1.0
+    cfg.DISTILL.GK.BG_LAMBDA = 4.0
+    # Feature-loss reduction over levels: "mean" (released Faster R-CNN) or "sum" (RetinaNet).
+    cfg.DISTILL.GK.LEVEL_REDUCTION = "mean"
+    # Attenuate the global and feature losses by a = 1 - iter / ATTENUATION_ITERS (released).
+    cfg.DISTILL.GK.ATTENUATION = True
+    # Iterations over which the attenuation decays to 0; 0: SOLVER.MAX_ITER (the whole run).
+    cfg.DISTILL.GK.ATTENUATION_ITERS = 0

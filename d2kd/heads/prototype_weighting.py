@@ -14,6 +14,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import nn
 
+from ..config.defaults import register_config_extension
 from ..prototypes import PrototypeBank, batched_box_pool
 from ..structures import StudentKind, StudentTaps
 from .masks import box_weight_maps, gt_boxes_and_images
@@ -57,3 +58,36 @@ class PrototypeWeighting(nn.Module):
                                   self.teacher_strides[level])
         weights = box_weight_maps(boxes, w, images, t_map.shape, self.teacher_strides[level])
         return torch.where(covered > 0, weights, torch.ones_like(weights))
+
+
+@register_config_extension
+def add_prototypes_config(cfg: CfgNode) -> None:
+    """``DISTILL.PROTOTYPES``: the prototype banks of every head that owns one."""
+    if "PROTOTYPES" in cfg.DISTILL:
+        return
+    # Prototypes (PGM) shared by every head that owns a PrototypeBank (GlobalKnowledgeHead,
+    # prototype-weighted FitNet / fg-bg heads), refreshed by d2kd/engine/prototype_hook.py.
+    cfg.DISTILL.PROTOTYPES = CfgNode()
+    # K: prototypes per class and level.
+    cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES = 10
+    # "pgm" (Tang et al.'s selection of real instances) or "kmeans" (ablation: scikit-learn
+    # K-means centres of both normalised spaces).
+    cfg.DISTILL.PROTOTYPES.SELECTION = "pgm"
+    # alpha: coupling of the teacher- and student-space coefficients in PGM.
+    cfg.DISTILL.PROTOTYPES.ALPHA = 10.0
+    # PGM's density pre-filter (candidates dense in both spaces), from the released code.
+    cfg.DISTILL.PROTOTYPES.DENSITY_FILTER = True
+    # PGM may pick an instance twice (as released); False excludes repeats.
+    cfg.DISTILL.PROTOTYPES.ALLOW_DUPLICATES = True
+    # Instance index: GT boxes wider and taller than this (pixels, original resolution) ...
+    cfg.DISTILL.PROTOTYPES.MIN_BOX_SIZE = 30.0
+    # ... from at most this many images per class (<= 0: all), drawn with INDEX_SEED.
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS = 800
+    cfg.DISTILL.PROTOTYPES.INDEX_SEED = 0
+    # Rebuild the bank from the live student every this many iterations (0: one epoch of
+    # DATASETS.TRAIN at SOLVER.IMS_PER_BATCH); the bank is always built before the first step.
+    cfg.DISTILL.PROTOTYPES.REFRESH_PERIOD = 0
+    # False: build the bank once before the first step and never refresh it (ablation).
+    cfg.DISTILL.PROTOTYPES.REFRESH = True
+    # Images per forward during extraction (images of equal size only).
+    cfg.DISTILL.PROTOTYPES.EXTRACT_BATCH_SIZE = 16

@@ -8,9 +8,10 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
+from ..config.defaults import register_config_extension
 from ..structures import StudentKind, StudentTaps
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
 
@@ -171,3 +172,30 @@ def _rcnn_gt_class_deltas(student: StudentTaps, teacher: TeacherOutputs
         return deltas.gather(1, cols)
 
     return positive, pick(s_deltas), pick(t_deltas)
+
+
+@register_config_extension
+def add_response_config(cfg: CfgNode) -> None:
+    """``DISTILL.LOGIT`` / ``DISTILL.LOC``: :class:`LogitKDHead` and :class:`LocKDHead`."""
+    if "LOGIT" in cfg.DISTILL:
+        return
+    # Logit KD (Hinton): KL of temperature-softened class distributions, times T^2.
+    cfg.DISTILL.LOGIT = CfgNode()
+    # Loss weight.
+    cfg.DISTILL.LOGIT.WEIGHT = 1.0
+    # Softmax/sigmoid temperature T.
+    cfg.DISTILL.LOGIT.TEMPERATURE = 2.0
+    # Dense students: distil at the student's "positive" anchors or where the teacher is
+    # confident ("teacher_confident": its top class score exceeds CONFIDENCE).
+    cfg.DISTILL.LOGIT.DENSE_LOCATIONS = "positive"
+    # Teacher score threshold for DENSE_LOCATIONS = "teacher_confident".
+    cfg.DISTILL.LOGIT.CONFIDENCE = 0.5
+
+    # Localization KD on box-regression deltas at positive locations.
+    cfg.DISTILL.LOC = CfgNode()
+    # Loss weight.
+    cfg.DISTILL.LOC.WEIGHT = 1.0
+    # "l1" or "smooth_l1".
+    cfg.DISTILL.LOC.LOSS = "smooth_l1"
+    # Transition point of smooth-L1.
+    cfg.DISTILL.LOC.BETA = 0.1

@@ -9,11 +9,14 @@ value for basic-block (18, 34) and bottleneck (50, 101, 152) ResNets alike. Stag
 """
 from typing import Sequence
 
+from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+
+from ..config.defaults import register_config_extension
 
 _BLOCKS_PER_STAGE = {
     18: [2, 2, 2, 2],
@@ -108,3 +111,13 @@ def build_fpn(cfg, bottom_up: Backbone, top_block_input: str) -> FPN:
 def build_scalable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """FPN on :func:`build_scalable_resnet_backbone`; extra levels from ``MODEL.FPN.TOP_BLOCK``."""
     return build_fpn(cfg, build_scalable_resnet_backbone(cfg, input_shape), "res5")
+
+
+@register_config_extension
+def add_backbone_config(cfg: CfgNode) -> None:
+    """``MODEL.FPN.TOP_BLOCK``: :func:`build_fpn`."""
+    if "TOP_BLOCK" in cfg.MODEL.FPN:
+        return
+    # Extra FPN levels above the last input feature: "maxpool" (P6 by max-pooling P5, as in
+    # Faster R-CNN), "p6p7" (P6, P7 by stride-2 convs on res5, as in RetinaNet) or "none".
+    cfg.MODEL.FPN.TOP_BLOCK = "maxpool"

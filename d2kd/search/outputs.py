@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ..config import load_config
 from ..utils.io import atomic_write_json, atomic_write_text
 from .report import best_so_far, markdown_cell, plot_best_so_far, session_overhead
 from .samplers import GENERATION_KEY, SURPLUS, fitness
@@ -108,14 +109,18 @@ def log_progress(search: SearchState) -> None:
 
 
 def best_config_yaml(config_file: str, opts: Sequence[str], genome: str, output_dir: str) -> str:
-    """A config that trains ``genome`` with the full schedule of ``config_file``."""
-    lines = [f"# Written by tools/search_net.py: the best genome of the search in {output_dir}.",
-             f'_BASE_: "{os.path.abspath(config_file)}"',
-             "DISTILL:", "  DETKDS:", f'    GENOME: "{genome}"',
-             f'OUTPUT_DIR: "{os.path.join(output_dir, "best_full_schedule")}"']
+    """A config that trains ``genome`` with the full schedule of ``config_file``: the search
+    config resolved, without the search's own keys (``DISTILL.DETKDS.SEARCH``, which
+    tools/train_net.py does not know), so that it trains with tools/train_net.py as is."""
+    cfg = load_config(config_file)
+    cfg.DISTILL.DETKDS.pop("SEARCH")
+    cfg.DISTILL.DETKDS.GENOME = genome
+    cfg.OUTPUT_DIR = os.path.join(output_dir, "best_full_schedule")
+    header = [f"# Written by tools/search_net.py: the best genome of the search in {output_dir}",
+              f"# (the search config {os.path.abspath(config_file)}, resolved)."]
     if opts:
-        lines.insert(1, f"# The search also had these overrides (not applied here): {' '.join(opts)}")
-    return "\n".join(lines) + "\n"
+        header.append(f"# The search also had these overrides (not applied here): {' '.join(opts)}")
+    return "\n".join(header) + "\n" + cfg.dump()
 
 
 def idle_at_end_seconds(search: SearchState) -> float:

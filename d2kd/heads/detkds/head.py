@@ -16,10 +16,11 @@ Knowledge inputs, per distilled level, summed over levels:
 from typing import Dict, List, Sequence
 
 import torch
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torchvision.ops import roi_align
 
+from ...config.defaults import register_config_extension
 from ...structures import StudentKind, StudentTaps
 from ..alignment import FeatureAligner
 from ..masks import box_area_masks
@@ -154,3 +155,17 @@ class DetKDSHead(DistillHead):
             keep = keep.to(s.dtype)
             total = total + distance(formula, *transform(formula, s * keep, t * keep, slots=(3,)))
         return total
+
+
+@register_config_extension
+def add_detkds_config(cfg: CfgNode) -> None:
+    """``DISTILL.DETKDS``: :class:`DetKDSHead` (the search's keys, ``DISTILL.DETKDS.SEARCH``, belong
+    to the search application, d2kd/search/config.py)."""
+    if "DETKDS" in cfg.DISTILL:
+        return
+    # DetKDS: a searched distiller given as a genome string (d2kd/heads/detkds/genome.py).
+    cfg.DISTILL.DETKDS = CfgNode()
+    # e.g. "global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_HW|l1|w=2".
+    cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_N|l1|w=6"
+    # "loc" input: positions where the teacher's top (sigmoid) score exceeds this.
+    cfg.DISTILL.DETKDS.LOC_SCORE_THRESH = 0.05

@@ -83,6 +83,7 @@ def test_missing_annotation_file(broken_copy, tmp_path):
         check_inputs(_broken_cfg(tmp_path))
 
 
+@pytest.mark.slow
 def test_train_net_prints_one_error_line_before_training(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", STUDENT,
            "SOLVER.BASE_LRR", "0.1", "OUTPUT_DIR", str(tmp_path / "out")]

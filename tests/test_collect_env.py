@@ -2,7 +2,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from d2kd.compat import has_compiled_extension
+
+pytestmark = pytest.mark.slow
 
 
 def test_collect_env_reports_detectron2_and_extension():

@@ -40,6 +40,7 @@ def test_standin_defines_every_name_detectron2_imports():
         importlib.import_module(module)
 
 
+@pytest.mark.slow
 @needs_standin
 def test_provisioned_detectron2_is_a_real_distribution():
     out = subprocess.run([sys.executable, "-m", "pip", "show", "detectron2"],

@@ -27,8 +27,7 @@ from d2kd.engine.tracing import (
 )
 from d2kd.utils.io import atomic_save
 
-from conftest import CONFIGS, REPO, tiny_training_cfg
-from test_distillation_core import distill_cfg, save_untrained_teacher
+from conftest import CONFIGS, REPO, distill_cfg, save_untrained_teacher, tiny_training_cfg
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import export_student as export_tool  # noqa: E402
@@ -107,6 +106,7 @@ def assert_same_detections(expected, got) -> None:
             assert (expected.pred_masks[i] != got.pred_masks[j]).float().mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_distillation_writes_a_plain_student_config_detectron2_builds_and_loads(
         distilled, tiny_digitsdet):
     run, distillation_model = distilled
@@ -135,6 +135,7 @@ def test_distillation_writes_a_plain_student_config_detectron2_builds_and_loads(
     assert torch.equal(ours.scores, theirs.scores)
 
 
+@pytest.mark.slow
 def test_export_tool_takes_a_distillation_checkpoint_and_config(distilled, tiny_digitsdet,
                                                                   tmp_path):
     run, distillation_model = distilled
@@ -173,6 +174,7 @@ def assert_export_matches_eager(run, family: str, config: str, opts, images) -> 
         assert_same_detections(expected, got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", STUDENTS)
 def test_torchscript_matches_the_eager_student(students, family, tiny_digitsdet, tmp_path):
     weights, config, opts = students[family]
@@ -183,6 +185,7 @@ def test_torchscript_matches_the_eager_student(students, family, tiny_digitsdet,
     assert_export_matches_eager(torch.jit.load(output), family, config, opts, images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", STUDENTS)
 def test_onnx_matches_the_eager_student(students, family, tiny_digitsdet, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime")
@@ -216,6 +219,7 @@ def test_traced_dense_decoding_caps_candidates_as_the_eager_one(students):
     assert torch.equal(traced(few), scores_kept(few))
 
 
+@pytest.mark.slow
 def test_stock_student_config_and_torchscript_need_no_d2kd(students, tiny_digitsdet, tmp_path):
     """A COCO student's config loads and builds with detectron2 alone; a TorchScript export
     runs with torch and torchvision alone."""
@@ -263,6 +267,7 @@ def predict_tool():
     return predict
 
 
+@pytest.mark.slow
 def test_predictor_writes_one_picture_per_image(distilled, tiny_digitsdet, tmp_path):
     run = distilled[0]
     images = val_images(tiny_digitsdet)
@@ -280,6 +285,7 @@ def test_predictor_writes_one_picture_per_image(distilled, tiny_digitsdet, tmp_p
         assert (drawn != original).any()  # the detections are drawn
 
 
+@pytest.mark.slow
 def test_predictor_inputs_and_a_moved_folder(distilled, tmp_path):
     tool = predict_tool()
     expand_inputs = tool.expand_inputs

@@ -725,6 +725,7 @@ def test_cuda_refresh_time_selection_and_ordering_results():
     assert 0.0 <= residual <= total
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("config, heads", [

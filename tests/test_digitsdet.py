@@ -52,6 +52,7 @@ def medium_root(tmp_path_factory) -> str:
     return root
 
 
+@pytest.mark.slow
 def test_regeneration_is_byte_identical(tiny_root, tmp_path):
     again = str(tmp_path / "again")
     generate_digitsdet(again, TINY, show_progress=False)
@@ -112,12 +113,14 @@ def test_digit_pools_are_disjoint_stratified():
     assert digit_pool_indices()["val"] is val  # fixed (cached), independent of any dataset seed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_every_class_present(medium_root, split):
     counts = Counter(a["category_id"] for a in _load(medium_root, split)["annotations"])
     assert set(counts) == set(range(1, 11))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_all_coco_scales_and_overlaps_present(medium_root, split):
     coco = _load(medium_root, split)

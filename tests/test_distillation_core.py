@@ -9,31 +9,8 @@ from detectron2.modeling import build_model
 from d2kd.config import ConfigError, load_config
 from d2kd.engine import DistillTrainer
 
-from conftest import CONFIGS, tiny_training_cfg
-
-TEACHER = "DigitsDet/retinanet_R50_teacher.yaml"
-DISTILL = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"  # student R-18/2, teacher R-50/2
-
-
-def save_untrained_teacher(teacher_config: str, out) -> str:
-    """A checkpoint that matches ``teacher_config`` (random weights: enough for these tests)."""
-    os.makedirs(out, exist_ok=True)
-    cfg = load_config(os.path.join(CONFIGS, teacher_config), ["MODEL.WEIGHTS", ""])
-    torch.manual_seed(0)
-    DetectionCheckpointer(build_model(cfg), save_dir=str(out)).save("model_final")
-    return str(out / "model_final.pth")
-
-
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory) -> str:
-    return save_untrained_teacher(TEACHER, tmp_path_factory.mktemp("teacher"))
-
-
-def distill_cfg(output_dir, teacher_weights, heads=("MGDHead",), max_iter=2, config=DISTILL):
-    cfg = tiny_training_cfg(config, output_dir, max_iter=max_iter)
-    cfg.DISTILL.TEACHER.WEIGHTS = [teacher_weights]
-    cfg.DISTILL.HEADS = list(heads)
-    return cfg
+from conftest import (CONFIGS, DISTILL, TEACHER, distill_cfg, save_untrained_teacher,
+                      tiny_training_cfg)
 
 
 def test_teacher_is_frozen_locked_and_outside_the_state_dict(tiny_digitsdet, tmp_path,
@@ -49,6 +26,7 @@ def test_teacher_is_frozen_locked_and_outside_the_state_dict(tiny_digitsdet, tmp
     assert all(k.startswith(("student.", "heads.")) for k in model.state_dict())
 
 
+@pytest.mark.slow
 def test_training_runs_student_backbone_once_and_never_changes_the_teacher(
         tiny_digitsdet, tmp_path, teacher_weights):
     cfg = distill_cfg(str(tmp_path), teacher_weights, heads=("MGDHead", "FitNetHead"),
@@ -111,6 +89,7 @@ def test_inference_is_the_student_alone(tiny_digitsdet, tmp_path, teacher_weight
     assert torch.equal(ours.pred_boxes.tensor, alone.pred_boxes.tensor)
 
 
+@pytest.mark.slow
 def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
         tiny_digitsdet, tmp_path, teacher_weights):
     cfg = distill_cfg(str(tmp_path), teacher_weights, max_iter=2)
@@ -141,6 +120,7 @@ def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, teacher, heads", [
     (DISTILL, TEACHER, ("FGFIHead", "FgBgHead", "LogitKDHead", "LocKDHead", "DFDHead")),
     ("DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml",
@@ -162,6 +142,7 @@ GENOME_ALL_INPUTS = ("global:catt|scale_r2|norm_N|l1|w=6;fgbg:no|local_s4|norm_H
                      "loc:no|no|no|smooth_l1|w=1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, teacher", [
     (DISTILL, TEACHER),
     ("DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml"),
@@ -215,6 +196,7 @@ def test_fresh_run_loads_student_weights_and_optionally_teacher_neck_and_heads(
     assert copied, "some neck/head tensors match in shape (e.g. the class-score bias)"
 
 
+@pytest.mark.slow
 def test_resume_restores_student_heads_optimizer_scheduler_and_iteration(
         tiny_digitsdet, tmp_path, teacher_weights):
     cfg = distill_cfg(str(tmp_path), teacher_weights, max_iter=2)
@@ -235,6 +217,7 @@ def test_resume_restores_student_heads_optimizer_scheduler_and_iteration(
     assert second.iter == cfg.SOLVER.MAX_ITER  # detectron2: iter == max_iter after success
 
 
+@pytest.mark.slow
 def test_teacher_of_another_family_and_normalisation_for_feature_heads(tiny_digitsdet, tmp_path):
     """Faster R-CNN teacher (P2-P6, 128 channels, BGR with other pixel statistics) for a
     RetinaNet student (P3-P7, 64 channels) on the shared levels."""
@@ -250,6 +233,7 @@ def test_teacher_of_another_family_and_normalisation_for_feature_heads(tiny_digi
     assert "kd/fitnet/loss/p6" in (tmp_path / "run" / "metrics.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, arch", [("fcos", "FCOS"), ("mask_rcnn", "GeneralizedRCNN")])
 def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, arch):
     weights = save_untrained_teacher(f"DigitsDet/{family}_R50_teacher.yaml", tmp_path / "t")
@@ -260,6 +244,7 @@ def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, ar
     assert (tmp_path / "run" / "model_final_student.pth").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [
     DISTILL,
     "DigitsDet/faster_rcnn_R18_from_R50_logit.yaml",  # the teacher runs on the student's RoIs
@@ -301,6 +286,7 @@ def test_overhead_ratio_interval_brackets_the_ratio_of_medians():
     assert ratio_interval(mixed) == pytest.approx((0.8 / 0.75, 1.0 / 0.75))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, teacher", [
     ("DigitsDet/retinanet_R18_from_R50_gk.yaml", TEACHER),
     ("DigitsDet/faster_rcnn_R18_from_R50_gk.yaml", "DigitsDet/faster_rcnn_R50_teacher.yaml"),

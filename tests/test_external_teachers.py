@@ -92,6 +92,7 @@ def teacher_files(tmp_path_factory):
     return cache, files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(TEACHERS))
 def test_external_teacher_loads_strictly_and_distils_with_every_head(
         kind, teacher_files, tiny_digitsdet, tmp_path, monkeypatch):
@@ -118,6 +119,7 @@ def test_external_teacher_loads_strictly_and_distils_with_every_head(
                               torch.tensor([103.530, 116.280, 123.675]))
 
 
+@pytest.mark.slow
 def test_lazy_teacher_with_weights_of_another_model_is_a_hard_error(tiny_digitsdet, tmp_path):
     cfg = _teacher_cfg("lazy-zoo-retinanet", str(tmp_path), weights="(random)")
     cfg.DISTILL.TEACHER.LAZY_OVERRIDES = []  # 80 classes: the head's shapes differ
@@ -177,6 +179,7 @@ def test_unreadable_teacher_weights_are_one_clear_error(name, content, tiny_digi
         build_model(cfg)
 
 
+@pytest.mark.slow
 def test_detectron2_url_weights_resolve_through_pathmanager_without_download(
         teacher_files, tiny_digitsdet, tmp_path, monkeypatch):
     """``detectron2://X`` is detectron2's model-zoo host; a file already in iopath's cache is

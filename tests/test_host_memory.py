@@ -33,6 +33,7 @@ def _step_faults(mode: str) -> int:
     return int(out.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_retained_memory_is_not_faulted_in_again_each_step():
     pages_per_block = 30 * 2**20 // 4096

@@ -179,6 +179,7 @@ def _project(tmp_path: Path, setup_py: str) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_installing_d2kd_keeps_the_users_torch_torchvision_detectron2(tmp_path):
     project = _project(tmp_path, (REPO / "setup.py").read_text())
     installs = _resolve(project, tmp_path)
@@ -186,6 +187,7 @@ def test_installing_d2kd_keeps_the_users_torch_torchvision_detectron2(tmp_path):
     assert installs.keys() == {"d2kd"}, installs
 
 
+@pytest.mark.slow
 def test_the_check_fails_on_the_old_exact_pins(tmp_path):
     installs = _resolve(_project(tmp_path, OLD_SETUP_PY), tmp_path)
     assert _replaced(installs) == {"torch": "2.15.0", "torchvision": "0.29.2",

@@ -17,19 +17,11 @@ from d2kd.config.schedule import TeacherSchedule
 from d2kd.engine import DistillTrainer
 from d2kd.engine.teacher_order import AdapterFit, greedy_order, normalized_residual
 
-from conftest import CONFIGS
-from test_distillation_core import distill_cfg, save_untrained_teacher
+from conftest import (CONFIGS, TEACHER, TEACHER_R34, distill_cfg, launch_two_processes,
+                      save_untrained_teacher)
 
-MID, TARGET = "DigitsDet/retinanet_R50_teacher.yaml", "DigitsDet/retinanet_R34_teacher.yaml"
+MID, TARGET = TEACHER, TEACHER_R34  # the chain's order, as conftest's ``teachers``
 PROGRESSIVE = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    """Untrained checkpoints of the R-50/2 (FPN 128) and R-34/2 (FPN 96) RetinaNet teachers, in
-    the DigitsDet chain's order (the R-34/2 is the higher-AP target)."""
-    root = tmp_path_factory.mktemp("teachers")
-    return [save_untrained_teacher(MID, root / "r50"), save_untrained_teacher(TARGET, root / "r34")]
 
 
 def progressive_cfg(output_dir, weights, stage_iters=(3, 3), **schedule):
@@ -93,6 +85,7 @@ def uninterrupted(tiny_digitsdet, teachers, tmp_path_factory):
     return out, trainer, recorder, calls
 
 
+@pytest.mark.slow
 def test_stages_switch_teacher_heads_optimizer_and_restart_the_lr(uninterrupted):
     out, trainer, recorder, calls = uninterrupted
     steps = recorder.steps
@@ -116,6 +109,7 @@ def test_stages_switch_teacher_heads_optimizer_and_restart_the_lr(uninterrupted)
     assert len(calls) == 1 and calls[0].backbone.output_shape()["p3"].channels == 128
 
 
+@pytest.mark.slow
 def test_stage_outputs(uninterrupted):
     out = uninterrupted[0]
     summary = json.loads((out / "stages.json").read_text())
@@ -135,6 +129,7 @@ def test_stage_outputs(uninterrupted):
     assert all(torch.equal(final[k], stage2[k]) for k in final)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_period", [3, 4], ids=["at_boundary", "mid_stage_2"])
 def test_resume_in_stage_2_is_bit_identical(uninterrupted, teachers, tmp_path, checkpoint_period):
     """Killed after iteration 4 (stage 2); the last checkpoint is after iteration 2 (end of
@@ -192,6 +187,7 @@ def test_stage_opts_override_head_options_per_stage(tiny_digitsdet, teachers, tm
     assert [i for i, t in enumerate(model.teachers) if t is not None] == [1]
 
 
+@pytest.mark.slow
 def test_joint_mode_weights_every_teachers_losses(tiny_digitsdet, teachers, tmp_path):
     cfg = progressive_cfg(tmp_path, teachers, MODE="joint", STAGE_ITERS=[], JOINT_WEIGHTS=[1.0, 1.0])
     cfg.SOLVER.MAX_ITER = 2
@@ -262,6 +258,7 @@ def test_adaptation_cost_matches_brute_force_least_squares():
     assert greedy_order({0: 0.5, 1: 0.2, 2: 0.9, 3: 0.1}, target=2) == [3, 1, 0, 2]
 
 
+@pytest.mark.slow
 def test_adaptation_cost_order_is_probed_written_and_used(tiny_digitsdet, teachers, tmp_path):
     third = save_untrained_teacher(MID, tmp_path / "r50b")
     cfg = progressive_cfg(tmp_path / "run", teachers + [third], stage_iters=(1, 1, 1),
@@ -278,19 +275,19 @@ def test_adaptation_cost_order_is_probed_written_and_used(tiny_digitsdet, teache
     assert [i for i, t in enumerate(model.teachers) if t is not None] == [written["order"][0]]
 
 
+@pytest.mark.slow
 def test_two_process_progressive_run_switches_stages_under_ddp(tiny_digitsdet, teachers, tmp_path):
     """tools/train_net.py --num-gpus 2 (gloo): the DDP wrapper is rebuilt at the boundary."""
-    from test_launch import _launch_two_processes
-
-    _launch_two_processes("retinanet_R18_from_R50_R34_mtpd_mgd.yaml", tmp_path, tiny_digitsdet,
-                          "DISTILL.TEACHER.WEIGHTS", str(list(teachers)), "SOLVER.MAX_ITER", "4",
-                          "DISTILL.SCHEDULE.STAGE_ITERS", "[2, 2]")
+    launch_two_processes("retinanet_R18_from_R50_R34_mtpd_mgd.yaml", tmp_path, tiny_digitsdet,
+                         "DISTILL.TEACHER.WEIGHTS", str(list(teachers)), "SOLVER.MAX_ITER", "4",
+                         "DISTILL.SCHEDULE.STAGE_ITERS", "[2, 2]")
     summary = json.loads((tmp_path / "stages.json").read_text())
     assert [r["teachers"] for r in summary["stages"]] == [[0], [1]]
     assert (tmp_path / "model_final_student.pth").is_file()
     assert all((tmp_path / f"stage{k}" / "model_student.pth").is_file() for k in (1, 2))
 
 
+@pytest.mark.slow
 def test_each_stage_builds_its_prototype_bank_before_its_first_step(tiny_digitsdet, teachers,
                                                                    tmp_path):
     from d2kd.prototypes.refresh import PrototypeRefresher

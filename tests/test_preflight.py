@@ -11,17 +11,10 @@ from d2kd.config import ConfigError, load_config
 from d2kd.engine.checkpoint import AtomicCheckpointer, resume_checkpoint
 from d2kd.engine.preflight import check_run
 
-from conftest import CONFIGS, tiny_training_cfg
-from test_distillation_core import distill_cfg, save_untrained_teacher
+from conftest import CONFIGS, distill_cfg, save_untrained_teacher, tiny_training_cfg
 
 MGD = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
 MTPD = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    return save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml",
-                                  tmp_path_factory.mktemp("preflight_teacher"))
 
 
 def _bad(cfg, tmp_path, pattern: str, resume: bool = False) -> str:
@@ -36,8 +29,8 @@ def _bad(cfg, tmp_path, pattern: str, resume: bool = False) -> str:
     return message
 
 
-def test_a_good_config_passes(tiny_digitsdet, tmp_path, teacher):
-    assert check_run(distill_cfg(str(tmp_path / "out"), teacher)) is None
+def test_a_good_config_passes(tiny_digitsdet, tmp_path, teacher_weights):
+    assert check_run(distill_cfg(str(tmp_path / "out"), teacher_weights)) is None
     assert not (tmp_path / "out").exists()
 
 
@@ -45,30 +38,30 @@ def test_a_good_config_passes(tiny_digitsdet, tmp_path, teacher):
     ("DISTILL.DFD.HARD_FRACTION", 1.5, r"DISTILL\.DFD\.HARD_FRACTION=1\.5 must lie in \[0, 1\]"),
     ("DISTILL.LOC.LOSS", "l3", r"DISTILL\.LOC\.LOSS='l3' is not 'l1' or 'smooth_l1'"),
 ], ids=["dfd-rho", "loc-loss"])
-def test_invalid_head_option(key, value, pattern, tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("DFDHead", "LocKDHead"))
+def test_invalid_head_option(key, value, pattern, tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights, heads=("DFDHead", "LocKDHead"))
     section, name = key.rsplit(".", 1)
     cfg.DISTILL[section.split(".")[1]][name] = value
     assert _bad(cfg, tmp_path, pattern).startswith(key)
 
 
-def test_unknown_head_name(tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("MDGHead",))
+def test_unknown_head_name(tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights, heads=("MDGHead",))
     assert _bad(cfg, tmp_path, r"^Unknown distillation head 'MDGHead' in DISTILL\.HEADS; registered: "
                         r".*MGDHead")
 
 
-def test_malformed_genome(tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher, heads=("DetKDSHead",))
+def test_malformed_genome(tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights, heads=("DetKDSHead",))
     cfg.DISTILL.DETKDS.GENOME = "global:natt|nonsense"
     assert "nonsense" in _bad(cfg, tmp_path, r"^DISTILL\.DETKDS\.GENOME: ")
 
 
-def test_level_missing_on_one_side_and_channel_mismatch(tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher)
+def test_level_missing_on_one_side_and_channel_mismatch(tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     cfg.DISTILL.IN_FEATURES = ["p2", "p3"]
     _bad(cfg, tmp_path, r"'p2' must exist in student and teacher")
-    cfg = distill_cfg(str(tmp_path / "out"), teacher)
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     cfg.DISTILL.ADAPTER = False
     _bad(cfg, tmp_path, r"student has 64 channels, teacher 128")
 
@@ -88,8 +81,8 @@ def test_corrupt_or_missing_teacher_weights(tiny_digitsdet, tmp_path):
     _bad(cfg, tmp_path, r"missing\.pth do not exist\. Train the teacher first")
 
 
-def test_missing_teacher_config(tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher)
+def test_missing_teacher_config(tiny_digitsdet, tmp_path, teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     cfg.DISTILL.TEACHER.CONFIGS = [str(tmp_path / "no_teacher.yaml")]
     _bad(cfg, tmp_path, r"Teacher config .*no_teacher\.yaml does not exist")
 
@@ -98,23 +91,25 @@ def test_missing_teacher_config(tiny_digitsdet, tmp_path, teacher):
     ("DISTILL.MGD.ALPHA", -2e-5, "-2e-05"), ("DISTILL.FITNET.WEIGHT", float("nan"), "nan"),
     ("DISTILL.SCHEDULE.JOINT_WEIGHTS", [1.0, float("inf")], "inf")],
     ids=["negative", "nan", "inf-in-list"])
-def test_negative_or_non_finite_loss_weight(key, value, shown, tiny_digitsdet, tmp_path, teacher):
-    cfg = distill_cfg(str(tmp_path / "out"), teacher)
+def test_negative_or_non_finite_loss_weight(key, value, shown, tiny_digitsdet, tmp_path,
+                                             teacher_weights):
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     _, section, name = key.split(".")
     cfg.DISTILL[section][name] = value
     _bad(cfg, tmp_path, rf"^{key} = {shown}: a loss weight must be a finite number >= 0")
 
 
-def test_every_stage_of_a_teacher_schedule_is_checked(tiny_digitsdet, tmp_path, teacher):
+def test_every_stage_of_a_teacher_schedule_is_checked(tiny_digitsdet, tmp_path, teacher_weights):
     cfg = tiny_training_cfg(MTPD, str(tmp_path / "out"))
     cfg.DISTILL.SCHEDULE.STAGE_ITERS = [1, 1]
-    cfg.DISTILL.TEACHER.WEIGHTS = [teacher, teacher]  # stage 2's teacher is an R-34/2
+    # stage 2's teacher is an R-34/2
+    cfg.DISTILL.TEACHER.WEIGHTS = [teacher_weights, teacher_weights]
     _bad(cfg, tmp_path, r"retinanet_R34_teacher\.yaml: weights .* do not match")
 
 
-def _checkpoints(tmp_path, teacher, iterations):
+def _checkpoints(tmp_path, teacher_weights, iterations):
     """A run directory with checkpoints after the given iterations (the last one tagged)."""
-    cfg = distill_cfg(str(tmp_path / "out"), teacher)
+    cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     model = build_model(student := load_config(os.path.join(CONFIGS, "DigitsDet",
                                                             "retinanet_R18_student.yaml")))
     del student
@@ -125,8 +120,8 @@ def _checkpoints(tmp_path, teacher, iterations):
 
 
 def test_corrupt_checkpoint_on_resume_falls_back_to_the_previous_one(tiny_digitsdet, tmp_path,
-                                                                     teacher, caplog):
-    cfg = _checkpoints(tmp_path, teacher, [1, 3])
+                                                                     teacher_weights, caplog):
+    cfg = _checkpoints(tmp_path, teacher_weights, [1, 3])
     newest = os.path.join(cfg.OUTPUT_DIR, "model_0000003.pth")
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)  # a torn copy, e.g. from another tool
@@ -137,8 +132,9 @@ def test_corrupt_checkpoint_on_resume_falls_back_to_the_previous_one(tiny_digits
         assert f.read() == "model_0000001.pth"
 
 
-def test_resume_with_no_readable_checkpoint_names_the_files(tiny_digitsdet, tmp_path, teacher):
-    cfg = _checkpoints(tmp_path, teacher, [1])
+def test_resume_with_no_readable_checkpoint_names_the_files(tiny_digitsdet, tmp_path,
+                                                            teacher_weights):
+    cfg = _checkpoints(tmp_path, teacher_weights, [1])
     with open(os.path.join(cfg.OUTPUT_DIR, "model_0000001.pth"), "wb") as f:
         f.write(b"PK\x03\x04 torn")
     _bad(cfg, tmp_path, r"^--resume: no readable checkpoint in .*model_0000001\.pth "
@@ -164,14 +160,15 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert DetectionCheckpointer(model).get_checkpoint_file  # public API still there
 
 
-def test_train_net_stops_a_bad_head_option_in_one_line(tiny_digitsdet, tmp_path, teacher):
+@pytest.mark.slow
+def test_train_net_stops_a_bad_head_option_in_one_line(tiny_digitsdet, tmp_path, teacher_weights):
     import subprocess
     import sys
 
     from conftest import REPO
 
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-           os.path.join(CONFIGS, MGD), "DISTILL.TEACHER.WEIGHTS", repr([teacher]),
+           os.path.join(CONFIGS, MGD), "DISTILL.TEACHER.WEIGHTS", repr([teacher_weights]),
            "DISTILL.HEADS", "['DFDHead']", "DISTILL.DFD.HARD_FRACTION", "1.5",
            "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path / "out")]
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(tiny_digitsdet))

@@ -1,6 +1,7 @@
 """Segmentation-pretext pre-training and the digitsdet-pretrained:// backbone cache."""
 import os
 
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -42,6 +43,7 @@ def test_label_maps_and_loss(tiny_digitsdet, tmp_path):
     assert model.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_is_trained_once_and_loads_into_detectors(tiny_digitsdet):
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
             "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0"]

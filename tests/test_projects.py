@@ -4,13 +4,15 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
-from test_distillation_core import save_untrained_teacher
+import pytest
+
+from conftest import REPO, save_untrained_teacher
 
 PROJECT_CONFIG = os.path.join(REPO, "projects", "AttentionKD", "configs",
                               "retinanet_R18_from_R50_attention.yaml")
 
 
+@pytest.mark.slow
 def test_project_head_trains_through_train_net(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "teacher")
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(tiny_digitsdet), OMP_NUM_THREADS="1")

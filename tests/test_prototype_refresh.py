@@ -4,19 +4,19 @@ from dataclasses import replace
 import subprocess
 import sys
 
+import pytest
 import torch
 from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from conftest import REPO
+from conftest import REPO, distill_cfg, save_untrained_teacher
 from d2kd.engine import DistillTrainer
 from d2kd.engine.prototype_hook import PrototypeRefreshHook
 from d2kd.prototypes.extraction import extract_features
 from d2kd.prototypes.index import build_instance_index
 from d2kd.prototypes.refresh import PrototypeRefresher, prototype_banks
-from test_distillation_core import distill_cfg, save_untrained_teacher
 
 GK = "DigitsDet/retinanet_R18_from_R50_gk.yaml"
 
@@ -92,6 +92,7 @@ def test_extraction_pools_each_instance_from_its_test_time_image(tiny_digitsdet,
                                    atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_extraction_streams_images_batch_by_batch(tiny_digitsdet, tmp_path, monkeypatch):
     """Images are read when their batch is forwarded, never the shard up front; records
     without sizes and loader processes give the same features."""
@@ -128,6 +129,7 @@ def test_extraction_streams_images_batch_by_batch(tiny_digitsdet, tmp_path, monk
     torch.testing.assert_close(again["student"]["p3"], features["student"]["p3"])
 
 
+@pytest.mark.slow
 def test_bank_built_before_first_step_then_every_period(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     calls = []
@@ -155,6 +157,7 @@ def test_bank_built_before_first_step_then_every_period(tiny_digitsdet, tmp_path
     assert len(cache) == 1 and cache[0].startswith("teacher_features_")
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_the_checkpointed_bank_and_refresh_times(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     cfg = _gk_cfg(tmp_path / "run", weights, max_iter=2, period=2)
@@ -179,6 +182,7 @@ def test_resumed_run_keeps_the_checkpointed_bank_and_refresh_times(tiny_digitsde
         tmp_path / "run" / "prototypes")[0])
 
 
+@pytest.mark.slow
 def test_two_processes_hold_identical_banks_equal_to_one_process(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     script = tmp_path / "run_ranks.py"

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from d2kd.prototypes import (batched_box_pool, box_pool, coupled_coefficients, density_candidates,
                              select_prototypes)
 
+from conftest import cosine
+
 
 def _naive_box_pool(feature, boxes, stride):
     c, h, w = feature.shape
@@ -165,10 +167,6 @@ def test_duplicates_are_allowed_by_default_and_excluded_by_the_switch():
                           allow_duplicates=False)
 
 
-def _cos(a, b):
-    return float(a @ b) / (float(a.norm()) * float(b.norm()))
-
-
 def test_bank_robustness_weight_and_relations_follow_eq_8():
     from d2kd.prototypes import PrototypeBank
 
@@ -183,12 +181,12 @@ def test_bank_robustness_weight_and_relations_follow_eq_8():
         if c == 1:
             assert w[m].item() == 1.0
             continue
-        best_s = max(_cos(f_s[m], bank.student[1, c, k]) for k in range(2))
-        best_t = max(_cos(f_t[m], bank.teacher[1, c, k]) for k in range(2))
+        best_s = max(cosine(f_s[m], bank.student[1, c, k]) for k in range(2))
+        best_t = max(cosine(f_t[m], bank.teacher[1, c, k]) for k in range(2))
         assert w[m].item() == pytest.approx(1 - abs(best_s - best_t), abs=1e-6)
     rel = bank.relations(f_t, level=1, space="teacher")
     assert rel.shape == (3, 2 * 2)  # two valid classes x K
-    assert rel[0, 3].item() == pytest.approx(_cos(f_t[0], bank.teacher[1, 2, 1]), abs=1e-6)
+    assert rel[0, 3].item() == pytest.approx(cosine(f_t[0], bank.teacher[1, 2, 1]), abs=1e-6)
     # identical spaces give w == 1
     same = PrototypeBank(["p3"], 1, 2, 3, 3)
     protos = torch.randn(2, 3, generator=g)

@@ -7,9 +7,7 @@ import torch
 from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from d2kd.prototypes import PrototypeBank
 
-
-def _cos(a, b):
-    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+from conftest import cosine
 
 
 def _smooth_l1(x):
@@ -33,8 +31,8 @@ def test_global_relation_loss_transcription():
     for m in range(3):
         for cls in range(2):
             for k in range(2):
-                a_s = _cos(f_s[m], bank.student[0, cls, k])
-                a_t = _cos(f_t[m], bank.teacher[0, cls, k])
+                a_s = cosine(f_s[m], bank.student[0, cls, k])
+                a_t = cosine(f_t[m], bank.teacher[0, cls, k])
                 terms.append(_smooth_l1(w[m].item() * a_s - w[m].item() * a_t))
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from conftest import CONFIGS, REPO
-from test_distillation_core import save_untrained_teacher
+
+pytestmark = pytest.mark.slow
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
-R50, R34 = "DigitsDet/retinanet_R50_teacher.yaml", "DigitsDet/retinanet_R34_teacher.yaml"
 
 
 def _run(cfg_file: str, root: str, mode: str, kill_point: str = "") -> int:
@@ -45,12 +45,6 @@ def uninterrupted(tiny_digitsdet, teachers, tmp_path_factory):
         return runs[kind]
 
     return run
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_teachers")
-    return [save_untrained_teacher(R50, root / "r50"), save_untrained_teacher(R34, root / "r34")]
 
 
 def _config(kind: str, output_dir, teachers) -> str:

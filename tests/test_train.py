@@ -8,6 +8,8 @@ from d2kd.engine import DistillTrainer
 
 from conftest import tiny_training_cfg
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "config_file, tasks",

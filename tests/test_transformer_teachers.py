@@ -127,6 +127,7 @@ def transformer_weights(tmp_path_factory):
     return weights_for
 
 
+@pytest.mark.slow
 @needs_vitdet
 @pytest.mark.parametrize("kind", sorted(TRANSFORMER_TEACHERS))
 def test_transformer_cascade_teacher_loads_strictly_and_distils_with_every_head(
@@ -163,6 +164,7 @@ def test_transformer_cascade_teacher_loads_strictly_and_distils_with_every_head(
     assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
 
 
+@pytest.mark.slow
 @needs_vitdet
 def test_transformer_teacher_for_a_retinanet_student_feature_heads_and_levels(
         transformer_weights, tiny_digitsdet, tmp_path):
@@ -396,6 +398,7 @@ def cascade_weights(tmp_path_factory):
     return str(directory / "teacher.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cascade_stage", ["mean", "last"])
 def test_cascade_teacher_trains_rcnn_response_heads(cascade_stage, cascade_weights,
                                                     tiny_digitsdet, tmp_path):
@@ -504,6 +507,7 @@ def test_swin_fpn_backbone_levels_are_the_resnet_fpns(tmp_path):
         build_model(cfg)
 
 
+@pytest.mark.slow
 @needs_swin
 def test_swin_teacher_chain_builds_on_meta_and_distils(tiny_digitsdet, tmp_path):
     """The CNN -> transformer chain of configs/DigitsDet: the pre-start check builds both

@@ -1,10 +1,15 @@
-"""Trainer internals d2kd needs that detectron2 exposes under private names only.
+"""Trainer internals d2kd needs that detectron2 exposes under private names only (or as
+module globals of ``detectron2.engine.defaults``).
 
 Both detectron2 v0.6 and upstream ``main`` have these attributes (checked by the suite on
 both builds); this module is the one place that reads or writes them.
 """
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.engine import defaults
 from detectron2.engine.hooks import LRScheduler
 from detectron2.solver import LRMultiplier
 from fvcore.common.param_scheduler import ParamScheduler
@@ -33,3 +38,17 @@ def point_lr_logging_at(trainer: TrainerBase, optimizer: torch.optim.Optimizer) 
         if isinstance(hook, LRScheduler):
             hook._optimizer = optimizer
             hook._best_param_group_id = LRScheduler.get_best_param_group_id(optimizer)
+
+
+@contextlib.contextmanager
+def default_trainer_parts(ddp_wrapper: Callable, checkpointer_class: type) -> Iterator[None]:
+    """While active, ``DefaultTrainer.__init__`` wraps the model with ``ddp_wrapper`` and
+    checkpoints with ``checkpointer_class`` (the names it looks up in
+    ``detectron2.engine.defaults``, on v0.6 and upstream main), so that a subclass runs the
+    parent's constructor instead of copying it."""
+    saved = defaults.create_ddp_model, defaults.DetectionCheckpointer
+    defaults.create_ddp_model, defaults.DetectionCheckpointer = ddp_wrapper, checkpointer_class
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model, defaults.DetectionCheckpointer = saved

@@ -1,16 +1,14 @@
 """The trainer behind ``tools/train_net.py``."""
-import logging
 import os
-import weakref
 
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model, unwrap_ddp
+from ..compat.engine import default_trainer_parts
 from ..data.step_loader import build_step_train_loader
 from ..modeling import DistillationDetector
 from ..prototypes.refresh import prototype_banks
@@ -22,8 +20,6 @@ from .export import StudentExportHook
 from .optimizer import build_optimizer
 from .stages import build_stage_lr_scheduler, insert_schedule_hooks, schedule_of
 from .prototype_hook import PrototypeRefreshHook
-
-logger = logging.getLogger(__name__)
 
 
 class DistillTrainer(DefaultTrainer):
@@ -42,29 +38,17 @@ class DistillTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
         if cfg.D2KD.RETAIN_HOST_MEMORY:
             retain_freed_host_memory()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SEED < 0:  # the data stream and per-step seeds need one (kept in checkpoints)
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SEED = comm.shared_random_seed()
             cfg.freeze()
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_class(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        self.schedule_hook = None  # build_hooks sets it
+        # detectron2's constructor, with DDP that also runs on CPU (gloo) and atomic checkpoints
+        with default_trainer_parts(create_ddp_model, AtomicCheckpointer):
+            super().__init__(cfg)
 
     def state_dict(self):
         """Also the optimizer state (detectron2 v0.6 checkpoints omit it; upstream main does

@@ -477,8 +477,23 @@ def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
     proxy = proxy_config(cfg, "global:catt|scale_r2|norm_N|l1|w=5", str(tmp_path))
     assert (proxy.SOLVER.MAX_ITER, proxy.SOLVER.WARMUP_ITERS, proxy.SOLVER.IMS_PER_BATCH) == (30, 10, 4)
     assert proxy.DISTILL.DETKDS.GENOME == "global:catt|scale_r2|norm_N|l1|w=5"
-    assert len(DatasetCatalog.get(proxy.DATASETS.TRAIN[0])) == 12
-    assert len(DatasetCatalog.get(proxy.DATASETS.TEST[0])) == 5
+    train, val = DatasetCatalog.get(proxy.DATASETS.TRAIN[0]), DatasetCatalog.get(proxy.DATASETS.TEST[0])
+    assert len(train) == 12 and len(val) == 5
+    # the default validation images: held out of the training split, never the reported split
+    everything = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train")}
+    train_files, val_files = {d["file_name"] for d in train}, {d["file_name"] for d in val}
+    assert val_files <= everything and train_files <= everything
+    assert not val_files & train_files
+    assert not val_files & {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_val")}
+    assert proxy_config(cfg, None, str(tmp_path)).DATASETS.TEST == proxy.DATASETS.TEST  # fixed
+    search.VAL_SOURCE = "test"  # as searches did before: a subset of the reported split
+    old = proxy_config(cfg, None, str(tmp_path))
+    assert {d["file_name"] for d in DatasetCatalog.get(old.DATASETS.TEST[0])} <= {
+        d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_val")}
+    search.VAL_SOURCE, search.VAL_IMAGES = "train_holdout", 24
+    with pytest.raises(ValueError, match="VAL_IMAGES=24 leaves no training image"):
+        DatasetCatalog.get(proxy_config(cfg, None, str(tmp_path)).DATASETS.TRAIN[0])
+    search.VAL_IMAGES = 5
     assert proxy.MODEL.WEIGHTS == cfg.MODEL.WEIGHTS
     search.PROXY_IMS_PER_BATCH, search.PROXY_WEIGHTS = 0, "student/model_0000199.pth"
     baseline = proxy_config(cfg, None, str(tmp_path))

@@ -27,10 +27,16 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     # student already detects something.
     cfg.DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS = ""
     # Fixed, seeded subsets: training images, validation images (<= 0: the whole dataset),
-    # drawn with SUBSET_SEED from DATASETS.TRAIN[0] / DATASETS.TEST[0].
+    # drawn with SUBSET_SEED.
     cfg.DISTILL.DETKDS.SEARCH.TRAIN_IMAGES = 400
     cfg.DISTILL.DETKDS.SEARCH.VAL_IMAGES = 100
     cfg.DISTILL.DETKDS.SEARCH.SUBSET_SEED = 0
+    # Where the proxy's validation images come from: "train_holdout" (default) — VAL_IMAGES
+    # images of DATASETS.TRAIN[0] that the proxy never trains on (its TRAIN_IMAGES are drawn
+    # from the rest), so no image of DATASETS.TEST, the split every reported AP uses, takes
+    # part in the search; or "test" — VAL_IMAGES images of DATASETS.TEST[0], as searches did
+    # before (their selection saw the reported split).
+    cfg.DISTILL.DETKDS.SEARCH.VAL_SOURCE = "train_holdout"
     # Reject a candidate (fitness -inf) when its summed KD loss is non-finite, or exceeds this
     # after PROXY_WARMUP_ITERS.
     cfg.DISTILL.DETKDS.SEARCH.REJECT_THRESHOLD = 100.0

@@ -2,8 +2,11 @@
 
 A trial trains with :class:`ProxyTrainer` (the same :class:`DistillTrainer` as normal
 training, without checkpoints) for ``DISTILL.DETKDS.SEARCH.PROXY_ITERS`` iterations on a fixed,
-seeded subset of ``DATASETS.TRAIN[0]`` and is evaluated with ``COCOEvaluator`` on a fixed subset
-of ``DATASETS.TEST[0]`` (registered as ``<name>_proxy_subset_<n>_<seed>``).
+seeded subset of ``DATASETS.TRAIN[0]`` and is evaluated with ``COCOEvaluator`` on a fixed set of validation
+images: by default (``VAL_SOURCE: train_holdout``) training images held out of the proxy's
+training subset, so that the split every reported AP uses (``DATASETS.TEST``) takes no part
+in the search; with ``VAL_SOURCE: test`` a subset of ``DATASETS.TEST[0]`` (see
+:func:`register_proxy_datasets`).
 
 Every trial runs in its own process, forked from a per-worker fork server that has torch and
 detectron2 already imported (a start costs well under a second instead of ~5 s of imports), so
@@ -29,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, hooks
@@ -75,31 +78,69 @@ class TrialOutcome:
 
 
 # ---- datasets ----------------------------------------------------------------------------
-def register_subset(source: str, size: int, seed: int) -> str:
-    """Register ``<source>_proxy_subset_<size>_<seed>``: ``size`` images of ``source`` drawn
-    with ``seed`` (kept in dataset order). ``size <= 0`` returns ``source`` itself.
-
-    The subset has no ``json_file`` metadata, so ``COCOEvaluator`` builds its ground truth
-    from the subset alone (the full file would count the left-out images as misses).
-    """
-    if size <= 0:
-        return source
-    name = f"{source}_proxy_subset_{size}_{seed}"
+def _register_selection(name: str, source: str, select: Callable[[int], List[int]]) -> str:
+    """Register ``name``: the images ``select(len(source))`` (indices) of ``source``, in
+    dataset order. It has no ``json_file`` metadata, so ``COCOEvaluator`` builds its ground
+    truth from these images alone (the full file would count the left-out ones as misses)."""
     if name in DatasetCatalog.list():
         return name
 
     def load() -> List[Dict]:
         dicts = DatasetCatalog.get(source)
-        if size >= len(dicts):
-            return dicts
-        keep = sorted(random.Random(seed).sample(range(len(dicts)), size))
-        return [dicts[i] for i in keep]
+        return [dicts[i] for i in sorted(select(len(dicts)))]
 
     DatasetCatalog.register(name, load)
     metadata = {k: v for k, v in MetadataCatalog.get(source).as_dict().items()
                 if k not in ("name", "json_file")}
     MetadataCatalog.get(name).set(**metadata)
     return name
+
+
+def register_subset(source: str, size: int, seed: int) -> str:
+    """Register ``<source>_proxy_subset_<size>_<seed>``: ``size`` images of ``source`` drawn
+    with ``seed`` (kept in dataset order). ``size <= 0`` returns ``source`` itself."""
+    if size <= 0:
+        return source
+    return _register_selection(
+        f"{source}_proxy_subset_{size}_{seed}", source,
+        lambda n: range(n) if size >= n else random.Random(seed).sample(range(n), size))
+
+
+def register_holdout_split(source: str, train_size: int, val_size: int,
+                           seed: int) -> Tuple[str, str]:
+    """Register two disjoint selections of ``source`` from one permutation drawn with
+    ``seed``: ``<source>_proxy_holdout_<val_size>_<seed>`` (its first ``val_size`` images)
+    and ``<source>_proxy_train_<train_size>_<val_size>_<seed>`` (the next ``train_size``;
+    ``train_size <= 0``: all the others). Returns (train name, holdout name)."""
+    if val_size <= 0:
+        raise ValueError("DISTILL.DETKDS.SEARCH.VAL_SOURCE 'train_holdout' needs VAL_IMAGES > 0 "
+                         "(the held-out images the proxy is evaluated on).")
+
+    def order(n: int) -> List[int]:
+        if val_size >= n:
+            raise ValueError(f"DISTILL.DETKDS.SEARCH.VAL_IMAGES={val_size} leaves no training "
+                             f"image of {source} ({n} images) for the proxy.")
+        return random.Random(seed).sample(range(n), n)
+
+    holdout = _register_selection(f"{source}_proxy_holdout_{val_size}_{seed}", source,
+                                  lambda n: order(n)[:val_size])
+    train = _register_selection(
+        f"{source}_proxy_train_{train_size}_{val_size}_{seed}", source,
+        lambda n: order(n)[val_size:val_size + train_size if train_size > 0 else n])
+    return train, holdout
+
+
+def register_proxy_datasets(cfg) -> Tuple[str, str]:
+    """(training, validation) datasets of a proxy trial of ``cfg`` (see module docstring)."""
+    search = cfg.DISTILL.DETKDS.SEARCH
+    if search.VAL_SOURCE == "train_holdout":
+        return register_holdout_split(cfg.DATASETS.TRAIN[0], search.TRAIN_IMAGES,
+                                      search.VAL_IMAGES, search.SUBSET_SEED)
+    if search.VAL_SOURCE == "test":
+        return (register_subset(cfg.DATASETS.TRAIN[0], search.TRAIN_IMAGES, search.SUBSET_SEED),
+                register_subset(cfg.DATASETS.TEST[0], search.VAL_IMAGES, search.SUBSET_SEED))
+    raise ValueError(f"DISTILL.DETKDS.SEARCH.VAL_SOURCE={search.VAL_SOURCE!r} is not one of "
+                     "'train_holdout', 'test'.")
 
 
 def proxy_config(cfg, genome: Optional[str], output_dir: str):
@@ -124,10 +165,8 @@ def proxy_config(cfg, genome: Optional[str], output_dir: str):
         cfg.SOLVER.IMS_PER_BATCH = search.PROXY_IMS_PER_BATCH
     if search.PROXY_WEIGHTS:
         cfg.MODEL.WEIGHTS = search.PROXY_WEIGHTS
-    cfg.DATASETS.TRAIN = (register_subset(cfg.DATASETS.TRAIN[0], search.TRAIN_IMAGES,
-                                          search.SUBSET_SEED),)
-    cfg.DATASETS.TEST = (register_subset(cfg.DATASETS.TEST[0], search.VAL_IMAGES,
-                                         search.SUBSET_SEED),)
+    train, val = register_proxy_datasets(cfg)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (val,)
     cfg.TEST.EVAL_PERIOD = 0
     cfg.OUTPUT_DIR = output_dir
     return cfg

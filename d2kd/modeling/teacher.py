@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import CfgNode, instantiate
+from detectron2.config import CfgNode, configurable, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -78,15 +78,7 @@ def build_teacher(cfg: CfgNode, index: int,
     """The :class:`FrozenTeacher` of entry ``index`` of ``DISTILL.TEACHER.CONFIGS`` (a yacs
     or LazyConfig file, or a model-zoo name; see d2kd/config/teachers.py), its levels matched
     to ``student_shapes`` (the student backbone's output shapes) by stride."""
-    cascade_stage = cfg.DISTILL.TEACHER.CASCADE_STAGE
-    if cascade_stage not in CASCADE_STAGES:
-        raise ValueError(f"DISTILL.TEACHER.CASCADE_STAGE={cascade_stage!r} is not one of "
-                         f"{', '.join(map(repr, CASCADE_STAGES))}.")
-    spec = teacher_specs(cfg)[index]
-    model, input_format, weights = build_teacher_model(spec, cfg)
-    load_teacher_weights(model, weights, spec.reference)
-    return FrozenTeacher(model, input_format, weights, spec.reference, student_shapes,
-                         cascade_stage)
+    return FrozenTeacher(cfg, index, student_shapes)
 
 
 def load_teacher(config: str, weights: str, *, opts: Sequence[str] = (),
@@ -136,6 +128,7 @@ class FrozenTeacher:
             "mean" of the stages' class probabilities, or the "last" stage's.
     """
 
+    @configurable
     def __init__(self, model: nn.Module, input_format: str, weights: str, name: str = "",
                  student_shapes: Optional[Dict[str, ShapeSpec]] = None,
                  cascade_stage: str = "mean"):
@@ -148,6 +141,21 @@ class FrozenTeacher:
         _lock_eval(self.model)
         logger.info("Teacher %s (%s) loaded from %s", name, type(model).__name__, weights)
         self.match_student(student_shapes)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, index: int = 0,
+                    student_shapes: Optional[Dict[str, ShapeSpec]] = None):
+        """Teacher ``index`` of ``DISTILL.TEACHER``: built, its weights loaded strictly."""
+        cascade_stage = cfg.DISTILL.TEACHER.CASCADE_STAGE
+        if cascade_stage not in CASCADE_STAGES:
+            raise ValueError(f"DISTILL.TEACHER.CASCADE_STAGE={cascade_stage!r} is not one of "
+                             f"{', '.join(map(repr, CASCADE_STAGES))}.")
+        spec = teacher_specs(cfg)[index]
+        model, input_format, weights = build_teacher_model(spec, cfg)
+        load_teacher_weights(model, weights, spec.reference)
+        return {"model": model, "input_format": input_format, "weights": weights,
+                "name": spec.reference, "student_shapes": student_shapes,
+                "cascade_stage": cascade_stage}
 
     def match_student(self, student_shapes: Optional[Dict[str, ShapeSpec]]) -> "FrozenTeacher":
         """Present the teacher's levels under the names of the student levels they match by

@@ -185,3 +185,43 @@ def test_registered_split_is_generated_on_first_use_by_one_process(tmp_path):
     dicts = DatasetCatalog.get("digitsdet_lazy_val")
     assert len(dicts) == 4 and all(d["annotations"] for d in dicts)
     assert MetadataCatalog.get("digitsdet_lazy_val").thing_classes == THING_CLASSES
+
+
+def test_hard_variant_has_more_clutter_and_more_smaller_digits(tiny_root, tmp_path):
+    """digitsdet_hard's spec against the default on the same number of images: more
+    instances per image, a larger share of small ones (COCO's area ranges), and it is
+    registered under its own root from its own spec."""
+    from dataclasses import replace
+
+    from detectron2.data import MetadataCatalog
+
+    from d2kd.data import HARD_SPEC
+
+    assert HARD_SPEC.seed != DigitsDetSpec().seed
+    assert HARD_SPEC.min_clutter > DigitsDetSpec().max_clutter // 2
+    hard_root = str(tmp_path / "hard")
+    generate_digitsdet(hard_root, replace(HARD_SPEC, num_train=40, num_val=20),
+                       show_progress=False)
+
+    def stats(root):
+        data = _load(root, "train")
+        areas = [a["area"] for a in data["annotations"]]
+        return (len(data["annotations"]) / len(data["images"]),
+                sum(a < AREA_SMALL_MAX for a in areas) / len(areas))
+
+    (default_per_image, default_small), (hard_per_image, hard_small) = (stats(tiny_root),
+                                                                        stats(hard_root))
+    assert hard_per_image > 1.3 * default_per_image
+    assert hard_small > default_small + 0.2
+    metadata = MetadataCatalog.get("digitsdet_hard_train")
+    assert metadata.image_root.endswith("digitsdet_hard")
+    assert metadata.digitsdet_spec["seed"] == HARD_SPEC.seed
+
+
+def test_a_copy_from_another_spec_is_an_error_naming_the_difference(tiny_root):
+    from d2kd.data import ensure_digitsdet
+
+    ensure_digitsdet(tiny_root, TINY)  # its own spec: nothing to do
+    ensure_digitsdet(tiny_root)  # no spec given: any copy is accepted
+    with pytest.raises(ValueError, match=r"generated from another DigitsDet spec .*seed: 3 != 4"):
+        ensure_digitsdet(tiny_root, DigitsDetSpec(seed=4, num_train=40, num_val=20))

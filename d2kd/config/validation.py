@@ -11,6 +11,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..model_zoo import PRETRAINED_PREFIX
 from ..data import ensure_digitsdet
+from ..data.digitsdet import DigitsDetSpec
 from .loading import ConfigError
 from .schedule import TeacherSchedule
 from .teachers import YACS, load_teacher_config, teacher_specs, teacher_weights
@@ -34,7 +35,9 @@ def check_datasets(names: Iterable[str]) -> None:
             )
         metadata = MetadataCatalog.get(name)
         if getattr(metadata, "digitsdet", False):
-            ensure_digitsdet(metadata.image_root)  # generates a missing copy
+            # generates a missing copy
+            spec = getattr(metadata, "digitsdet_spec", None)
+            ensure_digitsdet(metadata.image_root, DigitsDetSpec(**spec) if spec else None)
         json_file = getattr(metadata, "json_file", None)
         if json_file:
             check_annotation_file(json_file, name)

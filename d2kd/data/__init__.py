@@ -1,6 +1,9 @@
-"""d2kd datasets. Importing this package registers ``digitsdet_train`` and ``digitsdet_val``."""
-from .builtin import digitsdet_root, ensure_digitsdet, register_digitsdet
+"""d2kd datasets. Importing this package registers ``digitsdet_{train,val}`` and the harder
+variant ``digitsdet_hard_{train,val}`` (d2kd/data/builtin.py)."""
+from .builtin import (HARD_SPEC, digitsdet_root, ensure_digitsdet, register_builtin_datasets,
+                      register_digitsdet)
 
-register_digitsdet()
+register_builtin_datasets()
 
-__all__ = ["digitsdet_root", "ensure_digitsdet", "register_digitsdet"]
+__all__ = ["HARD_SPEC", "digitsdet_root", "ensure_digitsdet", "register_builtin_datasets",
+           "register_digitsdet"]

@@ -5,13 +5,17 @@ relative to the working directory, exactly like detectron2's builtin datasets) a
 generated with the default :class:`DigitsDetSpec` the first time a split is used. Concurrent
 processes (``launch()`` workers, test runners) serialise on a lock file, so exactly one of
 them generates and the others wait.
+
+A second variant, ``digitsdet_hard_{train,val}`` in ``$DETECTRON2_DATASETS/digitsdet_hard``,
+is generated from :data:`HARD_SPEC`: another seed, more clutter, more and smaller digits (the
+robustness check of the DigitsDet comparisons).
 """
 import fcntl
 import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -22,16 +26,27 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 
+#: The harder DigitsDet variant: another seed; 4-10 distractor shapes (default 0-4); 3-8
+#: digits per image (2-6); close-ups with one large digit in 40 % of the images (80 %); and
+#: 80 % of the other digits small (50 %).
+HARD_SPEC = DigitsDetSpec(seed=1, min_digits=3, max_digits=8, large_image_prob=0.4,
+                          small_prob=0.8, min_clutter=4, max_clutter=10)
+
 
 def digitsdet_root() -> str:
     """Directory of the registered DigitsDet copy (``$DETECTRON2_DATASETS/digitsdet``)."""
     return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "digitsdet")
 
 
-def ensure_digitsdet(root: str, spec: DigitsDetSpec = DigitsDetSpec()) -> None:
-    """Generate DigitsDet at ``root`` (default spec) unless it is already there."""
+def ensure_digitsdet(root: str, spec: Optional[DigitsDetSpec] = None) -> None:
+    """Generate DigitsDet at ``root`` from ``spec`` (None: the default spec) unless it is
+    already there; given a ``spec``, a copy made from another one is an error (its
+    ``spec.json`` says which)."""
     if os.path.isfile(os.path.join(root, "val.json")):
+        if spec is not None:
+            _check_spec(root, spec)
         return
+    spec = spec or DigitsDetSpec()
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     with open(os.path.abspath(root) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -46,8 +61,24 @@ def ensure_digitsdet(root: str, spec: DigitsDetSpec = DigitsDetSpec()) -> None:
             generate_digitsdet(root, spec)
 
 
-def _load_split(root: str, split: str, dataset_name: str) -> List[Dict]:
-    ensure_digitsdet(root)
+def _check_spec(root: str, spec: DigitsDetSpec) -> None:
+    path = os.path.join(root, "spec.json")
+    if not os.path.isfile(path):
+        return  # a copy made by hand (python -m d2kd.data.digitsdet writes spec.json)
+    with open(path) as f:
+        found = json.load(f)
+    wanted = json.loads(json.dumps(asdict(spec)))  # tuples as JSON lists
+    differ = sorted(k for k in wanted if found.get(k) != wanted[k])
+    if differ:
+        raise ValueError(
+            f"{root} was generated from another DigitsDet spec than the one registered for it "
+            f"({', '.join(f'{k}: {found.get(k)} != {wanted[k]}' for k in differ)}). Remove it "
+            "(it is regenerated on first use) or point $DETECTRON2_DATASETS elsewhere.")
+
+
+def _load_split(root: str, split: str, dataset_name: str,
+                spec: Optional[DigitsDetSpec] = None) -> List[Dict]:
+    ensure_digitsdet(root, spec)
     json_file = os.path.join(root, f"{split}.json")
     fix = f"Remove {root}; it will be regenerated on first use."
     if not os.path.isfile(json_file):
@@ -60,8 +91,10 @@ def _load_split(root: str, split: str, dataset_name: str) -> List[Dict]:
         ) from None
 
 
-def register_digitsdet(root: str = "", name_prefix: str = "digitsdet") -> None:
-    """Register ``<name_prefix>_train`` / ``<name_prefix>_val`` (generated on first use).
+def register_digitsdet(root: str = "", name_prefix: str = "digitsdet",
+                       spec: Optional[DigitsDetSpec] = None) -> None:
+    """Register ``<name_prefix>_train`` / ``<name_prefix>_val`` (generated on first use from
+    ``spec``, None: the default spec; a given spec is also checked against an existing copy).
 
     ``root`` defaults to :func:`digitsdet_root`. Re-registering a name replaces it.
     """
@@ -72,7 +105,7 @@ def register_digitsdet(root: str = "", name_prefix: str = "digitsdet") -> None:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         DatasetCatalog.register(
-            name, lambda root=root, split=split, name=name: _load_split(root, split, name)
+            name, lambda root=root, split=split, name=name: _load_split(root, split, name, spec)
         )
         MetadataCatalog.get(name).set(
             thing_classes=list(THING_CLASSES),
@@ -80,4 +113,13 @@ def register_digitsdet(root: str = "", name_prefix: str = "digitsdet") -> None:
             image_root=root,
             evaluator_type="coco",
             digitsdet=True,  # generated on first use; see ensure_digitsdet
+            digitsdet_spec=asdict(spec) if spec is not None else None,
         )
+
+
+def register_builtin_datasets() -> None:
+    """``digitsdet_{train,val}`` and ``digitsdet_hard_{train,val}`` under
+    ``$DETECTRON2_DATASETS`` (as it is now)."""
+    register_digitsdet()
+    register_digitsdet(os.path.join(os.path.dirname(digitsdet_root()), "digitsdet_hard"),
+                       "digitsdet_hard", HARD_SPEC)

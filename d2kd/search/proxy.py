@@ -40,7 +40,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
-from ..data import register_digitsdet
+from ..data import register_builtin_datasets
 from ..engine import DistillTrainer
 from ..engine.export import StudentExportHook
 from .space import BASELINE
@@ -280,7 +280,7 @@ def run_proxy_trial(request: ProxyRequest, conn, lifeline) -> None:
     os.environ.update(request.env)
     # The fork server imported d2kd (which registers DigitsDet under $DETECTRON2_DATASETS)
     # before this trial's environment applied: register it again where the worker has it.
-    register_digitsdet()
+    register_builtin_datasets()
     os.makedirs(request.output_dir, exist_ok=True)
     log = open(os.path.join(request.output_dir, "trial.log"), "a", buffering=1)
     os.dup2(log.fileno(), 1)

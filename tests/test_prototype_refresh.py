@@ -261,7 +261,7 @@ def test_prototype_weighting_fills_gt_cells_with_the_hand_computed_weight(tiny_d
                                                                          tmp_path):
     from detectron2.structures import Boxes, Instances
 
-    from d2kd.heads.registry import TeacherOutputs
+    from d2kd.structures import TeacherOutputs
     from d2kd.structures import StudentTaps
 
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")

@@ -4,7 +4,8 @@ from .dfd import DFDHead
 from .global_knowledge import GlobalKnowledgeHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
 from .response import LocKDHead, LogitKDHead
-from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs, build_distill_heads
+from ..structures import StudentTaps, TeacherOutputs
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead, build_distill_heads
 
 __all__ = [
     "DetKDSHead",
@@ -18,6 +19,7 @@ __all__ = [
     "LocKDHead",
     "LogitKDHead",
     "MGDHead",
+    "StudentTaps",
     "TeacherOutputs",
     "build_distill_heads",
 ]

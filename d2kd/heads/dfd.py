@@ -33,10 +33,10 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config.defaults import register_config_extension
-from ..structures import StudentTaps
+from ..structures import StudentTaps, TeacherOutputs
 from .feature_imitation import FeatureHead, generation_block
 from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
-from .registry import DISTILL_HEAD_REGISTRY, TeacherOutputs
+from .registry import DISTILL_HEAD_REGISTRY
 
 DISPARITIES = ("mse", "cos", "rel")
 LENIENT_TYPES = ("pseudo_huber", "pseudo_huber_unshifted", "downweight", "cosine", "generative")

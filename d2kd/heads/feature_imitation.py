@@ -8,11 +8,11 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
 from ..config.defaults import register_config_extension
-from ..structures import StudentKind, StudentTaps
+from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import FeatureAligner, check_levels
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
 from .prototype_weighting import PrototypeWeighting
-from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 
 
 def generation_block(channels: int) -> nn.Sequential:

@@ -32,11 +32,11 @@ from torch import nn
 
 from ..config.defaults import register_config_extension
 from ..prototypes import PrototypeBank, batched_box_pool
-from ..structures import StudentKind, StudentTaps
+from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import check_levels
 from .masks import box_weight_maps
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
-from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 from .response import dense_num_classes, flatten_dense
 
 

@@ -16,9 +16,8 @@ from torch import nn
 
 from ..config.defaults import register_config_extension
 from ..prototypes import PrototypeBank, batched_box_pool
-from ..structures import StudentKind, StudentTaps
+from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .masks import box_weight_maps, gt_boxes_and_images
-from .registry import TeacherOutputs
 
 
 class PrototypeWeighting(nn.Module):

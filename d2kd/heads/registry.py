@@ -8,7 +8,6 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..structures import StudentTaps, TeacherOutputs  # noqa: F401  (TeacherOutputs re-exported)
 from ..utils.step_scalars import put_tensor_scalar
 
 DISTILL_HEAD_REGISTRY = Registry("DISTILL_HEAD")

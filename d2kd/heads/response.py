@@ -12,8 +12,8 @@ from detectron2.config import CfgNode, configurable
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..config.defaults import register_config_extension
-from ..structures import StudentKind, StudentTaps
-from .registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from ..structures import StudentKind, StudentTaps, TeacherOutputs
+from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 
 def flatten_dense(per_level: List[torch.Tensor], dim: int) -> torch.Tensor:
     """Per-level (N, A*dim, H, W) -> (N, sum(H*W*A), dim), detectron2's anchor order."""

@@ -18,24 +18,21 @@ from the checkpoint's iteration with a fresh data order.
 """
 import logging
 import os
-import sys
 from typing import Optional, Sequence
 
-import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser,
-                               default_setup, default_writers, hooks)
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..compat.distributed import launch
+from ..compat.distributed import create_ddp_model
 from ..config import ConfigError
 from ..engine.checkpoint import AtomicCheckpointer
 from ..engine.export import StudentExportHook, save_student
 from ..model_zoo import PRETRAINED_PREFIX
 from ..utils.io import atomic_write_json
+from .entry import run_cli
 from .pretrain import ensure_pretrained_backbone
 
 logger = logging.getLogger("d2kd.launch.lazy_train_net")
@@ -123,14 +120,7 @@ def prepare_run(args) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-    args = default_argument_parser().parse_args(argv)
-    try:
-        prepare_run(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    launch(main, args.num_gpus, num_machines=args.num_machines,
-           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-
+    run_cli(main, prepare_run, argv)
 
 if __name__ == "__main__":
     cli()

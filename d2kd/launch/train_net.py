@@ -9,19 +9,17 @@ key, unregistered dataset, missing or mismatching weights, corrupt annotations, 
 options, an unreadable checkpoint on --resume, ...) is reported in one line
 (d2kd/engine/preflight.py).
 """
-import sys
 from typing import Optional, Sequence
 
-import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..compat.distributed import launch
 from ..config import ConfigError, load_config
 from ..engine import DistillTrainer
 from ..engine.preflight import check_run
+from .entry import run_cli
 from .pretrain import ensure_pretrained_backbones
 
 
@@ -60,20 +58,7 @@ def prepare_run(args) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-    args = default_argument_parser().parse_args(argv)
-    try:
-        prepare_run(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
+    run_cli(main, prepare_run, argv)
 
 if __name__ == "__main__":
     cli()

@@ -13,7 +13,7 @@ Knowledge inputs, per distilled level, summed over levels:
 - ``loc``: the regression maps (dense deltas or RPN deltas) at positions where the teacher's
   top score exceeds ``LOC_SCORE_THRESH`` (our definition: the authors left it out).
 """
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -21,10 +21,10 @@ from detectron2.layers import ShapeSpec
 from torchvision.ops import roi_align
 
 from ...config.defaults import register_config_extension
-from ...structures import StudentKind, StudentTaps
+from ...structures import StudentKind, StudentTaps, TeacherOutputs
 from ..alignment import FeatureAligner
 from ..masks import box_area_masks
-from ..registry import DISTILL_HEAD_REGISTRY, DistillHead, TeacherOutputs
+from ..registry import DISTILL_HEAD_REGISTRY, DistillHead
 from .genome import GenomeError, distance, dry_run, parse_genome, transform
 
 INSTANCE_SIZE = 14

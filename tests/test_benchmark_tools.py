@@ -140,3 +140,20 @@ def test_a_run_made_in_another_checkout_matches_its_config(tmp_path):
     (run / "config.yaml").write_text(other_checkout)
     assert config_mismatches(str(run), mgd, ["SEED", "1"]) == []
     assert config_mismatches(str(run), mgd, ["SEED", "2"]) == ["SEED: 1 -> 2"]
+
+
+def test_proxy_fidelity_is_kendalls_tau_of_the_finished_trials(tmp_path):
+    import math
+
+    from d2kd.benchmark.proxy_fidelity import fidelity, plot_fidelity
+
+    rows = [{"proxy_ap": p, "full_ap": f, "full_aps": [f - 0.1, f + 0.1]}
+            for p, f in [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (4.0, 40.0)]]
+    # by hand: pairs (1,2) (1,3) (1,4) (2,4) (3,4) concordant, (2,3) discordant: (5 - 1) / 6
+    assert fidelity(rows)["kendall_tau"] == pytest.approx(4 / 6, abs=1e-4)
+    assert fidelity(rows)["genomes"] == 4
+    rejected = rows + [{"proxy_ap": -math.inf, "full_ap": 0.0, "full_aps": [0.0]}]
+    assert fidelity(rejected) == fidelity(rows)  # a rejected candidate has no rank
+    assert fidelity(rows[:1])["kendall_tau"] is None
+    plot_fidelity(rejected, fidelity(rows), str(tmp_path / "fidelity.png"))
+    assert (tmp_path / "fidelity.png").stat().st_size > 0

@@ -33,6 +33,11 @@
     # random model-zoo-format teachers; fresh process each): step/refresh time, peak RSS
     python tools/benchmark.py coco-runs --json OUT --markdown OUT [--device cuda] [--configs ...]
 
+    # DetKDS proxy fidelity: one proxy trial and the full schedule over seeds per genome,
+    # Kendall's tau between the two APs (JSON + markdown + scatter PNG; resumable)
+    python tools/benchmark.py proxy-fidelity --search-config SEARCH.yaml --config-file CFG.yaml \
+        --genomes G1 G2 ... --seeds 0 1 --output DIR --json OUT --markdown OUT [--plot OUT.png]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -46,6 +51,7 @@ from d2kd.benchmark.coco_runs import run_coco_runs_benchmark
 from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
+from d2kd.benchmark.proxy_fidelity import run_proxy_fidelity_benchmark
 from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
 from d2kd.benchmark.resume_startup import run_resume_startup_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
@@ -125,6 +131,16 @@ def main(argv=None) -> None:
     coco.add_argument("--rerun", action="store_true", help="repeat configs already ok in --json")
     coco.add_argument("--keep-files", action="store_true", help="keep teachers and checkpoints")
     coco.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    fid = sub.add_parser("proxy-fidelity", help="DetKDS proxy AP vs full-schedule AP, Kendall tau")
+    fid.add_argument("--search-config", required=True, help="the search config (its proxy)")
+    fid.add_argument("--config-file", required=True, help="the full-schedule distillation config")
+    fid.add_argument("--genomes", nargs="+", required=True)
+    fid.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    fid.add_argument("--output", required=True, help="parent of the trials' and runs' folders")
+    fid.add_argument("--json", required=True)
+    fid.add_argument("--markdown", required=True)
+    fid.add_argument("--plot", default="", help="also a scatter plot (PNG)")
+    fid.add_argument("--threads", type=int, default=1, help="torch threads per trial / run")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -160,6 +176,11 @@ def main(argv=None) -> None:
                                 args.device, args.ims_per_batch, args.iters,
                                 args.max_images_per_class, args.threads, args.include_plain,
                                 args.rerun, args.timeout, args.keep_files, args.opts)
+    elif args.command == "proxy-fidelity":
+        result = run_proxy_fidelity_benchmark(args.search_config, args.config_file, args.genomes,
+                                              args.seeds, args.output, args.json, args.markdown,
+                                              args.plot, args.threads)
+        logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

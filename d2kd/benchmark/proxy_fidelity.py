@@ -1,0 +1,106 @@
+"""Proxy fidelity of the DetKDS search: does a proxy trial rank genomes the way their
+full-schedule trainings do?
+
+For every genome: one proxy trial exactly as the search runs it (:class:`ProxyEvaluator` on
+the search config: its proxy datasets, budget and starting weights), and the full schedule of
+the distillation config over seeds (``DISTILL.DETKDS.GENOME`` set, a run per seed through
+:func:`run_accuracy_benchmark`, tagged ``genome<i>``). Kendall's rank correlation (tau-b,
+``scipy.stats.kendalltau``) between the proxy AP and the mean full-schedule AP, in JSON,
+markdown and a scatter plot. Finished trials and runs are reused, so the benchmark resumes.
+"""
+import json
+import logging
+import math
+import os
+import statistics
+from typing import Dict, List, Sequence
+
+from matplotlib.figure import Figure
+from scipy.stats import kendalltau
+from tabulate import tabulate
+
+from ..search.proxy import ProxyEvaluator
+from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from .accuracy import run_accuracy_benchmark
+
+logger = logging.getLogger(__name__)
+
+
+def proxy_ap(search_config: str, genome: str, output_dir: str, opts: Sequence[str] = (),
+             threads: int = 1) -> float:
+    """Box AP of one proxy trial of ``genome`` (reused from ``output_dir/outcome.json``)."""
+    record = os.path.join(output_dir, "outcome.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            return json.load(f)["ap"]
+    outcome = ProxyEvaluator(search_config, list(opts), threads)(
+        genome, output_dir, lambda iteration, ap: False)  # report: never prune
+    atomic_write_json(record, {"genome": genome, "status": outcome.status, "ap": outcome.ap,
+                               "seconds": outcome.seconds, "reason": outcome.reason})
+    return outcome.ap
+
+
+def fidelity(rows: List[Dict]) -> Dict:
+    """Kendall's tau-b (and its two-sided p-value) between ``proxy_ap`` and ``full_ap`` of
+    the rows whose proxy trial finished (a rejected candidate has AP -inf)."""
+    usable = [r for r in rows if math.isfinite(r["proxy_ap"])]
+    if len(usable) < 2:
+        return {"kendall_tau": None, "p_value": None, "genomes": len(usable)}
+    tau, p_value = kendalltau([r["proxy_ap"] for r in usable], [r["full_ap"] for r in usable])
+    return {"kendall_tau": round(float(tau), 4), "p_value": round(float(p_value), 4),
+            "genomes": len(usable)}
+
+
+def plot_fidelity(rows: List[Dict], summary: Dict, path: str) -> None:
+    """Full-schedule AP (mean, with the seeds' range) against proxy AP, one point per genome."""
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
+    for i, r in enumerate(rows):
+        if not math.isfinite(r["proxy_ap"]):
+            continue
+        low, high = min(r["full_aps"]), max(r["full_aps"])
+        ax.errorbar(r["proxy_ap"], r["full_ap"], yerr=[[r["full_ap"] - low], [high - r["full_ap"]]],
+                    fmt="o", capsize=3)
+        ax.annotate(f"g{i}", (r["proxy_ap"], r["full_ap"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("proxy box AP (held-out proxy validation images)")
+    ax.set_ylabel("full-schedule box AP (mean over seeds)")
+    ax.set_title(f"Proxy fidelity: Kendall tau = {summary['kendall_tau']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
+def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: Sequence[str],
+                                 seeds: Sequence[int], output: str, json_path: str,
+                                 markdown_path: str, plot_path: str = "",
+                                 threads: int = 1) -> Dict:
+    """Proxy AP and full-schedule AP of every genome (see module docstring)."""
+    rows = []
+    for i, genome in enumerate(genomes):
+        ap = proxy_ap(search_config, genome, os.path.join(output, "proxy", f"genome{i}"),
+                      threads=threads)
+        tag = f"genome{i}"
+        runs_dir = os.path.join(output, "full")
+        summary = run_accuracy_benchmark(
+            [config_file], seeds, runs_dir, os.path.join(runs_dir, f"{tag}.json"),
+            os.path.join(runs_dir, f"{tag}.md"), opts=["DISTILL.DETKDS.GENOME", genome],
+            threads=threads, tag=tag)[0]
+        with open(os.path.join(runs_dir, f"{tag}.json")) as f:
+            full_aps = [r["results"]["bbox"]["AP"] for r in json.load(f)["runs"]]
+        rows.append({"genome": genome, "proxy_ap": ap, "full_ap": statistics.mean(full_aps),
+                     "full_aps": full_aps, "seeds": list(summary["seeds"])})
+        logger.info("genome%d: proxy %.2f, full %.2f (%s)", i, ap, rows[-1]["full_ap"], genome)
+    summary = fidelity(rows)
+    atomic_write_json(json_path, {"search_config": search_config, "config": config_file,
+                                  "rows": rows, **summary})
+    table = tabulate([[f"g{i}", r["genome"], round(r["proxy_ap"], 2), round(r["full_ap"], 2),
+                       round(max(r["full_aps"]) - min(r["full_aps"]), 2), len(r["full_aps"])]
+                      for i, r in enumerate(rows)],
+                     headers=["", "genome", "proxy AP", "full AP (mean)", "spread", "seeds"],
+                     tablefmt="github")
+    atomic_write_text(markdown_path, f"{table}\n\nKendall tau-b {summary['kendall_tau']} "
+                                     f"(p = {summary['p_value']}, {summary['genomes']} genomes)\n")
+    if plot_path:
+        plot_fidelity(rows, summary, plot_path)
+    return summary

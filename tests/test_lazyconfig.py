@@ -146,3 +146,26 @@ def test_recipe_trains_with_the_lazy_train_script(tiny_digitsdet, teacher_weight
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert checkpoint["iteration"] == 2
     assert not any(k.startswith("teacher") for k in checkpoint["model"])
+
+
+@pytest.mark.slow
+def test_recipe_trains_in_two_processes(teacher_weights, tmp_path):
+    """``--num-gpus 2`` on CPU (gloo, d2kd's DDP wrapper with the recipe's train.ddp
+    options), through the command line a user types."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "-m", "d2kd.launch.lazy_train_net", "--num-gpus", "2",
+         "--config-file", RECIPE, "train.max_iter=2", "train.init_checkpoint=",
+         f"train.output_dir={out}", f"model.teacher.weights={teacher_weights}",
+         "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0",
+         "dataloader.test.num_workers=0"],
+        check=True, cwd=tmp_path, capture_output=True, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1",
+                 DETECTRON2_DATASETS=os.path.join(REPO, "datasets")))
+    assert (out / "model_final_student.pth").is_file()
+    assert (out / "inference" / "results.json").is_file()

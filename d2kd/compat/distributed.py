@@ -74,10 +74,18 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
 
 
-def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    """Wrap ``model`` in DDP when there are several processes (``device_ids`` only on CUDA)."""
+def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False,
+                     **kwargs) -> torch.nn.Module:
+    """Wrap ``model`` in DDP when there are several processes (``device_ids`` only on CUDA);
+    ``fp16_compression`` as detectron2's ``create_ddp_model`` (LazyConfig ``train.ddp``):
+    gradients are all-reduced in fp16."""
     if comm.get_world_size() == 1:
         return model
     if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
         kwargs["device_ids"] = [comm.get_local_rank()]
-    return DistributedDataParallel(model, **kwargs)
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp

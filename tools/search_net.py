@@ -26,7 +26,7 @@ import d2kd  # noqa: F401  (registrations)
 from d2kd.config import ConfigError, load_config
 from d2kd.config.validation import check_weights
 from d2kd.engine.preflight import check_run
-from d2kd.launch.pretrain import ensure_pretrained_backbones
+from d2kd.launch.pretrain import ensure_pretrained_weights
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import finalize
 from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
@@ -72,10 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_search_config(args):
     """The config, checked before any worker starts (bad input: ConfigError / ValueError)."""
     cfg = load_config(args.config_file, args.opts)
-    try:  # a DigitsDet backbone the student starts from is pre-trained once, here
-        ensure_pretrained_backbones(cfg)
-    except FileNotFoundError as e:
-        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: {e}") from None
+    ensure_pretrained_weights(cfg.MODEL.WEIGHTS)  # a DigitsDet backbone, once, here
     check_run(cfg)
     check_weights(cfg.DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS, "DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS")
     proxy_config(cfg, BASELINE, args.output)  # the proxy's own requirements

@@ -15,7 +15,7 @@ from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
 from ..config import load_config
-from ..launch.pretrain import ensure_pretrained_backbones
+from ..launch.pretrain import ensure_pretrained_weights
 from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
 
@@ -23,7 +23,7 @@ from .batches import seeded_training_batches
 @torch.no_grad()
 def probe_losses(config_file: str, batch: List[Dict], seed: int = 0) -> Dict[str, float]:
     cfg = load_config(config_file)
-    ensure_pretrained_backbones(cfg)  # a DigitsDet backbone it starts from, once
+    ensure_pretrained_weights(cfg.MODEL.WEIGHTS)  # a DigitsDet backbone it starts from, once
     torch.manual_seed(seed)
     model = build_model(cfg)
     if hasattr(model, "initialize"):  # a DistillationDetector: student weights (+ teacher's)

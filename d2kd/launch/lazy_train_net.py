@@ -30,10 +30,9 @@ from ..compat.distributed import create_ddp_model
 from ..config import ConfigError
 from ..engine.checkpoint import AtomicCheckpointer
 from ..engine.export import StudentExportHook, save_student
-from ..model_zoo import PRETRAINED_PREFIX
 from ..utils.io import atomic_write_json
 from .entry import run_cli
-from .pretrain import ensure_pretrained_backbone
+from .pretrain import ensure_pretrained_weights
 
 logger = logging.getLogger("d2kd.launch.lazy_train_net")
 
@@ -114,9 +113,7 @@ def prepare_run(args) -> None:
     if not cfg.train.get("output_dir"):
         raise ConfigError(f"{args.config_file}: train.output_dir is empty; set it in the "
                           "recipe or as train.output_dir=... on the command line.")
-    init = cfg.train.get("init_checkpoint", "")
-    if init.startswith(PRETRAINED_PREFIX):
-        ensure_pretrained_backbone(init[len(PRETRAINED_PREFIX):])
+    ensure_pretrained_weights(cfg.train.get("init_checkpoint", ""), "train.init_checkpoint")
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

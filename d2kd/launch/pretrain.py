@@ -7,17 +7,17 @@ A missing backbone is produced once by training ``configs/DigitsDet/pretrain/NAM
 processes wait on a lock, and a killed pre-training resumes from its last checkpoint. The
 cached file holds only ``backbone.*`` tensors, so every detector with the same backbone config
 loads it; the detector's heads keep their own initialisation. ``tools/train_net.py`` calls
-:func:`ensure_pretrained_backbones` before a run starts.
+:func:`ensure_pretrained_weights` before a run starts.
 """
 import argparse
 import fcntl
 import logging
 import os
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
-from detectron2.config import CfgNode
 
+from ..config import ConfigError
 from ..data import digitsdet_root, ensure_digitsdet
 from ..model_zoo import PRETRAINED_PREFIX, pretrain_config, pretrained_backbone_path
 from ..utils.io import atomic_save
@@ -55,17 +55,16 @@ def ensure_pretrained_backbone(name: str, root: str = "", opts: Sequence[str] = 
     return weights
 
 
-def pretrained_backbones(cfg: CfgNode) -> List[str]:
-    """The ``digitsdet-pretrained://`` backbones ``cfg`` loads (its ``MODEL.WEIGHTS``)."""
-    weights = cfg.MODEL.WEIGHTS
-    return [weights[len(PRETRAINED_PREFIX):]] if weights.startswith(PRETRAINED_PREFIX) else []
-
-
-def ensure_pretrained_backbones(cfg: CfgNode) -> None:
-    """Pre-train, once, every DigitsDet backbone ``cfg`` names that is not cached yet (a
-    :class:`FileNotFoundError` names an unknown one)."""
-    for name in pretrained_backbones(cfg):
-        ensure_pretrained_backbone(name)
+def ensure_pretrained_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
+    """Pre-train, once, the DigitsDet backbone ``weights`` names (``digitsdet-pretrained://NAME``)
+    if it is not cached yet; other weights pass. An unknown name is a :class:`ConfigError`
+    naming ``key``."""
+    if not weights.startswith(PRETRAINED_PREFIX):
+        return
+    try:
+        ensure_pretrained_backbone(weights[len(PRETRAINED_PREFIX):])
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}={weights}: {e}") from None
 
 
 def main(argv: Sequence[str] = None) -> None:

@@ -16,11 +16,11 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..engine import DistillTrainer
 from ..engine.preflight import check_run
 from .entry import run_cli
-from .pretrain import ensure_pretrained_backbones
+from .pretrain import ensure_pretrained_weights
 
 
 def setup(args):
@@ -50,10 +50,7 @@ def prepare_run(args) -> None:
     """In the launching process: pre-train the DigitsDet backbones the config names, then
     check the config, the files it names and the model (:class:`ConfigError` on bad input)."""
     cfg = load_config(args.config_file, args.opts)
-    try:
-        ensure_pretrained_backbones(cfg)
-    except FileNotFoundError as e:
-        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: {e}") from None
+    ensure_pretrained_weights(cfg.MODEL.WEIGHTS)
     check_run(cfg, resume=args.resume)
 
 

@@ -157,3 +157,14 @@ def test_proxy_fidelity_is_kendalls_tau_of_the_finished_trials(tmp_path):
     assert fidelity(rows[:1])["kendall_tau"] is None
     plot_fidelity(rejected, fidelity(rows), str(tmp_path / "fidelity.png"))
     assert (tmp_path / "fidelity.png").stat().st_size > 0
+
+
+def test_proxy_fidelity_names_runs_by_genome_not_position():
+    from d2kd.benchmark.proxy_fidelity import genome_tag
+
+    assert genome_tag("global:natt|local_s2|softmax_HW|cos|w=1") == \
+        "global-natt-local_s2-softmax_HW-cos-w1"
+    assert genome_tag("global:natt|local_s2|softmax_HW|cos|w=0.5") == \
+        "global-natt-local_s2-softmax_HW-cos-w0.5"
+    assert genome_tag("global:no|scale_r4|l1|w=1;fgbg:mask|no|norm_C|l2|w=2") == \
+        "global-no-scale_r4-l1-w1-fgbg-mask-no-norm_C-l2-w2"

@@ -4,7 +4,9 @@ full-schedule trainings do?
 For every genome: one proxy trial exactly as the search runs it (:class:`ProxyEvaluator` on
 the search config: its proxy datasets, budget and starting weights), and the full schedule of
 the distillation config over seeds (``DISTILL.DETKDS.GENOME`` set, a run per seed through
-:func:`run_accuracy_benchmark`, tagged ``genome<i>``). Kendall's rank correlation (tau-b,
+:func:`run_accuracy_benchmark`, tagged with :func:`genome_tag`, so that a genome's runs are
+found again whatever list it comes in: benchmarks over parts of a list run side by side and
+a last one over the whole list collects them). Kendall's rank correlation (tau-b,
 ``scipy.stats.kendalltau``) between the proxy AP and the mean full-schedule AP, in JSON,
 markdown and a scatter plot. Finished trials and runs are reused, so the benchmark resumes.
 """
@@ -12,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 from typing import Dict, List, Sequence
 
@@ -38,6 +41,11 @@ def proxy_ap(search_config: str, genome: str, output_dir: str, opts: Sequence[st
     atomic_write_json(record, {"genome": genome, "status": outcome.status, "ap": outcome.ap,
                                "seconds": outcome.seconds, "reason": outcome.reason})
     return outcome.ap
+
+
+def genome_tag(genome: str) -> str:
+    """A directory-safe name of ``genome``, e.g. ``global-natt-local_s2-softmax_HW-cos-w1``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", genome.replace("=", "")).strip("-")
 
 
 def fidelity(rows: List[Dict]) -> Dict:
@@ -78,9 +86,8 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     """Proxy AP and full-schedule AP of every genome (see module docstring)."""
     rows = []
     for i, genome in enumerate(genomes):
-        ap = proxy_ap(search_config, genome, os.path.join(output, "proxy", f"genome{i}"),
-                      threads=threads)
-        tag = f"genome{i}"
+        tag = genome_tag(genome)
+        ap = proxy_ap(search_config, genome, os.path.join(output, "proxy", tag), threads=threads)
         runs_dir = os.path.join(output, "full")
         summary = run_accuracy_benchmark(
             [config_file], seeds, runs_dir, os.path.join(runs_dir, f"{tag}.json"),

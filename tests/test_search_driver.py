@@ -22,7 +22,7 @@ from d2kd.search import dry_run, parse_genome
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import idle_at_end_seconds, trial_rows
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
-from d2kd.search.report import best_so_far, compare
+from d2kd.search.report import best_so_far, breeding, compare
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
                                   uniform_crossover)
 from d2kd.search.space import FormulaSpace, WeightSpace
@@ -398,6 +398,29 @@ def test_a_second_machine_on_the_same_sql_storage_joins_and_trains_nothing_twice
     assert len(joined.trials("stage1-logit")) == 3
 
 
+def test_breeding_counts_bred_genomes_among_the_best():
+    def row(genome, status, ap, generation):
+        return {"study": "stage1-global", "genome": genome, "status": status, "ap": ap,
+                "generation": generation}
+
+    rows = [{"study": "baseline", "genome": "none", "status": "ok", "ap": "9.0", "generation": ""},
+            row("A", "ok", "5.0", ""),  # an enqueued seed genome: generation 0
+            row("B", "ok", "3.0", "0"), row("C", "ok", "6.0", "1"), row("D", "ok", "4.0", "1"),
+            row("E", "pruned", "9.0", "2"), row("G", "rejected", "", "2"),
+            row("C", "ok", "5.5", "2"), row("F", "ok", "2.0", "2")]
+    # by hand: finished trials A5 B3 C6 D4 C5.5 F2; best distinct genomes C, A, D -> 2 of 3 bred
+    result = breeding(rows, top=3)
+    assert result["winner_generation"] == 1
+    assert result["bred_share_top"] == pytest.approx(2 / 3)
+    assert result["generations"] == {
+        0: {"trials": 2, "mean_ap": 4.0, "best_ap": 5.0},
+        1: {"trials": 2, "mean_ap": 5.0, "best_ap": 6.0},
+        2: {"trials": 2, "mean_ap": 3.75, "best_ap": 5.5}}
+    random_arm = [dict(r, generation="") for r in rows]
+    assert breeding(random_arm) == {"winner_generation": None, "bred_share_top": None,
+                                    "generations": {}}
+
+
 @pytest.mark.slow
 def test_best_so_far_and_compare(tmp_path):
     rows = [{"study": "baseline", "status": "ok", "ap": "9.0", "completed": "1"},
@@ -423,8 +446,8 @@ def test_best_so_far_and_compare(tmp_path):
             "best_genome": "global:no|no|no|l1|w=1"}))
     dirs = [str(tmp_path / d) for d in ("ga0", "ga1", "random0")]
     table, results = compare(dirs, str(tmp_path / "c.png"))
-    assert ("| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 | 10.0% (6.7%) |"
-            in table)
+    assert ("| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 | 0 | 0% | "
+            "10.0% (6.7%) |" in table)
     assert results["samplers"]["ga"] == {"searches": 2, "best_ap": [4.0, 6.0], "best_ap_mean": 5.0}
     assert results["searches"][2]["sampler"] == "random"
     assert (tmp_path / "c.png").stat().st_size > 0

@@ -16,6 +16,8 @@ from ..utils.io import atomic_save_figure
 
 #: statuses of trials that count against the budget (a cached trial repeats an earlier AP)
 BUDGET_STATUSES = ("ok", "cached", "pruned", "rejected")
+#: how many of a search's best genomes :func:`breeding` looks at
+TOP_GENOMES = 5
 
 
 def markdown_cell(value) -> str:
@@ -43,6 +45,32 @@ def best_so_far(rows: Sequence[Dict]) -> List[float]:
             best = max(best, float(r["ap"]))
         curve.append(best)
     return curve
+
+
+def breeding(rows: Sequence[Dict], top: int = TOP_GENOMES) -> Dict:
+    """Did the GA's breeding find the good genomes? Over the candidate trials that finished
+    with their full proxy budget (``ok``): the generation of the best one, the share of the
+    ``top`` best distinct genomes that were bred (generation >= 1; generation 0 is the seed and
+    random genomes; an enqueued seed genome has no recorded generation, which is 0 as for the
+    sampler), and the trials, mean and best AP of each generation. A search without GA
+    generations (the random arm) gives ``None`` and an empty table."""
+    finished = [r for r in rows if r["study"] != "baseline" and r["status"] == "ok" and r["ap"]]
+    if not any(r.get("generation") for r in finished):
+        return {"winner_generation": None, "bred_share_top": None, "generations": {}}
+
+    def generation(row: Dict) -> int:
+        return int(row["generation"] or 0)
+
+    best_first = sorted(finished, key=lambda r: -float(r["ap"]))
+    distinct = [r for i, r in enumerate(best_first)
+                if r["genome"] not in {q["genome"] for q in best_first[:i]}][:top]
+    generations = {}
+    for r in finished:
+        generations.setdefault(generation(r), []).append(float(r["ap"]))
+    return {"winner_generation": generation(best_first[0]),
+            "bred_share_top": sum(generation(r) >= 1 for r in distinct) / len(distinct),
+            "generations": {g: {"trials": len(aps), "mean_ap": statistics.mean(aps),
+                                "best_ap": max(aps)} for g, aps in sorted(generations.items())}}
 
 
 def plot_best_so_far(curves: Dict[str, List[float]], path: str,
@@ -85,7 +113,8 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
     for directory in output_dirs:
         with open(os.path.join(directory, "summary.json")) as f:
             summary = json.load(f)
-        curve = best_so_far(load_rows(directory))
+        rows = load_rows(directory)
+        curve = best_so_far(rows)
         curves[f"{summary['arm']} ({os.path.basename(os.path.normpath(directory))})"] = curve
         searches.append({
             "directory": directory, "arm": summary["arm"],
@@ -93,7 +122,7 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
             "best_ap": curve[-1] if curve and math.isfinite(curve[-1]) else None,
             "baseline_ap": summary.get("baseline_ap"), "best_genome": summary.get("best_genome"),
             "best_so_far": [v if math.isfinite(v) else None for v in curve],
-            **session_overhead(summary.get("sessions", []))})
+            **session_overhead(summary.get("sessions", [])), **breeding(rows)})
     baselines = {s["baseline_ap"] for s in searches}
     plot_best_so_far(curves, plot_path, baselines.pop() if len(baselines) == 1 else None)
     by_sampler = {}
@@ -110,13 +139,21 @@ def compare_markdown(searches: Sequence[Dict], samplers: Dict[str, Dict]) -> str
     def number(value, spec=".2f"):
         return "-" if value is None else format(value, spec)
 
-    lines = ["| search | arm | trials | best proxy AP | baseline AP | best genome | overhead "
-             "(without idle at end) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| search | arm | trials | best proxy AP | baseline AP | best genome | winner's "
+             f"generation | top-{TOP_GENOMES} genomes bred | overhead (without idle at end) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['directory']} | {s['arm']} | {s['trials']} | {number(s['best_ap'])} | "
               f"{number(s['baseline_ap'])} | {markdown_cell(s['best_genome'])} | "
+              f"{number(s['winner_generation'], 'd')} | {number(s['bred_share_top'], '.0%')} | "
               f"{number(s['overhead'], '.1%')} ({number(s['overhead_without_idle_at_end'], '.1%')})"
               " |" for s in searches]
     lines += ["", "| sampler | searches | best proxy AP, mean | per search |", "|---|---|---|---|"]
     lines += [f"| {name} | {v['searches']} | {number(v['best_ap_mean'])} | "
               f"{', '.join(number(ap) for ap in v['best_ap'])} |" for name, v in samplers.items()]
+    bred = [s for s in searches if s["generations"]]
+    if bred:
+        lines += ["", "| search | generation | finished trials | mean proxy AP | best proxy AP |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s['arm']} | {g} | {v['trials']} | {number(v['mean_ap'])} | "
+                  f"{number(v['best_ap'])} |" for s in bred for g, v in s["generations"].items()]
     return "\n".join(lines) + "\n"

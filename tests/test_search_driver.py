@@ -22,7 +22,7 @@ from d2kd.search import dry_run, parse_genome
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import idle_at_end_seconds, trial_rows
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
-from d2kd.search.report import best_so_far, breeding, compare
+from d2kd.search.report import best_so_far, breeding, compare, full_schedule_aps
 from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
                                   uniform_crossover)
 from d2kd.search.space import FormulaSpace, WeightSpace
@@ -446,9 +446,16 @@ def test_best_so_far_and_compare(tmp_path):
             "best_genome": "global:no|no|no|l1|w=1"}))
     dirs = [str(tmp_path / d) for d in ("ga0", "ga1", "random0")]
     table, results = compare(dirs, str(tmp_path / "c.png"))
-    assert ("| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 | 0 | 0% | "
+    assert ("| ga-seed0 | 1 | 4.00 | 1.00 | global:no\\|no\\|no\\|l1\\|w=1 | - | 0 | 0% | "
             "10.0% (6.7%) |" in table)
-    assert results["samplers"]["ga"] == {"searches": 2, "best_ap": [4.0, 6.0], "best_ap_mean": 5.0}
+    assert results["samplers"]["ga"] == {"searches": 2, "best_ap": [4.0, 6.0], "best_ap_mean": 5.0,
+                                         "winner_full_ap_mean": None}
+    fidelity = tmp_path / "fidelity.json"
+    fidelity.write_text(json.dumps({"rows": [{"genome": "global:no|no|no|l1|w=1",
+                                              "full_aps": [40.0, 41.5]}]}))
+    with_full, full = compare(dirs, str(tmp_path / "c.png"), full_schedule_aps([str(fidelity)]))
+    assert "| 40.75 (40.00, 41.50) | 0 |" in with_full
+    assert full["samplers"]["random"]["winner_full_ap_mean"] == 40.75
     assert results["searches"][2]["sampler"] == "random"
     assert (tmp_path / "c.png").stat().st_size > 0
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "search_net.py"), "--compare",

@@ -30,7 +30,7 @@ from d2kd.launch.pretrain import ensure_pretrained_weights
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import finalize
 from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
-from d2kd.search.report import compare
+from d2kd.search.report import compare, full_schedule_aps
 from d2kd.search.space import BASELINE
 from d2kd.search.storage import open_storage
 from d2kd.utils.io import atomic_write_json, atomic_write_text
@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="instead of searching: plot the best-so-far AP of these searches")
     parser.add_argument("--plot", default="best_so_far_comparison.png",
                         help="output PNG of --compare")
+    parser.add_argument("--full-schedule", nargs="+", metavar="JSON", default=[],
+                        help="with --compare: proxy-fidelity results (tools/benchmark.py "
+                             "proxy-fidelity --json) holding the winners' full-schedule APs")
     parser.add_argument("--json", help="also write the --compare table as JSON to this path")
     parser.add_argument("--markdown", help="also write the --compare table to this path")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -125,7 +128,7 @@ def run_workers(args, session: str) -> list:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
-        table, results = compare(args.compare, args.plot)
+        table, results = compare(args.compare, args.plot, full_schedule_aps(args.full_schedule))
         print(table, end="")
         if args.json:
             atomic_write_json(args.json, results)

@@ -106,9 +106,23 @@ def session_overhead(sessions: Sequence[Dict]) -> Dict[str, Optional[float]]:
                                              else 1 - (busy + sum(idle)) / slots)}
 
 
-def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
+def full_schedule_aps(paths: Sequence[str]) -> Dict[str, List[float]]:
+    """genome -> its full-schedule box APs (one per seed), from proxy-fidelity results
+    (``tools/benchmark.py proxy-fidelity --json``)."""
+    aps = {}
+    for path in paths:
+        with open(path) as f:
+            aps.update({row["genome"]: row["full_aps"] for row in json.load(f)["rows"]})
+    return aps
+
+
+def compare(output_dirs: Sequence[str], plot_path: str,
+            full_schedule: Optional[Dict[str, List[float]]] = None) -> Tuple[str, Dict]:
     """Plot the best-so-far curves of several searches; returns a markdown table of them and
-    the same as a dict (per search, and per sampler: the mean best AP over its searches)."""
+    the same as a dict (per search, and per sampler: the mean best AP over its searches).
+    ``full_schedule`` (genome -> full-schedule APs over seeds, :func:`full_schedule_aps`) adds
+    each winner's full-schedule AP."""
+    full_schedule = full_schedule or {}
     curves, searches = {}, []
     for directory in output_dirs:
         with open(os.path.join(directory, "summary.json")) as f:
@@ -122,6 +136,7 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
             "best_ap": curve[-1] if curve and math.isfinite(curve[-1]) else None,
             "baseline_ap": summary.get("baseline_ap"), "best_genome": summary.get("best_genome"),
             "best_so_far": [v if math.isfinite(v) else None for v in curve],
+            "winner_full_aps": full_schedule.get(summary.get("best_genome")),
             **session_overhead(summary.get("sessions", [])), **breeding(rows)})
     baselines = {s["baseline_ap"] for s in searches}
     plot_best_so_far(curves, plot_path, baselines.pop() if len(baselines) == 1 else None)
@@ -131,6 +146,10 @@ def compare(output_dirs: Sequence[str], plot_path: str) -> Tuple[str, Dict]:
     samplers = {name: {"searches": len(aps), "best_ap": aps,
                        "best_ap_mean": (statistics.mean(aps) if None not in aps else None)}
                 for name, aps in by_sampler.items()}
+    for name, sampler in samplers.items():
+        winners = [s["winner_full_aps"] for s in searches if s["sampler"] == name]
+        sampler["winner_full_ap_mean"] = (statistics.mean(ap for aps in winners for ap in aps)
+                                          if winners and None not in winners else None)
     return compare_markdown(searches, samplers), {"searches": searches, "samplers": samplers}
 
 
@@ -139,17 +158,24 @@ def compare_markdown(searches: Sequence[Dict], samplers: Dict[str, Dict]) -> str
     def number(value, spec=".2f"):
         return "-" if value is None else format(value, spec)
 
-    lines = ["| search | arm | trials | best proxy AP | baseline AP | best genome | winner's "
-             f"generation | top-{TOP_GENOMES} genomes bred | overhead (without idle at end) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    def seeds(aps):
+        return "-" if aps is None else f"{statistics.mean(aps):.2f} ({', '.join(map(number, aps))})"
+
+    lines = ["| search | arm | trials | best proxy AP | baseline AP | best genome | its full-"
+             "schedule AP (seeds) | winner's generation | top-"
+             f"{TOP_GENOMES} genomes bred | overhead (without idle at end) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['directory']} | {s['arm']} | {s['trials']} | {number(s['best_ap'])} | "
               f"{number(s['baseline_ap'])} | {markdown_cell(s['best_genome'])} | "
+              f"{seeds(s['winner_full_aps'])} | "
               f"{number(s['winner_generation'], 'd')} | {number(s['bred_share_top'], '.0%')} | "
               f"{number(s['overhead'], '.1%')} ({number(s['overhead_without_idle_at_end'], '.1%')})"
               " |" for s in searches]
-    lines += ["", "| sampler | searches | best proxy AP, mean | per search |", "|---|---|---|---|"]
+    lines += ["", "| sampler | searches | best proxy AP, mean | per search | winners' full-schedule "
+              "AP, mean |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {v['searches']} | {number(v['best_ap_mean'])} | "
-              f"{', '.join(number(ap) for ap in v['best_ap'])} |" for name, v in samplers.items()]
+              f"{', '.join(number(ap) for ap in v['best_ap'])} | "
+              f"{number(v['winner_full_ap_mean'])} |" for name, v in samplers.items()]
     bred = [s for s in searches if s["generations"]]
     if bred:
         lines += ["", "| search | generation | finished trials | mean proxy AP | best proxy AP |",

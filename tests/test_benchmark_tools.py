@@ -152,9 +152,13 @@ def test_proxy_fidelity_is_kendalls_tau_of_the_finished_trials(tmp_path):
     # by hand: pairs (1,2) (1,3) (1,4) (2,4) (3,4) concordant, (2,3) discordant: (5 - 1) / 6
     assert fidelity(rows)["kendall_tau"] == pytest.approx(4 / 6, abs=1e-4)
     assert fidelity(rows)["genomes"] == 4
+    # upper half: proxy >= median 2.5, i.e. (3, 20) and (4, 40): one concordant pair
+    assert fidelity(rows)["upper_half_kendall_tau"] == pytest.approx(1.0)
+    assert fidelity(rows)["upper_half_genomes"] == 2
     rejected = rows + [{"proxy_ap": -math.inf, "full_ap": 0.0, "full_aps": [0.0]}]
     assert fidelity(rejected) == fidelity(rows)  # a rejected candidate has no rank
     assert fidelity(rows[:1])["kendall_tau"] is None
+    assert fidelity(rows[:1])["upper_half_kendall_tau"] is None
     plot_fidelity(rejected, fidelity(rows), str(tmp_path / "fidelity.png"))
     assert (tmp_path / "fidelity.png").stat().st_size > 0
 

@@ -23,6 +23,7 @@ from scipy.stats import kendalltau
 from tabulate import tabulate
 
 from ..search.proxy import ProxyEvaluator
+from ..search.report import markdown_cell
 from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from .accuracy import run_accuracy_benchmark
 
@@ -48,33 +49,57 @@ def genome_tag(genome: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", genome.replace("=", "")).strip("-")
 
 
+def upper_half(rows: List[Dict]) -> List[Dict]:
+    """The rows at or above the median proxy AP of the finished ones: the part of the range a
+    search picks its winner from."""
+    usable = [r for r in rows if math.isfinite(r["proxy_ap"])]
+    if not usable:
+        return []
+    median = statistics.median(r["proxy_ap"] for r in usable)
+    return [r for r in usable if r["proxy_ap"] >= median]
+
+
+def _kendall(rows: List[Dict]) -> Dict:
+    if len(rows) < 2:
+        return {"kendall_tau": None, "p_value": None, "genomes": len(rows)}
+    tau, p_value = kendalltau([r["proxy_ap"] for r in rows], [r["full_ap"] for r in rows])
+    return {"kendall_tau": round(float(tau), 4), "p_value": round(float(p_value), 4),
+            "genomes": len(rows)}
+
+
 def fidelity(rows: List[Dict]) -> Dict:
     """Kendall's tau-b (and its two-sided p-value) between ``proxy_ap`` and ``full_ap`` of
-    the rows whose proxy trial finished (a rejected candidate has AP -inf)."""
-    usable = [r for r in rows if math.isfinite(r["proxy_ap"])]
-    if len(usable) < 2:
-        return {"kendall_tau": None, "p_value": None, "genomes": len(usable)}
-    tau, p_value = kendalltau([r["proxy_ap"] for r in usable], [r["full_ap"] for r in usable])
-    return {"kendall_tau": round(float(tau), 4), "p_value": round(float(p_value), 4),
-            "genomes": len(usable)}
+    the rows whose proxy trial finished (a rejected candidate has AP -inf), and the same over
+    :func:`upper_half` (``upper_half_*``)."""
+    upper = _kendall(upper_half(rows))
+    return {**_kendall([r for r in rows if math.isfinite(r["proxy_ap"])]),
+            **{f"upper_half_{key}": value for key, value in upper.items()}}
 
 
 def plot_fidelity(rows: List[Dict], summary: Dict, path: str) -> None:
-    """Full-schedule AP (mean, with the seeds' range) against proxy AP, one point per genome."""
-    fig = Figure(figsize=(5.5, 4.2))
-    ax = fig.subplots()
-    for i, r in enumerate(rows):
-        if not math.isfinite(r["proxy_ap"]):
-            continue
-        low, high = min(r["full_aps"]), max(r["full_aps"])
-        ax.errorbar(r["proxy_ap"], r["full_ap"], yerr=[[r["full_ap"] - low], [high - r["full_ap"]]],
-                    fmt="o", capsize=3)
-        ax.annotate(f"g{i}", (r["proxy_ap"], r["full_ap"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("proxy box AP (held-out proxy validation images)")
-    ax.set_ylabel("full-schedule box AP (mean over seeds)")
-    ax.set_title(f"Proxy fidelity: Kendall tau = {summary['kendall_tau']}")
-    ax.grid(alpha=0.3)
+    """Full-schedule AP (mean, with the seeds' range) against proxy AP, one point per genome:
+    every genome, and beside it :func:`upper_half`, which one bad candidate would otherwise
+    squeeze together."""
+    upper = {id(r) for r in upper_half(rows)}
+    fig = Figure(figsize=(10, 4.2))
+    panels = fig.subplots(1, 2)
+    for ax, in_panel, title in (
+            (panels[0], lambda r: math.isfinite(r["proxy_ap"]),
+             f"all genomes: Kendall tau = {summary['kendall_tau']}"),
+            (panels[1], lambda r: id(r) in upper,
+             f"at or above the median proxy AP: tau = {summary['upper_half_kendall_tau']}")):
+        for i, r in enumerate(rows):
+            if not in_panel(r):
+                continue
+            low, high = min(r["full_aps"]), max(r["full_aps"])
+            ax.errorbar(r["proxy_ap"], r["full_ap"], color=f"C{i % 10}",
+                        yerr=[[r["full_ap"] - low], [high - r["full_ap"]]], fmt="o", capsize=3)
+            ax.annotate(f"g{i}", (r["proxy_ap"], r["full_ap"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("proxy box AP (held-out proxy validation images)")
+        ax.set_ylabel("full-schedule box AP (mean over seeds)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_save_figure(fig, path)
 
@@ -101,13 +126,17 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     summary = fidelity(rows)
     atomic_write_json(json_path, {"search_config": search_config, "config": config_file,
                                   "rows": rows, **summary})
-    table = tabulate([[f"g{i}", r["genome"], round(r["proxy_ap"], 2), round(r["full_ap"], 2),
+    table = tabulate([[f"g{i}", markdown_cell(r["genome"]), round(r["proxy_ap"], 2), round(r["full_ap"], 2),
                        round(max(r["full_aps"]) - min(r["full_aps"]), 2), len(r["full_aps"])]
                       for i, r in enumerate(rows)],
                      headers=["", "genome", "proxy AP", "full AP (mean)", "spread", "seeds"],
                      tablefmt="github")
     atomic_write_text(markdown_path, f"{table}\n\nKendall tau-b {summary['kendall_tau']} "
-                                     f"(p = {summary['p_value']}, {summary['genomes']} genomes)\n")
+                                     f"(p = {summary['p_value']}, {summary['genomes']} genomes); "
+                                     "at or above the median proxy AP "
+                                     f"{summary['upper_half_kendall_tau']} (p = "
+                                     f"{summary['upper_half_p_value']}, "
+                                     f"{summary['upper_half_genomes']} genomes)\n")
     if plot_path:
         plot_fidelity(rows, summary, plot_path)
     return summary

@@ -126,8 +126,9 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     summary = fidelity(rows)
     atomic_write_json(json_path, {"search_config": search_config, "config": config_file,
                                   "rows": rows, **summary})
-    table = tabulate([[f"g{i}", markdown_cell(r["genome"]), round(r["proxy_ap"], 2), round(r["full_ap"], 2),
-                       round(max(r["full_aps"]) - min(r["full_aps"]), 2), len(r["full_aps"])]
+    table = tabulate([[f"g{i}", markdown_cell(r["genome"]), round(r["proxy_ap"], 2),
+                       round(r["full_ap"], 2), round(max(r["full_aps"]) - min(r["full_aps"]), 2),
+                       len(r["full_aps"])]
                       for i, r in enumerate(rows)],
                      headers=["", "genome", "proxy AP", "full AP (mean)", "spread", "seeds"],
                      tablefmt="github")

@@ -171,8 +171,8 @@ def compare_markdown(searches: Sequence[Dict], samplers: Dict[str, Dict]) -> str
               f"{number(s['winner_generation'], 'd')} | {number(s['bred_share_top'], '.0%')} | "
               f"{number(s['overhead'], '.1%')} ({number(s['overhead_without_idle_at_end'], '.1%')})"
               " |" for s in searches]
-    lines += ["", "| sampler | searches | best proxy AP, mean | per search | winners' full-schedule "
-              "AP, mean |", "|---|---|---|---|---|"]
+    lines += ["", "| sampler | searches | best proxy AP, mean | per search | winners' "
+              "full-schedule AP, mean |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {v['searches']} | {number(v['best_ap_mean'])} | "
               f"{', '.join(number(ap) for ap in v['best_ap'])} | "
               f"{number(v['winner_full_ap_mean'])} |" for name, v in samplers.items()]

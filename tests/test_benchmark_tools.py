@@ -172,3 +172,20 @@ def test_proxy_fidelity_names_runs_by_genome_not_position():
         "global-natt-local_s2-softmax_HW-cos-w0.5"
     assert genome_tag("global:no|scale_r4|l1|w=1;fgbg:mask|no|norm_C|l2|w=2") == \
         "global-no-scale_r4-l1-w1-fgbg-mask-no-norm_C-l2-w2"
+
+
+def test_a_proxy_variant_needs_a_name_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(CONFIGS)
+    search = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_detkds_search.yaml")
+    done = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "proxy-fidelity",
+         "--search-config", search, "--config-file", search, "--genomes", "global:no|no|no|l1|w=1",
+         "--output", str(tmp_path), "--json", str(tmp_path / "f.json"), "--markdown",
+         str(tmp_path / "f.md"), "DISTILL.DETKDS.SEARCH.VAL_IMAGES", "300"],
+        capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "name it (--proxy-variant NAME)" in done.stderr.splitlines()[-1]
+    assert os.listdir(tmp_path) == []

@@ -37,6 +37,9 @@
     # Kendall's tau between the two APs (JSON + markdown + scatter PNG; resumable)
     python tools/benchmark.py proxy-fidelity --search-config SEARCH.yaml --config-file CFG.yaml \
         --genomes G1 G2 ... --seeds 0 1 --output DIR --json OUT --markdown OUT [--plot OUT.png]
+    # ... the same full-schedule runs against a variant of the proxy (overrides come last)
+    python tools/benchmark.py proxy-fidelity ... --genomes G1 G2 ... --json OUT --markdown OUT \
+        --proxy-variant val300 DISTILL.DETKDS.SEARCH.VAL_IMAGES 300
 
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
@@ -141,6 +144,10 @@ def main(argv=None) -> None:
     fid.add_argument("--markdown", required=True)
     fid.add_argument("--plot", default="", help="also a scatter plot (PNG)")
     fid.add_argument("--threads", type=int, default=1, help="torch threads per trial / run")
+    fid.add_argument("--proxy-variant", default="",
+                     help="name of a proxy variant given by trailing KEY VALUE overrides")
+    fid.add_argument("opts", nargs=argparse.REMAINDER,
+                     help="KEY VALUE overrides of the search config's proxy (a variant)")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -177,9 +184,12 @@ def main(argv=None) -> None:
                                 args.max_images_per_class, args.threads, args.include_plain,
                                 args.rerun, args.timeout, args.keep_files, args.opts)
     elif args.command == "proxy-fidelity":
-        result = run_proxy_fidelity_benchmark(args.search_config, args.config_file, args.genomes,
-                                              args.seeds, args.output, args.json, args.markdown,
-                                              args.plot, args.threads)
+        try:
+            result = run_proxy_fidelity_benchmark(
+                args.search_config, args.config_file, args.genomes, args.seeds, args.output,
+                args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant)
+        except ValueError as e:
+            parser.error(str(e))
         logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)

@@ -107,12 +107,22 @@ def plot_fidelity(rows: List[Dict], summary: Dict, path: str) -> None:
 def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: Sequence[str],
                                  seeds: Sequence[int], output: str, json_path: str,
                                  markdown_path: str, plot_path: str = "",
-                                 threads: int = 1) -> Dict:
-    """Proxy AP and full-schedule AP of every genome (see module docstring)."""
+                                 threads: int = 1, proxy_opts: Sequence[str] = (),
+                                 proxy_variant: str = "") -> Dict:
+    """Proxy AP and full-schedule AP of every genome (see module docstring).
+
+    ``proxy_opts`` (``KEY VALUE`` overrides of the search config) measure a variant of the
+    proxy against the same full-schedule runs; its trials go to ``output/proxy@<proxy_variant>``,
+    so a variant needs a name.
+    """
+    if proxy_opts and not proxy_variant:
+        raise ValueError("proxy overrides make a variant of the proxy: name it (--proxy-variant "
+                         "NAME), so that its trials are not mixed with the search config's.")
+    proxy_dir = os.path.join(output, f"proxy@{proxy_variant}" if proxy_variant else "proxy")
     rows = []
     for i, genome in enumerate(genomes):
         tag = genome_tag(genome)
-        ap = proxy_ap(search_config, genome, os.path.join(output, "proxy", tag), threads=threads)
+        ap = proxy_ap(search_config, genome, os.path.join(proxy_dir, tag), proxy_opts, threads)
         runs_dir = os.path.join(output, "full")
         summary = run_accuracy_benchmark(
             [config_file], seeds, runs_dir, os.path.join(runs_dir, f"{tag}.json"),
@@ -124,8 +134,8 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
                      "full_aps": full_aps, "seeds": list(summary["seeds"])})
         logger.info("genome%d: proxy %.2f, full %.2f (%s)", i, ap, rows[-1]["full_ap"], genome)
     summary = fidelity(rows)
-    atomic_write_json(json_path, {"search_config": search_config, "config": config_file,
-                                  "rows": rows, **summary})
+    atomic_write_json(json_path, {"search_config": search_config, "proxy_opts": list(proxy_opts),
+                                  "config": config_file, "rows": rows, **summary})
     table = tabulate([[f"g{i}", markdown_cell(r["genome"]), round(r["proxy_ap"], 2),
                        round(r["full_ap"], 2), round(max(r["full_aps"]) - min(r["full_aps"]), 2),
                        len(r["full_aps"])]

@@ -54,7 +54,7 @@ from d2kd.benchmark.coco_runs import run_coco_runs_benchmark
 from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
-from d2kd.benchmark.proxy_fidelity import run_proxy_fidelity_benchmark
+from d2kd.benchmark.proxy_fidelity import proxy_trials_dir, run_proxy_fidelity_benchmark
 from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
 from d2kd.benchmark.resume_startup import run_resume_startup_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
@@ -184,12 +184,13 @@ def main(argv=None) -> None:
                                 args.max_images_per_class, args.threads, args.include_plain,
                                 args.rerun, args.timeout, args.keep_files, args.opts)
     elif args.command == "proxy-fidelity":
-        try:
-            result = run_proxy_fidelity_benchmark(
-                args.search_config, args.config_file, args.genomes, args.seeds, args.output,
-                args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant)
+        try:  # checked before anything runs
+            proxy_trials_dir(args.output, args.opts, args.proxy_variant)
         except ValueError as e:
             parser.error(str(e))
+        result = run_proxy_fidelity_benchmark(
+            args.search_config, args.config_file, args.genomes, args.seeds, args.output,
+            args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant)
         logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)

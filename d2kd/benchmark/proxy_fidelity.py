@@ -104,6 +104,19 @@ def plot_fidelity(rows: List[Dict], summary: Dict, path: str) -> None:
     atomic_save_figure(fig, path)
 
 
+def proxy_trials_dir(output: str, proxy_opts: Sequence[str], proxy_variant: str) -> str:
+    """Where the proxy trials go: ``output/proxy``, or ``output/proxy@<proxy_variant>`` for a
+    variant of the proxy (``proxy_opts``, which therefore needs a name).
+
+    Raises:
+        ValueError: overrides without a variant name.
+    """
+    if proxy_opts and not proxy_variant:
+        raise ValueError("proxy overrides make a variant of the proxy: name it (--proxy-variant "
+                         "NAME), so that its trials are not mixed with the search config's.")
+    return os.path.join(output, f"proxy@{proxy_variant}" if proxy_variant else "proxy")
+
+
 def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: Sequence[str],
                                  seeds: Sequence[int], output: str, json_path: str,
                                  markdown_path: str, plot_path: str = "",
@@ -112,13 +125,9 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     """Proxy AP and full-schedule AP of every genome (see module docstring).
 
     ``proxy_opts`` (``KEY VALUE`` overrides of the search config) measure a variant of the
-    proxy against the same full-schedule runs; its trials go to ``output/proxy@<proxy_variant>``,
-    so a variant needs a name.
+    proxy against the same full-schedule runs (:func:`proxy_trials_dir`).
     """
-    if proxy_opts and not proxy_variant:
-        raise ValueError("proxy overrides make a variant of the proxy: name it (--proxy-variant "
-                         "NAME), so that its trials are not mixed with the search config's.")
-    proxy_dir = os.path.join(output, f"proxy@{proxy_variant}" if proxy_variant else "proxy")
+    proxy_dir = proxy_trials_dir(output, proxy_opts, proxy_variant)
     rows = []
     for i, genome in enumerate(genomes):
         tag = genome_tag(genome)

@@ -62,8 +62,10 @@ def breeding(rows: Sequence[Dict], top: int = TOP_GENOMES) -> Dict:
         return int(row["generation"] or 0)
 
     best_first = sorted(finished, key=lambda r: -float(r["ap"]))
-    distinct = [r for i, r in enumerate(best_first)
-                if r["genome"] not in {q["genome"] for q in best_first[:i]}][:top]
+    best_of_genome = {}
+    for r in best_first:
+        best_of_genome.setdefault(r["genome"], r)
+    distinct = list(best_of_genome.values())[:top]
     generations = {}
     for r in finished:
         generations.setdefault(generation(r), []).append(float(r["ap"]))

@@ -189,3 +189,37 @@ def test_a_proxy_variant_needs_a_name_before_anything_runs(tmp_path):
     assert done.returncode == 2
     assert "name it (--proxy-variant NAME)" in done.stderr.splitlines()[-1]
     assert os.listdir(tmp_path) == []
+
+
+def test_proxy_fidelity_reuses_earlier_full_schedule_aps_and_trains_nothing(tmp_path):
+    import json
+
+    from d2kd.benchmark.proxy_fidelity import genome_tag, run_proxy_fidelity_benchmark
+
+    genomes = ["global:no|scale_r1|cos|w=1", "global:natt|no|l1|w=2", "global:mask|no|l2|w=5"]
+    proxy_aps, full = [3.0, 1.0, 2.0], {0: [30.0, 10.0, 25.0], 1: [32.0, 12.0, 15.0]}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"rows": [
+        {"genome": g, "full_aps": [full[0][i], full[1][i]], "seeds": [0, 1]}
+        for i, g in enumerate(genomes)]}))
+    for genome, ap in zip(genomes, proxy_aps):  # finished proxy trials (reused, not run)
+        trial = tmp_path / "out" / "proxy@v" / genome_tag(genome)
+        trial.mkdir(parents=True)
+        (trial / "outcome.json").write_text(json.dumps({"ap": ap}))
+    result = run_proxy_fidelity_benchmark(
+        "no-such-search.yaml", "no-such-config.yaml", genomes, [1, 0], str(tmp_path / "out"),
+        str(tmp_path / "f.json"), str(tmp_path / "f.md"), proxy_opts=["K", "V"],
+        proxy_variant="v", full_schedule_from=[str(earlier)])
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [r["full_aps"] for r in rows] == [[32.0, 30.0], [12.0, 10.0], [15.0, 25.0]]  # seeds 1, 0
+    assert [r["full_ap"] for r in rows] == [31.0, 11.0, 20.0]
+    assert all(r["full_aps_reused"] for r in rows)
+    # ranks by hand: proxy 3 > 2 > 1, full 31 > 20 > 11: every pair concordant
+    assert result["kendall_tau"] == pytest.approx(1.0)
+    assert not (tmp_path / "out" / "full").exists()  # nothing trained
+    # a seed the earlier result lacks would be trained: the missing config file says so
+    with pytest.raises(Exception, match="no-such-config"):
+        run_proxy_fidelity_benchmark(
+            "no-such-search.yaml", "no-such-config.yaml", genomes[:1], [0, 2],
+            str(tmp_path / "out"), str(tmp_path / "g.json"), str(tmp_path / "g.md"),
+            proxy_opts=["K", "V"], proxy_variant="v", full_schedule_from=[str(earlier)])

@@ -40,12 +40,16 @@
     # ... the same full-schedule runs against a variant of the proxy (overrides come last)
     python tools/benchmark.py proxy-fidelity ... --genomes G1 G2 ... --json OUT --markdown OUT \
         --proxy-variant val300 DISTILL.DETKDS.SEARCH.VAL_IMAGES 300
+    # ... with the full-schedule APs of an earlier result (nothing but the proxy trials runs)
+    python tools/benchmark.py proxy-fidelity ... --full-schedule-from EARLIER.json \
+        --proxy-variant iters200 DISTILL.DETKDS.SEARCH.PROXY_ITERS 200
 
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
 import argparse
 import logging
+import os
 import sys
 
 import d2kd  # noqa: F401
@@ -146,6 +150,9 @@ def main(argv=None) -> None:
     fid.add_argument("--threads", type=int, default=1, help="torch threads per trial / run")
     fid.add_argument("--proxy-variant", default="",
                      help="name of a proxy variant given by trailing KEY VALUE overrides")
+    fid.add_argument("--full-schedule-from", action="append", default=[], metavar="JSON",
+                     help="an earlier proxy-fidelity result (repeatable): its genomes' "
+                          "full-schedule APs are reused instead of trained again")
     fid.add_argument("opts", nargs=argparse.REMAINDER,
                      help="KEY VALUE overrides of the search config's proxy (a variant)")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
@@ -188,9 +195,14 @@ def main(argv=None) -> None:
             proxy_trials_dir(args.output, args.opts, args.proxy_variant)
         except ValueError as e:
             parser.error(str(e))
+        missing = [p for p in args.full_schedule_from if not os.path.isfile(p)]
+        if missing:
+            parser.error(f"--full-schedule-from: no such file {missing[0]} (give the JSON a "
+                         "proxy-fidelity benchmark wrote).")
         result = run_proxy_fidelity_benchmark(
             args.search_config, args.config_file, args.genomes, args.seeds, args.output,
-            args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant)
+            args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant,
+            args.full_schedule_from)
         logging.getLogger("d2kd.benchmark").info("%s", result)
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)

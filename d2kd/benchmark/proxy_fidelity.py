@@ -117,34 +117,63 @@ def proxy_trials_dir(output: str, proxy_opts: Sequence[str], proxy_variant: str)
     return os.path.join(output, f"proxy@{proxy_variant}" if proxy_variant else "proxy")
 
 
+def known_full_aps(paths: Sequence[str]) -> Dict[str, Dict[int, float]]:
+    """genome -> {seed: full-schedule box AP} from earlier benchmarks' JSON files."""
+    known: Dict[str, Dict[int, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                known.setdefault(row["genome"], {}).update(zip(row["seeds"], row["full_aps"]))
+    return known
+
+
+def full_schedule(config_file: str, genome: str, seeds: Sequence[int], output: str,
+                  threads: int) -> List[float]:
+    """Box AP of ``config_file`` with ``genome`` at every seed (runs in ``output/full``, reused
+    when finished)."""
+    tag = genome_tag(genome)
+    runs_dir = os.path.join(output, "full")
+    run_accuracy_benchmark(
+        [config_file], seeds, runs_dir, os.path.join(runs_dir, f"{tag}.json"),
+        os.path.join(runs_dir, f"{tag}.md"), opts=["DISTILL.DETKDS.GENOME", genome],
+        threads=threads, tag=tag)
+    with open(os.path.join(runs_dir, f"{tag}.json")) as f:
+        return [r["results"]["bbox"]["AP"] for r in json.load(f)["runs"]]
+
+
 def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: Sequence[str],
                                  seeds: Sequence[int], output: str, json_path: str,
                                  markdown_path: str, plot_path: str = "",
                                  threads: int = 1, proxy_opts: Sequence[str] = (),
-                                 proxy_variant: str = "") -> Dict:
+                                 proxy_variant: str = "",
+                                 full_schedule_from: Sequence[str] = ()) -> Dict:
     """Proxy AP and full-schedule AP of every genome (see module docstring).
 
     ``proxy_opts`` (``KEY VALUE`` overrides of the search config) measure a variant of the
     proxy against the same full-schedule runs (:func:`proxy_trials_dir`).
+    ``full_schedule_from``: JSON files of earlier proxy-fidelity benchmarks; a genome found
+    there with an AP for every seed takes those APs instead of being trained again (its row
+    says ``full_aps_reused``), so a variant of the proxy costs only its proxy trials, also on a
+    machine that no longer has the runs.
     """
+    known = known_full_aps(full_schedule_from)
     proxy_dir = proxy_trials_dir(output, proxy_opts, proxy_variant)
     rows = []
     for i, genome in enumerate(genomes):
         tag = genome_tag(genome)
         ap = proxy_ap(search_config, genome, os.path.join(proxy_dir, tag), proxy_opts, threads)
-        runs_dir = os.path.join(output, "full")
-        summary = run_accuracy_benchmark(
-            [config_file], seeds, runs_dir, os.path.join(runs_dir, f"{tag}.json"),
-            os.path.join(runs_dir, f"{tag}.md"), opts=["DISTILL.DETKDS.GENOME", genome],
-            threads=threads, tag=tag)[0]
-        with open(os.path.join(runs_dir, f"{tag}.json")) as f:
-            full_aps = [r["results"]["bbox"]["AP"] for r in json.load(f)["runs"]]
+        by_seed = known.get(genome, {})
+        reused = all(seed in by_seed for seed in seeds)
+        full_aps = ([by_seed[seed] for seed in seeds] if reused
+                    else full_schedule(config_file, genome, seeds, output, threads))
         rows.append({"genome": genome, "proxy_ap": ap, "full_ap": statistics.mean(full_aps),
-                     "full_aps": full_aps, "seeds": list(summary["seeds"])})
+                     "full_aps": full_aps, "seeds": list(seeds), "full_aps_reused": reused})
         logger.info("genome%d: proxy %.2f, full %.2f (%s)", i, ap, rows[-1]["full_ap"], genome)
     summary = fidelity(rows)
     atomic_write_json(json_path, {"search_config": search_config, "proxy_opts": list(proxy_opts),
-                                  "config": config_file, "rows": rows, **summary})
+                                  "config": config_file,
+                                  "full_schedule_from": list(full_schedule_from), "rows": rows,
+                                  **summary})
     table = tabulate([[f"g{i}", markdown_cell(r["genome"]), round(r["proxy_ap"], 2),
                        round(r["full_ap"], 2), round(max(r["full_aps"]) - min(r["full_aps"]), 2),
                        len(r["full_aps"])]

@@ -16,6 +16,7 @@ and marks it ``OUT/done/JOB`` (or ``OUT/failed/JOB``). Every job reuses finished
 listed in benchmarks/README.md.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,20 @@ def jobs(out: str) -> List[Job]:
                              f"search/{sampler}-seed{seed}")])
         for seed in (1, 0) for sampler in ("ga", "random")
     ]
+    # Variants of the proxy against the committed fidelity genomes' full-schedule APs
+    # (only the variant's proxy trials run).
+    fidelity = "benchmarks/detkds/holdout/proxy_fidelity.json"
+    with open(os.path.join(REPO, fidelity)) as f:
+        fidelity_genomes = [row["genome"] for row in json.load(f)["rows"]]
+    for variant, overrides in (("iters200", ["DISTILL.DETKDS.SEARCH.PROXY_ITERS", "200",
+                                             "DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS", "40"]),):
+        queue.append(Job(f"proxy_{variant}", retina_proxy, [[
+            sys.executable, "tools/benchmark.py", "proxy-fidelity", "--search-config", search_cfg,
+            "--config-file", searched, "--genomes", *fidelity_genomes, "--seeds", "0", "1",
+            "--output", f"{out}/fidelity", "--json", f"{out}/proxy_fidelity_{variant}.json",
+            "--markdown", f"{out}/proxy_fidelity_{variant}.md",
+            "--plot", f"{out}/proxy_fidelity_{variant}.png", "--full-schedule-from", fidelity,
+            "--proxy-variant", variant, *overrides]]))
     # Toward the teacher (docs/toward_the_teacher.md): one job per (config, seed).
     ladder = [(f"{S}/retinanet_R18_from_R50_detkds_searched_gk.yaml", ("teacher_retinanet",)),
               (f"{S}/retinanet_R18_from_R34_detkds_searched_gk.yaml", ("teacher_retinanet_R34",)),

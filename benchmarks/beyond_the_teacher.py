@@ -126,9 +126,16 @@ def jobs(out: str) -> List[Job]:
     fidelity = "benchmarks/detkds/holdout/proxy_fidelity.json"
     with open(os.path.join(REPO, fidelity)) as f:
         fidelity_genomes = [row["genome"] for row in json.load(f)["rows"]]
-    for variant, overrides in (("iters200", ["DISTILL.DETKDS.SEARCH.PROXY_ITERS", "200",
-                                             "DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS", "40"]),):
-        queue.append(Job(f"proxy_{variant}", retina_proxy, [[
+    clean_start = f"{out}/runs/retinanet_R18_student_proxy_train/model_0000199.pth"
+    queue.append(Job("proxy_start_clean", ("pretrain_R18_FPN64",), [[
+        sys.executable, "tools/search_net.py", "--config-file", search_cfg,
+        "--train-proxy-start", student, "DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS", clean_start]]))
+    for variant, overrides, deps in (
+            ("iters200", ["DISTILL.DETKDS.SEARCH.PROXY_ITERS", "200",
+                          "DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS", "40"], retina_proxy),
+            ("cleanstart", ["DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS", clean_start],
+             ("teacher_retinanet", "proxy_start_clean"))):
+        queue.append(Job(f"proxy_{variant}", deps, [[
             sys.executable, "tools/benchmark.py", "proxy-fidelity", "--search-config", search_cfg,
             "--config-file", searched, "--genomes", *fidelity_genomes, "--seeds", "0", "1",
             "--output", f"{out}/fidelity", "--json", f"{out}/proxy_fidelity_{variant}.json",

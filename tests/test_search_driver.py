@@ -530,3 +530,40 @@ def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
     assert baseline.SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH
     assert baseline.MODEL.WEIGHTS == "student/model_0000199.pth"
     assert "DetKDSHead" not in baseline.DISTILL.HEADS
+
+
+@pytest.mark.slow
+def test_the_proxy_start_trains_on_the_training_split_without_the_held_out_images(
+        tiny_digitsdet, tmp_path):
+    from detectron2.config import CfgNode
+    from detectron2.data import DatasetCatalog
+
+    from d2kd.config import ConfigError
+    from d2kd.search.proxy_start import train_proxy_start
+
+    student = tmp_path / "student.yaml"
+    student.write_text(f"""_BASE_: "{os.path.join(CONFIGS, 'DigitsDet/retinanet_R18_student.yaml')}"
+MODEL: {{WEIGHTS: ""}}
+DATASETS: {{TRAIN: ["digitsdet_tiny_train"], TEST: ["digitsdet_tiny_val"]}}
+SOLVER: {{IMS_PER_BATCH: 2, MAX_ITER: 4, WARMUP_ITERS: 1, CHECKPOINT_PERIOD: 2}}
+DATALOADER: {{NUM_WORKERS: 0}}
+TEST: {{EVAL_PERIOD: 0}}
+""")
+    weights = str(tmp_path / "start" / "model_0000001.pth")
+    opts = ["DATASETS.TRAIN", "('digitsdet_tiny_train',)", "DISTILL.DETKDS.SEARCH.VAL_IMAGES", "5",
+            "DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS", weights]
+    assert train_proxy_start(DETKDS, opts, str(student)) == weights
+    assert os.path.isfile(weights)  # the checkpoint after 2 of 4 iterations
+    with open(tmp_path / "start" / "config.yaml") as f:
+        trained_on = CfgNode.load_cfg(f).DATASETS.TRAIN
+    held_out = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train_proxy_holdout_5_0")}
+    seen = {d["file_name"] for d in DatasetCatalog.get(trained_on[0])}
+    everything = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train")}
+    assert len(held_out) == 5 and not held_out & seen and seen | held_out == everything
+    # bad input: one line before anything trains
+    with pytest.raises(ConfigError, match="not a checkpoint the student's run saves"):
+        train_proxy_start(DETKDS, opts[:-1] + [str(tmp_path / "x" / "model_0000002.pth")],
+                          str(student))
+    with pytest.raises(ConfigError, match="only 'train_holdout' holds images out"):
+        train_proxy_start(DETKDS, opts + ["DISTILL.DETKDS.SEARCH.VAL_SOURCE", "test"], str(student))
+    assert not (tmp_path / "x").exists()

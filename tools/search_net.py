@@ -5,6 +5,9 @@
         --output output/detkds_search/ga-seed0 --workers 2 --trials 20 --sampler ga --seed 0
     python tools/search_net.py --compare output/detkds_search/ga-seed0 \\
         output/detkds_search/random-seed0 --plot output/detkds_search/ga_vs_random.png
+    # the proxy's starting checkpoint (PROXY_WEIGHTS), trained without the held-out images
+    python tools/search_net.py --config-file SEARCH.yaml --train-proxy-start STUDENT.yaml \\
+        DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS output/<run>/model_0000199.pth
 
 Re-running the same command resumes (finished trials are kept, a trial killed mid-way is
 trained again). ``--storage sqlite:///...`` / ``postgresql://...`` lets the same command on
@@ -30,6 +33,7 @@ from d2kd.launch.pretrain import ensure_pretrained_weights
 from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import finalize
 from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
+from d2kd.search.proxy_start import train_proxy_start
 from d2kd.search.report import compare, full_schedule_aps
 from d2kd.search.space import BASELINE
 from d2kd.search.storage import open_storage
@@ -61,11 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full-schedule", nargs="+", metavar="JSON", default=[],
                         help="with --compare: proxy-fidelity results (tools/benchmark.py "
                              "proxy-fidelity --json) holding the winners' full-schedule APs")
+    parser.add_argument("--train-proxy-start", metavar="STUDENT.yaml",
+                        help="instead of searching: train the proxy's starting checkpoint "
+                             "(DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS) with this student config on "
+                             "the training images the proxy does not validate on")
     parser.add_argument("--json", help="also write the --compare table as JSON to this path")
     parser.add_argument("--markdown", help="also write the --compare table to this path")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-    if not args.compare and not (args.config_file and args.output):
+    if args.train_proxy_start and not args.config_file:
+        parser.error("--train-proxy-start needs --config-file (the search config).")
+    if not (args.compare or args.train_proxy_start) and not (args.config_file and args.output):
         parser.error("--config-file and --output are required (or use --compare DIR ...).")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}.")
@@ -134,6 +144,13 @@ def main(argv=None) -> None:
             atomic_write_json(args.json, results)
         if args.markdown:
             atomic_write_text(args.markdown, table)
+        return
+    if args.train_proxy_start:
+        try:
+            weights = train_proxy_start(args.config_file, args.opts, args.train_proxy_start)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+        print(f"The proxy's starting checkpoint: {weights}")
         return
     try:
         load_search_config(args)

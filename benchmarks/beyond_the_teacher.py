@@ -49,21 +49,24 @@ def accuracy(out: str, configs: Sequence[str], seeds: Sequence[int], parent: str
     return command + (["--plot", f"{out}/{result}.png"] if plot else [])
 
 
-def search(out: str, sampler: str, seed: int, config: str, folder: str,
-           trials: int) -> List[str]:
+def search(out: str, sampler: str, seed: int, config: str, folder: str, trials: int,
+           overrides: Sequence[str] = ()) -> List[str]:
     return [sys.executable, "tools/search_net.py", "--config-file", config,
             "--output", f"{out}/{folder}/{sampler}-seed{seed}", "--workers", "1",
             "--trials", str(trials), "--sampler", sampler, "--seed", str(seed),
-            "DISTILL.DETKDS.SEARCH.INPUTS", "['global']", "DISTILL.DETKDS.SEARCH.POPULATION", "8"]
+            "DISTILL.DETKDS.SEARCH.INPUTS", "['global']", "DISTILL.DETKDS.SEARCH.POPULATION", "8",
+            *overrides]
 
 
-def winner_fidelity(out: str, name: str, search_config: str, config: str,
-                    search_dir: str) -> List[str]:
-    """Proxy trial + full schedule (2 seeds) of a search's winner (read when the job runs)."""
+def winner_fidelity(out: str, name: str, search_config: str, config: str, search_dir: str,
+                    proxy_variant: Sequence[str] = ()) -> List[str]:
+    """Proxy trial + full schedule (2 seeds) of a search's winner (read when the job runs);
+    ``proxy_variant``: NAME KEY VALUE ... of the proxy the search ran with."""
+    variant = f" --proxy-variant {' '.join(proxy_variant)}" if proxy_variant else ""
     with_genome = (f'exec "$0" tools/benchmark.py proxy-fidelity --search-config {search_config} '
                    f'--config-file {config} --genomes "$(cat {out}/{search_dir}/best_genome.txt)" '
                    f"--seeds 0 1 --output {out}/fidelity_{name} --json {out}/fidelity_{name}.json "
-                   f"--markdown {out}/fidelity_{name}.md")
+                   f"--markdown {out}/fidelity_{name}.md{variant}")
     return ["bash", "-c", with_genome, sys.executable]
 
 
@@ -110,6 +113,15 @@ def jobs(out: str) -> List[Job]:
             [search(out, sampler, seed, search_cfg, "search", 40)])
         for seed in (1, 0) for sampler in ("ga", "random")
     ]
+    # the same arms with the 200-iteration proxy (docs/detkds_search.md (b): the variant that
+    # ranks the best genomes)
+    proxy200 = ["DISTILL.DETKDS.SEARCH.PROXY_ITERS", "200",
+                "DISTILL.DETKDS.SEARCH.PROXY_WARMUP_ITERS", "40"]
+    queue += [
+        Job(f"search200_{sampler}{seed}", retina_proxy,
+            [search(out, sampler, seed, search_cfg, "search200", 40, proxy200)])
+        for seed in (0, 1) for sampler in ("ga", "random")
+    ]
     queue.append(Job("search_faster_rcnn", ("teacher_faster_rcnn", "student_faster_rcnn"),
                      [search(out, "ga", 0, frcnn_search_cfg, "search_faster_rcnn", 24)]))
     queue.append(Job("winner_faster_rcnn", ("search_faster_rcnn",),
@@ -120,6 +132,12 @@ def jobs(out: str) -> List[Job]:
             [winner_fidelity(out, f"{sampler}{seed}", search_cfg, searched,
                              f"search/{sampler}-seed{seed}")])
         for seed in (1, 0) for sampler in ("ga", "random")
+    ]
+    queue += [
+        Job(f"winner200_{sampler}{seed}", (f"search200_{sampler}{seed}",),
+            [winner_fidelity(out, f"200_{sampler}{seed}", search_cfg, searched,
+                             f"search200/{sampler}-seed{seed}", ["iters200", *proxy200])])
+        for seed in (0, 1) for sampler in ("ga", "random")
     ]
     # Variants of the proxy against the committed fidelity genomes' full-schedule APs
     # (only the variant's proxy trials run).

@@ -452,7 +452,7 @@ def test_best_so_far_and_compare(tmp_path):
                                          "winner_full_ap_mean": None}
     fidelity = tmp_path / "fidelity.json"
     fidelity.write_text(json.dumps({"rows": [{"genome": "global:no|no|no|l1|w=1",
-                                              "full_aps": [40.0, 41.5]}]}))
+                                              "full_aps": [40.0, 41.5], "seeds": [0, 1]}]}))
     with_full, full = compare(dirs, str(tmp_path / "c.png"), full_schedule_aps([str(fidelity)]))
     assert "| 40.75 (40.00, 41.50) | 0 |" in with_full
     assert full["samplers"]["random"]["winner_full_ap_mean"] == 40.75

@@ -23,7 +23,7 @@ from scipy.stats import kendalltau
 from tabulate import tabulate
 
 from ..search.proxy import ProxyEvaluator
-from ..search.report import markdown_cell
+from ..search.report import full_schedule_by_seed, markdown_cell
 from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from .accuracy import run_accuracy_benchmark
 
@@ -117,16 +117,6 @@ def proxy_trials_dir(output: str, proxy_opts: Sequence[str], proxy_variant: str)
     return os.path.join(output, f"proxy@{proxy_variant}" if proxy_variant else "proxy")
 
 
-def known_full_aps(paths: Sequence[str]) -> Dict[str, Dict[int, float]]:
-    """genome -> {seed: full-schedule box AP} from earlier benchmarks' JSON files."""
-    known: Dict[str, Dict[int, float]] = {}
-    for path in paths:
-        with open(path) as f:
-            for row in json.load(f)["rows"]:
-                known.setdefault(row["genome"], {}).update(zip(row["seeds"], row["full_aps"]))
-    return known
-
-
 def full_schedule(config_file: str, genome: str, seeds: Sequence[int], output: str,
                   threads: int) -> List[float]:
     """Box AP of ``config_file`` with ``genome`` at every seed (runs in ``output/full``, reused
@@ -156,7 +146,7 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     says ``full_aps_reused``), so a variant of the proxy costs only its proxy trials, also on a
     machine that no longer has the runs.
     """
-    known = known_full_aps(full_schedule_from)
+    known = full_schedule_by_seed(full_schedule_from)
     proxy_dir = proxy_trials_dir(output, proxy_opts, proxy_variant)
     rows = []
     for i, genome in enumerate(genomes):

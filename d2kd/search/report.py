@@ -108,14 +108,22 @@ def session_overhead(sessions: Sequence[Dict]) -> Dict[str, Optional[float]]:
                                              else 1 - (busy + sum(idle)) / slots)}
 
 
-def full_schedule_aps(paths: Sequence[str]) -> Dict[str, List[float]]:
-    """genome -> its full-schedule box APs (one per seed), from proxy-fidelity results
-    (``tools/benchmark.py proxy-fidelity --json``)."""
-    aps = {}
+def full_schedule_by_seed(paths: Sequence[str]) -> Dict[str, Dict[int, float]]:
+    """genome -> {seed: its full-schedule box AP}, from proxy-fidelity results
+    (``tools/benchmark.py proxy-fidelity --json``; a later file adds to or replaces seeds of an
+    earlier one)."""
+    aps: Dict[str, Dict[int, float]] = {}
     for path in paths:
         with open(path) as f:
-            aps.update({row["genome"]: row["full_aps"] for row in json.load(f)["rows"]})
+            for row in json.load(f)["rows"]:
+                aps.setdefault(row["genome"], {}).update(zip(row["seeds"], row["full_aps"]))
     return aps
+
+
+def full_schedule_aps(paths: Sequence[str]) -> Dict[str, List[float]]:
+    """genome -> its full-schedule box APs (one per seed), from proxy-fidelity results."""
+    return {genome: list(by_seed.values())
+            for genome, by_seed in full_schedule_by_seed(paths).items()}
 
 
 def compare(output_dirs: Sequence[str], plot_path: str,

@@ -162,6 +162,8 @@ def jobs(out: str) -> List[Job]:
             "--proxy-variant", variant, *overrides]]))
     # Toward the teacher (docs/toward_the_teacher.md): one job per (config, seed).
     ladder = [(f"{S}/retinanet_R18_from_R50_detkds_searched_gk.yaml", ("teacher_retinanet",)),
+              (f"{S}/retinanet_R18_from_R50_detkds_searched_gk_1000.yaml",
+               ("teacher_retinanet",)),
               (f"{S}/retinanet_R18_from_R34_detkds_searched_gk.yaml", ("teacher_retinanet_R34",)),
               (f"{S}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
                ("teacher_retinanet_R34",)),

@@ -101,6 +101,8 @@ def jobs(out: str) -> List[Job]:
              "digitsdet/faster_rcnn_R50_teacher"),
             ("teacher_retinanet_R34", f"{S}/retinanet_R34_teacher.yaml",
              "digitsdet/retinanet_R34_teacher"),
+            ("teacher_faster_rcnn_R34", f"{S}/faster_rcnn_R34_teacher.yaml",
+             "digitsdet/faster_rcnn_R34_teacher"),
             ("teacher_hard", f"{H}/retinanet_R50_teacher.yaml",
              "digitsdet_hard/retinanet_R50_teacher")):
         backbone = "pretrain_R34_FPN96" if "R34" in config else "pretrain_R50_FPN128"
@@ -168,11 +170,18 @@ def jobs(out: str) -> List[Job]:
               (f"{S}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
                ("teacher_retinanet_R34",)),
               (f"{S}/retinanet_R18_student_1000.yaml", ("pretrain_R18_FPN64",))]
+    frcnn_ladder = [
+        (f"{S}/faster_rcnn_R18_from_R50_detkds_searched_gk.yaml", ("teacher_faster_rcnn",)),
+        (f"{S}/faster_rcnn_R18_from_R50_detkds_searched_gk_1000.yaml", ("teacher_faster_rcnn",)),
+        (f"{S}/faster_rcnn_R18_from_R34_detkds_searched_gk_1000.yaml",
+         ("teacher_faster_rcnn_R34",)),
+        (f"{S}/faster_rcnn_R18_student_1000.yaml", ("pretrain_R18_FPN64",))]
     # Robustness (DigitsDetHard) and the same comparison on DigitsDet, on one build.
     headline = ["retinanet_R18_student", "retinanet_R18_from_R50_mgd", "retinanet_R18_from_R50_gk",
                 "retinanet_R18_from_R50_dfd", "retinanet_R18_from_R50_detkds_searched"]
     groups = {
         "ladder": ([c for c, _ in ladder], "runs", dict(ladder)),
+        "ladder_faster_rcnn": ([c for c, _ in frcnn_ladder], "runs", dict(frcnn_ladder)),
         "headline_hard": ([f"{H}/{n}.yaml" for n in headline], "runs_hard",
                           {f"{H}/{n}.yaml": ("teacher_hard",) for n in headline}),
         "headline": ([f"{S}/{n}.yaml" for n in headline], "runs",

@@ -171,6 +171,7 @@ def jobs(out: str) -> List[Job]:
                ("teacher_retinanet_R34",)),
               (f"{S}/retinanet_R18_student_1000.yaml", ("pretrain_R18_FPN64",))]
     frcnn_ladder = [
+        (f"{S}/faster_rcnn_R18_student.yaml", ("student_faster_rcnn",)),  # its seed 0 reused
         (f"{S}/faster_rcnn_R18_from_R50_detkds_searched_gk.yaml", ("teacher_faster_rcnn",)),
         (f"{S}/faster_rcnn_R18_from_R50_detkds_searched_gk_1000.yaml", ("teacher_faster_rcnn",)),
         (f"{S}/faster_rcnn_R18_from_R34_detkds_searched_gk_1000.yaml",

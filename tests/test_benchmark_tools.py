@@ -216,7 +216,15 @@ def test_proxy_fidelity_reuses_earlier_full_schedule_aps_and_trains_nothing(tmp_
     assert all(r["full_aps_reused"] for r in rows)
     # ranks by hand: proxy 3 > 2 > 1, full 31 > 20 > 11: every pair concordant
     assert result["kendall_tau"] == pytest.approx(1.0)
+    assert (tmp_path / "f.md").read_text().count("Kendall tau-b: 1.0 (p = ") == 1
     assert not (tmp_path / "out" / "full").exists()  # nothing trained
+    # one genome (a search's winner): the markdown says why there is no rank correlation
+    run_proxy_fidelity_benchmark(
+        "no-such-search.yaml", "no-such-config.yaml", genomes[:1], [0, 1], str(tmp_path / "out"),
+        str(tmp_path / "w.json"), str(tmp_path / "w.md"), proxy_opts=["K", "V"],
+        proxy_variant="v", full_schedule_from=[str(earlier)])
+    assert "Kendall tau-b: none (1 genome(s); a rank correlation needs 2 or more)" in (
+        tmp_path / "w.md").read_text()
     # a seed the earlier result lacks would be trained: the missing config file says so
     with pytest.raises(Exception, match="no-such-config"):
         run_proxy_fidelity_benchmark(

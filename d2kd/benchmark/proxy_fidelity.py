@@ -67,6 +67,15 @@ def _kendall(rows: List[Dict]) -> Dict:
             "genomes": len(rows)}
 
 
+def _tau_text(summary: Dict, prefix: str) -> str:
+    """``summary``'s tau with ``prefix`` ("" or "upper_half_") in words."""
+    genomes = summary[f"{prefix}genomes"]
+    if summary[f"{prefix}kendall_tau"] is None:
+        return f"none ({genomes} genome(s); a rank correlation needs 2 or more)"
+    tau, p_value = summary[f"{prefix}kendall_tau"], summary[f"{prefix}p_value"]
+    return f"{tau} (p = {p_value}, {genomes} genomes)"
+
+
 def fidelity(rows: List[Dict]) -> Dict:
     """Kendall's tau-b (and its two-sided p-value) between ``proxy_ap`` and ``full_ap`` of
     the rows whose proxy trial finished (a rejected candidate has AP -inf), and the same over
@@ -170,12 +179,9 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
                       for i, r in enumerate(rows)],
                      headers=["", "genome", "proxy AP", "full AP (mean)", "spread", "seeds"],
                      tablefmt="github")
-    atomic_write_text(markdown_path, f"{table}\n\nKendall tau-b {summary['kendall_tau']} "
-                                     f"(p = {summary['p_value']}, {summary['genomes']} genomes); "
-                                     "at or above the median proxy AP "
-                                     f"{summary['upper_half_kendall_tau']} (p = "
-                                     f"{summary['upper_half_p_value']}, "
-                                     f"{summary['upper_half_genomes']} genomes)\n")
+    atomic_write_text(markdown_path, f"{table}\n\nKendall tau-b: {_tau_text(summary, '')}; "
+                                     "at or above the median proxy AP: "
+                                     f"{_tau_text(summary, 'upper_half_')}\n")
     if plot_path:
         plot_fidelity(rows, summary, plot_path)
     return summary

@@ -104,7 +104,9 @@ def jobs(out: str) -> List[Job]:
             ("teacher_faster_rcnn_R34", f"{S}/faster_rcnn_R34_teacher.yaml",
              "digitsdet/faster_rcnn_R34_teacher"),
             ("teacher_hard", f"{H}/retinanet_R50_teacher.yaml",
-             "digitsdet_hard/retinanet_R50_teacher")):
+             "digitsdet_hard/retinanet_R50_teacher"),
+            ("teacher_hard_R34", f"{H}/retinanet_R34_teacher.yaml",
+             "digitsdet_hard/retinanet_R34_teacher")):
         backbone = "pretrain_R34_FPN96" if "R34" in config else "pretrain_R50_FPN128"
         parent = "runs_hard" if config.startswith(H) else "teachers"
         queue.append(Job(name, (backbone,), [accuracy(out, [config], [0], parent, name)],
@@ -177,18 +179,24 @@ def jobs(out: str) -> List[Job]:
         (f"{S}/faster_rcnn_R18_from_R34_detkds_searched_gk_1000.yaml",
          ("teacher_faster_rcnn_R34",)),
         (f"{S}/faster_rcnn_R18_student_1000.yaml", ("pretrain_R18_FPN64",))]
-    # Robustness (DigitsDetHard) and the same comparison on DigitsDet, on one build.
-    headline = ["retinanet_R18_student", "retinanet_R18_from_R50_mgd", "retinanet_R18_from_R50_gk",
-                "retinanet_R18_from_R50_dfd", "retinanet_R18_from_R50_detkds_searched"]
+    # Robustness (DigitsDetHard) and the same comparison on DigitsDet, on one build: the
+    # single methods at 600 iterations, then the ladder's best recipe and the student alone at
+    # its budget, each after its teacher. On DigitsDet the student's seed-0 run is
+    # student_retinanet's and the last two rows are the ladder's (same folders: reused).
+    single = ["retinanet_R18_student", "retinanet_R18_from_R50_mgd", "retinanet_R18_from_R50_gk",
+              "retinanet_R18_from_R50_dfd", "retinanet_R18_from_R50_detkds_searched"]
+    best = ["retinanet_R18_student_1000", "retinanet_R18_from_R34_detkds_searched_gk_1000"]
+    hard_deps = {n: ("teacher_hard",) for n in single}
+    hard_deps.update({best[0]: ("pretrain_R18_FPN64",), best[1]: ("teacher_hard_R34",)})
     groups = {
         "ladder": ([c for c, _ in ladder], "runs", dict(ladder)),
         "ladder_faster_rcnn": ([c for c, _ in frcnn_ladder], "runs", dict(frcnn_ladder)),
-        "headline_hard": ([f"{H}/{n}.yaml" for n in headline], "runs_hard",
-                          {f"{H}/{n}.yaml": ("teacher_hard",) for n in headline}),
-        "headline": ([f"{S}/{n}.yaml" for n in headline], "runs",
-                     # the student's seed-0 run is student_retinanet's
-                     {f"{S}/{n}.yaml": ("teacher_retinanet", "student_retinanet")
-                      for n in headline}),
+        "headline_hard": ([f"{H}/{n}.yaml" for n in single + best], "runs_hard",
+                          {f"{H}/{n}.yaml": deps for n, deps in hard_deps.items()}),
+        "headline": ([f"{S}/{n}.yaml" for n in single + best], "runs",
+                     {**{f"{S}/{n}.yaml": ("teacher_retinanet", "student_retinanet")
+                         for n in single},
+                      **{f"{S}/{n}.yaml": ("ladder",) for n in best}}),
     }
     for group, (configs, parent, dep_of) in groups.items():
         parts = []

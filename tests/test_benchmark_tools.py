@@ -39,6 +39,37 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_accuracy_chart_draws_each_reference_ap_as_a_labelled_line():
+    from d2kd.benchmark.accuracy_plot import accuracy_figure
+
+    runs = [_run("student", 0, 30.0), _run("student", 1, 31.0), _run("recipe", 0, 45.0)]
+    fig = accuracy_figure(summarize(runs), runs, [("R-50/2 teacher", 42.92), ("R-34/2", 43.79)])
+    ax = fig.axes[0]
+    lines = {line.get_label(): line.get_xdata() for line in ax.get_lines()
+             if line.get_linestyle() == "--"}
+    assert {label: list(x) for label, x in lines.items()} == {
+        "R-50/2 teacher (42.92)": [42.92, 42.92], "R-34/2 (43.79)": [43.79, 43.79]}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
+    assert ax.get_xlim() == (25.0, 48.0)  # 5 below the lowest seed, 3 above the highest mean
+    assert accuracy_figure(summarize(runs), runs).axes[0].get_legend() is None
+
+
+@pytest.mark.parametrize("reference", ["42.92", "teacher=high", "teacher"])
+def test_a_reference_that_is_not_label_equals_ap_is_one_line_before_anything_runs(
+        tmp_path, reference):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(CONFIGS), "tools", "benchmark.py"),
+         "accuracy", "--configs", "c.yaml", "--output", str(tmp_path), "--json",
+         str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md"), "--reference", reference],
+        capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{reference!r} is not LABEL=AP" in done.stderr.splitlines()[-1]
+    assert os.listdir(tmp_path) == []
+
+
 def test_prototype_refresh_share_comes_from_the_runs_metrics(tmp_path):
     import json
 

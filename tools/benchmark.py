@@ -51,6 +51,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Tuple
 
 import d2kd  # noqa: F401
 from d2kd.benchmark.accuracy import collect_runs, run_accuracy_benchmark
@@ -62,6 +63,17 @@ from d2kd.benchmark.proxy_fidelity import proxy_trials_dir, run_proxy_fidelity_b
 from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
 from d2kd.benchmark.resume_startup import run_resume_startup_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
+
+
+def _reference(text: str) -> Tuple[str, float]:
+    """``LABEL=AP`` of ``--reference`` as (label, AP)."""
+    label, _, ap = text.rpartition("=")
+    try:
+        if label:
+            return label, float(ap)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=AP (e.g. 'R-50/2 teacher=42.92')")
 
 
 def main(argv=None) -> None:
@@ -78,6 +90,9 @@ def main(argv=None) -> None:
     acc.add_argument("--finished-only", action="store_true",
                      help="tabulate finished runs only; train nothing")
     acc.add_argument("--plot", default="", help="also write the table as a PNG chart")
+    acc.add_argument("--reference", type=_reference, action="append", default=[],
+                     metavar="LABEL=AP", help="a dashed line on the chart at box AP AP, e.g. "
+                     "'R-50/2 teacher=42.92'; repeatable")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")
     ovh.add_argument("--config-file", required=True)
@@ -164,7 +179,8 @@ def main(argv=None) -> None:
     if args.command == "accuracy":
         run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
                                args.opts, threads=args.threads, tag=args.tag,
-                               finished_only=args.finished_only, plot_path=args.plot)
+                               finished_only=args.finished_only, plot_path=args.plot,
+                               references=args.reference)
     elif args.command == "overhead":
         result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
                                         args.opts, args.random_teacher)

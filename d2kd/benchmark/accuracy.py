@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
@@ -125,11 +125,13 @@ def markdown_table(summary: List[Dict]) -> str:
 def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output: str,
                            json_path: str, markdown_path: str, opts: Sequence[str] = (),
                            threads: int = 0, tag: str = "",
-                           finished_only: bool = False, plot_path: str = "") -> List[Dict]:
+                           finished_only: bool = False, plot_path: str = "",
+                           references: Sequence[Tuple[str, float]] = ()) -> List[Dict]:
     """``tag`` names a variant (e.g. an ablation's overrides): runs go to
     ``output/<config name>@<tag>/seed<k>`` and the table rows read ``<config name>@<tag>``.
     ``finished_only`` tabulates the finished runs and trains nothing (while a queue runs).
-    ``plot_path``: also a PNG chart of the table (written at the end)."""
+    ``plot_path``: also a PNG chart of the table (written at the end), with a dashed line per
+    ``(label, AP)`` of ``references`` (e.g. the teacher's AP)."""
     planned = [(config, seed, f"{_run_name(config)}@{tag}" if tag else _run_name(config))
                for config in configs for seed in seeds]
     # every finished run is checked against its config before anything trains
@@ -151,7 +153,7 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
     if plot_path and summary:
         from .accuracy_plot import plot_accuracy
 
-        plot_accuracy(summary, runs, plot_path)
+        plot_accuracy(summary, runs, plot_path, references)
     return summary
 
 

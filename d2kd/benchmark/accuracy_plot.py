@@ -1,14 +1,16 @@
 """The accuracy table as a chart: mean box AP per row, every seed's AP marked."""
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
 from ..utils.io import atomic_save_figure
 
 
-def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
+def accuracy_figure(summary: List[Dict], runs: List[Dict],
+                    references: Sequence[Tuple[str, float]] = ()) -> Figure:
     """Horizontal bars of each row's mean box AP (``summary``), with each seed's AP as a dot
-    (``runs``) so that the spread is visible next to the differences."""
+    (``runs``) so that the spread is visible next to the differences; each ``(label, AP)`` of
+    ``references`` (e.g. a teacher's AP) is a dashed vertical line."""
     names = [row["name"] for row in summary]
     means = [row["bbox/AP"] for row in summary]
     fig = Figure(figsize=(7, 0.45 * len(names) + 1.2))
@@ -19,11 +21,22 @@ def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str) -> None:
         seeds = [r["results"]["bbox"]["AP"] for r in runs if r["name"] == name]
         ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
         ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
+    for i, (label, ap) in enumerate(references):
+        ax.axvline(ap, color=f"C{i + 1}", linestyle="--", linewidth=1.2, label=f"{label} ({ap:.2f})")
+    if references:
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(references),
+                  frameon=False)
     ax.set_yticks(list(positions), names, fontsize=8)
     ax.invert_yaxis()
-    low = min(r["results"]["bbox"]["AP"] for r in runs)
-    ax.set_xlim(max(0.0, low - 5.0), max(means) + 3.0)
+    low = min([r["results"]["bbox"]["AP"] for r in runs] + [ap for _, ap in references])
+    ax.set_xlim(max(0.0, low - 5.0), max(means + [ap for _, ap in references]) + 3.0)
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    atomic_save_figure(fig, path)
+    return fig
+
+
+def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str,
+                  references: Sequence[Tuple[str, float]] = ()) -> None:
+    """:func:`accuracy_figure` written to ``path`` (PNG)."""
+    atomic_save_figure(accuracy_figure(summary, runs, references), path)

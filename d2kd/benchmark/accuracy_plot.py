@@ -22,7 +22,8 @@ def accuracy_figure(summary: List[Dict], runs: List[Dict],
         ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
         ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
     for i, (label, ap) in enumerate(references):
-        ax.axvline(ap, color=f"C{i + 1}", linestyle="--", linewidth=1.2, label=f"{label} ({ap:.2f})")
+        ax.axvline(ap, color=f"C{i + 1}", linestyle="--", linewidth=1.2,
+                   label=f"{label} ({ap:.2f})")
     if references:
         ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(references),
                   frameon=False)

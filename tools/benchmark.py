@@ -91,7 +91,7 @@ def main(argv=None) -> None:
                      help="tabulate finished runs only; train nothing")
     acc.add_argument("--plot", default="", help="also write the table as a PNG chart")
     acc.add_argument("--reference", type=_reference, action="append", default=[],
-                     metavar="LABEL=AP", help="a dashed line on the chart at box AP AP, e.g. "
+                     metavar="LABEL=AP", help="a dashed line on the chart at that box AP, e.g. "
                      "'R-50/2 teacher=42.92'; repeatable")
     acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     ovh = sub.add_parser("overhead", help="distillation step vs student step + teacher forward")

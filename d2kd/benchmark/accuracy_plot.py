@@ -29,8 +29,9 @@ def accuracy_figure(summary: List[Dict], runs: List[Dict],
                   frameon=False)
     ax.set_yticks(list(positions), names, fontsize=8)
     ax.invert_yaxis()
-    low = min([r["results"]["bbox"]["AP"] for r in runs] + [ap for _, ap in references])
-    ax.set_xlim(max(0.0, low - 5.0), max(means + [ap for _, ap in references]) + 3.0)
+    reference_aps = [ap for _, ap in references]
+    low = min([r["results"]["bbox"]["AP"] for r in runs] + reference_aps)
+    ax.set_xlim(max(0.0, low - 5.0), max(means + reference_aps) + 3.0)
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -11,13 +11,16 @@ lanes pull in order, each lane one process with one thread (one lane per core):
 ``--only JOB ...`` runs those jobs and what they depend on. A lane claims a job by creating
 ``OUT/claims/JOB`` (atomic ``mkdir``), waits for the job's dependencies to be done, runs it
 and marks it ``OUT/done/JOB`` (or ``OUT/failed/JOB``). Every job reuses finished work
-(pre-trained backbones, finished runs, finished search trials), so after a kill remove
-``OUT/claims`` and start the lanes again. Result files land in OUT; the committed copies are
+(pre-trained backbones, finished runs, finished search trials). A lane stopped with SIGTERM or
+Ctrl-C stops its job's processes and gives its claim back, so starting the lanes again goes on
+where they were; after a hard kill (SIGKILL, a lost machine) remove the claims of the jobs
+that are not done first. Result files land in OUT; the committed copies are
 listed in benchmarks/README.md.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -227,9 +230,25 @@ def closure(queue: List[Job], names: Sequence[str]) -> List[Job]:
     return [job for job in queue if job.name in wanted]
 
 
+def _run_job_command(command: List[str], log) -> int:
+    """Run one command in its own process group; a SIGTERM or Ctrl-C to the lane stops the
+    whole group (the training processes and their data loader workers) before the lane ends,
+    so no orphan goes on writing into a run that a restarted lane resumes."""
+    child = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        return child.wait()
+    except BaseException:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+        raise
+
+
 def run_lane(lane: str, queue: List[Job], out: str) -> None:
     for sub in ("claims", "done", "failed", "logs"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
+    # SIGTERM ends the lane as Ctrl-C does: through the cleanup below
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     def marked(kind: str, name: str) -> bool:
         return os.path.exists(os.path.join(out, kind, name))
@@ -242,21 +261,27 @@ def run_lane(lane: str, queue: List[Job], out: str) -> None:
     for job in queue:
         if marked("done", job.name) or marked("failed", job.name):
             continue
+        claim = os.path.join(out, "claims", job.name)
         try:
-            os.mkdir(os.path.join(out, "claims", job.name))
+            os.mkdir(claim)
         except FileExistsError:  # another lane has it
             continue
-        while not all(marked("done", d) for d in job.deps):
+        try:
+            while not all(marked("done", d) for d in job.deps):
+                if any(marked("failed", d) for d in job.deps):
+                    break
+                time.sleep(20)
             if any(marked("failed", d) for d in job.deps):
-                break
-            time.sleep(20)
-        if any(marked("failed", d) for d in job.deps):
-            mark("failed", job.name, "a dependency failed\n")
-            continue
-        print(f"[{time.strftime('%H:%M')}] lane {lane}: {job.name} started", flush=True)
-        with open(os.path.join(out, "logs", f"{job.name}.log"), "a") as log:
-            codes = [subprocess.call(c, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-                     for c in job.commands]
+                mark("failed", job.name, "a dependency failed\n")
+                continue
+            print(f"[{time.strftime('%H:%M')}] lane {lane}: {job.name} started", flush=True)
+            with open(os.path.join(out, "logs", f"{job.name}.log"), "a") as log:
+                codes = [_run_job_command(c, log) for c in job.commands]
+        except KeyboardInterrupt:
+            os.rmdir(claim)
+            print(f"[{time.strftime('%H:%M')}] lane {lane}: stopped, {job.name} given back",
+                  flush=True)
+            raise SystemExit(130)
         if any(codes):
             mark("failed", job.name, f"exit codes {codes}, see logs/{job.name}.log\n")
             continue

@@ -44,6 +44,11 @@
     python tools/benchmark.py proxy-fidelity ... --full-schedule-from EARLIER.json \
         --proxy-variant iters200 DISTILL.DETKDS.SEARCH.PROXY_ITERS 200
 
+    # does a comparison's ranking hold on another dataset? two accuracy results with the same
+    # rows: APs, ranks, gains over a baseline row, Kendall tau, pairs that hold / flip
+    python tools/benchmark.py ranking --inputs DigitsDet=A.json DigitsDetHard=B.json \
+        --baseline retinanet_R18_student --json OUT --markdown OUT [--plot OUT.png]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -60,6 +65,7 @@ from d2kd.benchmark.loss_scale import run_loss_scale_probe
 from d2kd.benchmark.overhead import run_overhead_benchmark, summarize_overhead
 from d2kd.benchmark.pgm import run_pgm_benchmark
 from d2kd.benchmark.proxy_fidelity import proxy_trials_dir, run_proxy_fidelity_benchmark
+from d2kd.benchmark.ranking import run_ranking_comparison
 from d2kd.benchmark.refresh_memory import run_refresh_memory_benchmark
 from d2kd.benchmark.resume_startup import run_resume_startup_benchmark
 from d2kd.benchmark.run_time import run_time_benchmark
@@ -74,6 +80,15 @@ def _reference(text: str) -> Tuple[str, float]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=AP (e.g. 'R-50/2 teacher=42.92')")
+
+
+def _labelled_path(text: str) -> Tuple[str, str]:
+    """``LABEL=PATH`` of ``ranking --inputs`` as (label, path)."""
+    label, _, path = text.partition("=")
+    if label and path:
+        return label, path
+    raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=JSON (e.g. "
+                                     "'DigitsDetHard=benchmarks/digitsdet_hard/headline.json')")
 
 
 def main(argv=None) -> None:
@@ -170,6 +185,13 @@ def main(argv=None) -> None:
                           "full-schedule APs are reused instead of trained again")
     fid.add_argument("opts", nargs=argparse.REMAINDER,
                      help="KEY VALUE overrides of the search config's proxy (a variant)")
+    rnk = sub.add_parser("ranking", help="does a ranking hold on another dataset (two results)")
+    rnk.add_argument("--inputs", nargs=2, type=_labelled_path, required=True,
+                     metavar="LABEL=JSON", help="two accuracy results with the same rows")
+    rnk.add_argument("--baseline", required=True, help="the row gains are measured from")
+    rnk.add_argument("--json", required=True)
+    rnk.add_argument("--markdown", required=True)
+    rnk.add_argument("--plot", default="", help="also a slope chart of the gains (PNG)")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -220,6 +242,12 @@ def main(argv=None) -> None:
             args.json, args.markdown, args.plot, args.threads, args.opts, args.proxy_variant,
             args.full_schedule_from)
         logging.getLogger("d2kd.benchmark").info("%s", result)
+    elif args.command == "ranking":
+        try:  # bad input is found before anything is written
+            run_ranking_comparison(args.inputs, args.baseline, args.json, args.markdown,
+                                   args.plot)
+        except ValueError as e:
+            parser.error(str(e))
     elif args.command == "collect":
         collect_runs(args.runs, args.json, args.markdown)
 

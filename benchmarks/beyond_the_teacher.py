@@ -212,6 +212,12 @@ def jobs(out: str) -> List[Job]:
         # the table: every run above, reused
         queue.append(Job(group, tuple(parts),
                          [accuracy(out, configs, [0, 1], parent, group, plot=True)]))
+    # Does the DigitsDet ranking hold on DigitsDetHard?
+    queue.append(Job("robustness", ("headline", "headline_hard"), [[
+        sys.executable, "tools/benchmark.py", "ranking", "--inputs",
+        f"DigitsDet={out}/headline.json", f"DigitsDetHard={out}/headline_hard.json",
+        "--baseline", "retinanet_R18_student", "--json", f"{out}/robustness.json",
+        "--markdown", f"{out}/robustness.md", "--plot", f"{out}/robustness.png"]]))
     return queue
 
 

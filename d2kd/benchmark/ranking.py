@@ -74,14 +74,15 @@ def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str) -> Dict
     names = list(aps_a)
     means = {label: {n: sum(aps[n]) / len(aps[n]) for n in names}
              for label, aps in ((label_a, aps_a), (label_b, aps_b))}
+    ranks = {label: {n: rank for rank, n in enumerate(
+        sorted(names, key=lambda n: -means[label][n]), start=1)} for label in means}
     rows = []
     for name in names:
         row: Dict = {"name": name}
         for label, aps in ((label_a, aps_a), (label_b, aps_b)):
-            ordered = sorted(names, key=lambda n: -means[label][n])
             row[label] = {"AP": round(means[label][name], 2), "seeds": aps[name],
                           "gain": round(means[label][name] - means[label][baseline], 2),
-                          "rank": ordered.index(name) + 1}
+                          "rank": ranks[label][name]}
         rows.append(row)
     pairs = []
     for first, second in itertools.combinations(names, 2):

@@ -87,6 +87,14 @@ def prototype_refresh_seconds(output_dir: str) -> Optional[float]:
     return max(totals) if totals else None
 
 
+def box_aps_by_row(runs: List[Dict]) -> Dict[str, List[float]]:
+    """Each run name's box AP per seed, names in the order of the runs (as in :func:`summarize`)."""
+    aps: Dict[str, List[float]] = {}
+    for run in runs:
+        aps.setdefault(run["name"], []).append(run["results"]["bbox"]["AP"])
+    return aps
+
+
 def summarize(runs: List[Dict]) -> List[Dict]:
     """Mean and spread (max - min) of each metric per run name (config, or config@tag)."""
     summary = []

@@ -4,6 +4,7 @@ from typing import Dict, List, Sequence, Tuple
 from matplotlib.figure import Figure
 
 from ..utils.io import atomic_save_figure
+from .accuracy import box_aps_by_row
 
 
 def accuracy_figure(summary: List[Dict], runs: List[Dict],
@@ -17,8 +18,9 @@ def accuracy_figure(summary: List[Dict], runs: List[Dict],
     ax = fig.subplots()
     positions = range(len(names))
     ax.barh(positions, means, color="#8fb3d9")
+    aps = box_aps_by_row(runs)
     for position, name, mean in zip(positions, names, means):
-        seeds = [r["results"]["bbox"]["AP"] for r in runs if r["name"] == name]
+        seeds = aps[name]
         ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
         ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
     for i, (label, ap) in enumerate(references):

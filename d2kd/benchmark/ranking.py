@@ -20,14 +20,7 @@ from scipy.stats import kendalltau
 from tabulate import tabulate
 
 from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
-
-
-def seed_aps(result: Dict) -> Dict[str, List[float]]:
-    """Each row's box AP per seed, in the order of the result's summary."""
-    aps: Dict[str, List[float]] = {row["name"]: [] for row in result["summary"]}
-    for run in result["runs"]:
-        aps[run["name"]].append(run["results"]["bbox"]["AP"])
-    return aps
+from .accuracy import box_aps_by_row
 
 
 def pair_order(first: Sequence[float], second: Sequence[float]) -> int:
@@ -63,7 +56,7 @@ def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str) -> Dict
     if len(results) != 2:
         raise ValueError(f"Give exactly two results to compare, not {len(results)}.")
     (label_a, result_a), (label_b, result_b) = results
-    aps_a, aps_b = seed_aps(result_a), seed_aps(result_b)
+    aps_a, aps_b = box_aps_by_row(result_a["runs"]), box_aps_by_row(result_b["runs"])
     if set(aps_a) != set(aps_b):
         raise ValueError(f"The results have different rows: only in {label_a}: "
                          f"{sorted(set(aps_a) - set(aps_b))}, only in {label_b}: "
@@ -130,15 +123,16 @@ def ranking_figure(comparison: Dict) -> Figure:
     each seed as a dot), so that crossing lines are rank changes."""
     a, b = comparison["datasets"]
     baseline = next(r for r in comparison["rows"] if r["name"] == comparison["baseline"])
+    base = {label: sum(baseline[label]["seeds"]) / len(baseline[label]["seeds"])
+            for label in (a, b)}
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     for i, row in enumerate(comparison["rows"]):
         color = f"C{i}"
         ax.plot([0, 1], [row[a]["gain"], row[b]["gain"]], "-o", color=color, label=row["name"])
         for x, label in ((0, a), (1, b)):
-            base = sum(baseline[label]["seeds"]) / len(baseline[label]["seeds"])
-            ax.plot([x] * len(row[label]["seeds"]), [s - base for s in row[label]["seeds"]],
-                    ".", color=color, alpha=0.5)
+            ax.plot([x] * len(row[label]["seeds"]),
+                    [s - base[label] for s in row[label]["seeds"]], ".", color=color, alpha=0.5)
     ax.set_xticks([0, 1], [a, b])
     ax.set_title(f"Kendall tau of the rows' mean AP: {comparison['kendall_tau']}", fontsize=10)
     ax.set_xlim(-0.3, 1.3)

@@ -43,7 +43,8 @@ def test_accuracy_chart_draws_each_reference_ap_as_a_labelled_line():
     from d2kd.benchmark.accuracy_plot import accuracy_figure
 
     runs = [_run("student", 0, 30.0), _run("student", 1, 31.0), _run("recipe", 0, 45.0)]
-    fig = accuracy_figure(summarize(runs), runs, [("R-50/2 teacher", 42.92), ("R-34/2", 43.79)])
+    seed_aps = {"student": [30.0, 31.0], "recipe": [45.0]}
+    fig = accuracy_figure(summarize(runs), seed_aps, [("R-50/2 teacher", 42.92), ("R-34/2", 43.79)])
     ax = fig.axes[0]
     lines = {line.get_label(): line.get_xdata() for line in ax.get_lines()
              if line.get_linestyle() == "--"}
@@ -51,7 +52,7 @@ def test_accuracy_chart_draws_each_reference_ap_as_a_labelled_line():
         "R-50/2 teacher (42.92)": [42.92, 42.92], "R-34/2 (43.79)": [43.79, 43.79]}
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
     assert ax.get_xlim() == (25.0, 48.0)  # 5 below the lowest seed, 3 above the highest mean
-    assert accuracy_figure(summarize(runs), runs).axes[0].get_legend() is None
+    assert accuracy_figure(summarize(runs), seed_aps).axes[0].get_legend() is None
 
 
 @pytest.mark.parametrize("reference", ["42.92", "teacher=high", "teacher"])

@@ -184,9 +184,10 @@ def test_bank_robustness_weight_and_relations_follow_eq_8():
         best_s = max(cosine(f_s[m], bank.student[1, c, k]) for k in range(2))
         best_t = max(cosine(f_t[m], bank.teacher[1, c, k]) for k in range(2))
         assert w[m].item() == pytest.approx(1 - abs(best_s - best_t), abs=1e-6)
-    rel = bank.relations(f_t, level=1, space="teacher")
-    assert rel.shape == (3, 2 * 2)  # two valid classes x K
-    assert rel[0, 3].item() == pytest.approx(cosine(f_t[0], bank.teacher[1, 2, 1]), abs=1e-6)
+    rel = bank.all_relations(f_t, level=1, space="teacher")
+    assert rel.shape == (3, 3 * 2)  # every class x K, valid or not
+    assert bank.valid_columns(1).tolist() == [True, True, False, False, True, True]
+    assert rel[0, 5].item() == pytest.approx(cosine(f_t[0], bank.teacher[1, 2, 1]), abs=1e-6)
     # identical spaces give w == 1
     same = PrototypeBank(["p3"], 1, 2, 3, 3)
     protos = torch.randn(2, 3, generator=g)

@@ -17,6 +17,7 @@ from ..config import ConfigError, load_config
 from ..config.saved import changed_settings
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_options, run_train_net
+from .accuracy_plot import plot_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,7 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
         atomic_write_text(markdown_path, markdown_table(summary))
     logger.info("\n%s", markdown_table(summary))
     if plot_path and summary:
-        from .accuracy_plot import plot_accuracy
-
-        plot_accuracy(summary, runs, plot_path, references)
+        plot_accuracy(summary, box_aps_by_row(runs), plot_path, references)
     return summary
 
 

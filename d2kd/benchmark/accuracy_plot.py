@@ -4,23 +4,22 @@ from typing import Dict, List, Sequence, Tuple
 from matplotlib.figure import Figure
 
 from ..utils.io import atomic_save_figure
-from .accuracy import box_aps_by_row
 
 
-def accuracy_figure(summary: List[Dict], runs: List[Dict],
+def accuracy_figure(summary: List[Dict], seed_aps: Dict[str, List[float]],
                     references: Sequence[Tuple[str, float]] = ()) -> Figure:
     """Horizontal bars of each row's mean box AP (``summary``), with each seed's AP as a dot
-    (``runs``) so that the spread is visible next to the differences; each ``(label, AP)`` of
-    ``references`` (e.g. a teacher's AP) is a dashed vertical line."""
+    (``seed_aps``: row name -> box AP per seed, ``accuracy.box_aps_by_row``) so that the
+    spread is visible next to the differences; each ``(label, AP)`` of ``references`` (e.g. a
+    teacher's AP) is a dashed vertical line."""
     names = [row["name"] for row in summary]
     means = [row["bbox/AP"] for row in summary]
     fig = Figure(figsize=(7, 0.45 * len(names) + 1.2))
     ax = fig.subplots()
     positions = range(len(names))
     ax.barh(positions, means, color="#8fb3d9")
-    aps = box_aps_by_row(runs)
     for position, name, mean in zip(positions, names, means):
-        seeds = aps[name]
+        seeds = seed_aps[name]
         ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
         ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
     for i, (label, ap) in enumerate(references):
@@ -32,7 +31,7 @@ def accuracy_figure(summary: List[Dict], runs: List[Dict],
     ax.set_yticks(list(positions), names, fontsize=8)
     ax.invert_yaxis()
     reference_aps = [ap for _, ap in references]
-    low = min([r["results"]["bbox"]["AP"] for r in runs] + reference_aps)
+    low = min([ap for name in names for ap in seed_aps[name]] + reference_aps)
     ax.set_xlim(max(0.0, low - 5.0), max(means + reference_aps) + 3.0)
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
     ax.grid(axis="x", alpha=0.3)
@@ -40,7 +39,7 @@ def accuracy_figure(summary: List[Dict], runs: List[Dict],
     return fig
 
 
-def plot_accuracy(summary: List[Dict], runs: List[Dict], path: str,
+def plot_accuracy(summary: List[Dict], seed_aps: Dict[str, List[float]], path: str,
                   references: Sequence[Tuple[str, float]] = ()) -> None:
     """:func:`accuracy_figure` written to ``path`` (PNG)."""
-    atomic_save_figure(accuracy_figure(summary, runs, references), path)
+    atomic_save_figure(accuracy_figure(summary, seed_aps, references), path)

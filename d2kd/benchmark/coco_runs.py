@@ -50,10 +50,11 @@ import sys
 import threading
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from ..model_zoo import get_config_file
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
+from .process_memory import status_mb
 
 logger = logging.getLogger("d2kd.benchmark.coco_runs")
 
@@ -180,17 +181,6 @@ def run_overrides(config_file: str, device: str, ims_per_batch: int, iters: int,
     return list(opts) + run
 
 
-def _status_mb(field: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _one_line(error: BaseException) -> str:
     """``Type: first line of the message (file:line of the raising frame)``."""
     message = (str(error).strip().splitlines() or [""])[0]
@@ -235,13 +225,13 @@ def train_steps(config_file: str, opts: Sequence[str], record: Dict) -> Dict:
         """Records each refresh's seconds (the refresher's own clock) as it happens."""
 
         def _note(self, call) -> None:
-            before, peak_before = self.refresher.total_seconds, _status_mb("VmHWM")
+            before, peak_before = self.refresher.total_seconds, status_mb("VmHWM")
             call()
             if self.refresher.total_seconds != before:
                 record["refresh_seconds"].append(self.refresher.total_seconds - before)
                 record["refresh_images"] = len(self.refresher.index)
                 record.setdefault("peak_rss_before_refresh_mb", peak_before)
-                record.setdefault("peak_rss_after_refresh_mb", _status_mb("VmHWM"))
+                record.setdefault("peak_rss_after_refresh_mb", status_mb("VmHWM"))
 
         def before_step(self) -> None:
             self._note(super().before_step)
@@ -263,21 +253,21 @@ def train_steps(config_file: str, opts: Sequence[str], record: Dict) -> Dict:
             super().run_step()
             synchronize()
             record["step_seconds"].append(time.perf_counter() - start)
-            record["peak_rss_after_step_mb"].append(_status_mb("VmHWM"))
+            record["peak_rss_after_step_mb"].append(status_mb("VmHWM"))
             if "total_loss" in self.storage.histories():
                 record["total_loss"].append(self.storage.history("total_loss").latest())
 
     trainer = TimedTrainer(cfg)
     trainer.resume_or_load(resume=False)
     record["build_seconds"] = time.perf_counter() - began
-    record["rss_after_build_mb"] = _status_mb("VmRSS")
+    record["rss_after_build_mb"] = status_mb("VmRSS")
     trainer.train()
     history = trainer.storage.histories()
     record["data_seconds"] = [v for v, _ in history["data_time"].values()] \
         if "data_time" in history else []
     record["iterations"] = trainer.iter + 1
     record["train_seconds"] = time.perf_counter() - began
-    record["vm_hwm_mb"] = _status_mb("VmHWM")
+    record["vm_hwm_mb"] = status_mb("VmHWM")
     record["threads"] = torch.get_num_threads()
     if cuda:
         record["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -22,25 +22,15 @@ from ..prototypes.refresh import PrototypeRefresher
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json, atomic_write_text
 from .fresh_process import measure_in_fresh_process, save_curves
+from .process_memory import reset_peak_rss, status_mb
 from .random_teachers import save_random_teachers
-
-
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (kB) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def measure(config_file: str, num_images: int, opts: Sequence[str]) -> Dict:
     """One refresh over ``num_images`` repeated training records, in this process."""
+    if status_mb("VmHWM") is None:
+        raise RuntimeError("The refresh memory benchmark reads the peak resident size from "
+                           "/proc/self/status (VmHWM); run it on Linux.")
     cfg = load_config(config_file, list(opts) + [
         "DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS", "0", "DISTILL.PROTOTYPES.MIN_BOX_SIZE", "0.0"])
     if cfg.D2KD.RETAIN_HOST_MEMORY:  # as DistillTrainer does
@@ -49,10 +39,10 @@ def measure(config_file: str, num_images: int, opts: Sequence[str]) -> Dict:
     base = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     dicts = [dict(base[i % len(base)], image_id=i) for i in range(num_images)]
     refresher = PrototypeRefresher(cfg, model, dicts)
-    rss_before = _status_mb("VmRSS")
-    _reset_peak_rss()
+    rss_before = status_mb("VmRSS")
+    reset_peak_rss()
     stats = refresher.refresh()
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     instances = len(refresher.classes)
     channels = sum(bank.teacher.shape[-1] + bank.student.shape[-1]
                    for bank in refresher.banks for _ in bank.levels)

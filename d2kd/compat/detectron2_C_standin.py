@@ -31,8 +31,6 @@ __all__ = [
     "has_cuda",
 ]
 
-D2KD_PURE_PYTHON_STANDIN = True
-
 _FIX = (
     "This detectron2 is the pure-Python build provisioned by d2kd (no compiled extension). "
     "Build detectron2 from source (see detectron2's INSTALL.md) into this environment to use "

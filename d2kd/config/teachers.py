@@ -48,15 +48,6 @@ class TeacherSpec:
     kind: str  # YACS or LAZY
     weights: str  # local path or URL; "" when none was given (an error when building)
 
-    @property
-    def zoo_name(self) -> str:
-        """The model-zoo path of a ``model_zoo://`` reference, else ""."""
-        return self.reference[len(MODEL_ZOO_PREFIX):] if self.is_zoo else ""
-
-    @property
-    def is_zoo(self) -> bool:
-        return self.reference.startswith(MODEL_ZOO_PREFIX)
-
 
 def _config_kind(path: str, reference: str) -> str:
     if path.endswith(".py"):

@@ -25,7 +25,6 @@ from ..compat.file_io import register_path_handler
 from ..data import digitsdet_root
 
 PRETRAINED_PREFIX = "digitsdet-pretrained://"
-PREFIX = PRETRAINED_PREFIX  # the name earlier releases used
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 

@@ -51,18 +51,9 @@ class PrototypeBank(nn.Module):
                        - self.max_cosine(f_t, classes, level, "teacher")).abs()
             return torch.where(self.valid[level, classes], w, torch.ones_like(w))
 
-    def relations(self, features: torch.Tensor, level: int, space: str) -> torch.Tensor:
-        """(M, V*K) cosines of each feature to every prototype of the level's valid classes.
-
-        Its width depends on ``valid`` (boolean indexing: a host synchronisation on a GPU);
-        per-step code uses :meth:`all_relations` with :meth:`valid_columns` instead."""
-        prototypes = getattr(self, space)[level][self.valid[level]]  # (V, K, D)
-        prototypes = prototypes.flatten(0, 1)
-        return F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).t()
-
     def all_relations(self, features: torch.Tensor, level: int, space: str) -> torch.Tensor:
         """(M, C*K) cosines of each feature to every prototype slot of the level, valid or not
-        (fixed shape; the columns of :meth:`relations` are those :meth:`valid_columns` marks)."""
+        (fixed shape, no host synchronisation; :meth:`valid_columns` marks the valid ones)."""
         prototypes = getattr(self, space)[level].flatten(0, 1)  # (C*K, D)
         return F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).t()
 

@@ -22,11 +22,9 @@ import subprocess
 import sys
 from importlib import metadata
 
+from packaging.utils import canonicalize_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def main() -> None:
@@ -35,14 +33,14 @@ def main() -> None:
     p.add_argument("--dest", required=True, help="the virtualenv to create (replaced)")
     args = p.parse_args()
     with open(os.path.join(HERE, "machine_packages.txt")) as f:
-        machine = {normalize(l.strip()) for l in f if l.strip() and not l.startswith("#")}
+        machine = {canonicalize_name(l.strip()) for l in f if l.strip() and not l.startswith("#")}
     shutil.rmtree(args.dest, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", args.dest], check=True)
     site = subprocess.run([os.path.join(args.dest, "bin", "python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     source = os.path.abspath(args.source)
-    dists = {normalize(d.metadata["Name"]): d for d in metadata.distributions(path=[source])}
+    dists = {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions(path=[source])}
     # the machine's packages and what they require (torch's CUDA libraries, ...): a pip-built
     # environment is consistent, and pip's resolver checks installed packages' requirements
     wanted, todo = set(), [n for n in dists if n in machine]
@@ -53,7 +51,7 @@ def main() -> None:
         wanted.add(name)
         for req in dists[name].requires or []:
             if "extra ==" not in req:
-                todo.append(normalize(re.match(r"[A-Za-z0-9._-]+", req).group(0)))
+                todo.append(canonicalize_name(re.match(r"[A-Za-z0-9._-]+", req).group(0)))
     linked, left = [], []
     for name, dist in sorted(dists.items()):
         if name not in wanted:

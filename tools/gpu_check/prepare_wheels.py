@@ -37,6 +37,8 @@ import sys
 import tarfile
 import time
 
+from packaging.utils import canonicalize_name
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_D2_SRC = os.path.join(os.path.dirname(REPO), "shared", "third_party",
@@ -50,12 +52,8 @@ PLATFORMS = ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"
     f"manylinux_2_{n}_x86_64" for n in range(5, 35)]
 
 
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def requirement_name(req: str) -> str:
-    return normalize(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1))
+    return canonicalize_name(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1))
 
 
 def setup_kwargs(source: str) -> dict:
@@ -104,7 +102,7 @@ def run(cmd, **kw):
 
 
 def wheel_name(filename: str) -> str:
-    return normalize(os.path.basename(filename).split("-")[0])
+    return canonicalize_name(os.path.basename(filename).split("-")[0])
 
 
 def main(argv=None) -> None:
@@ -158,8 +156,8 @@ def main(argv=None) -> None:
         if not missing:
             sys.exit("error: pip download failed (see above)")
         name = missing.group(1)
-        pin = next((c for c in cons if requirement_name(c) == normalize(name)), name)
-        if any(wheel_name(w) == normalize(name) for w in glob.glob(os.path.join(built, "*.whl"))):
+        pin = next((c for c in cons if requirement_name(c) == canonicalize_name(name)), name)
+        if any(wheel_name(w) == canonicalize_name(name) for w in glob.glob(os.path.join(built, "*.whl"))):
             sys.exit(f"error: {name} was built here already and still cannot be resolved")
         print(f"{name}: no binary wheel for Python {pyver}; building one from source ({pin})")
         if run(pip + ["wheel", "--no-deps", "-w", built, pin]).returncode != 0:
@@ -173,7 +171,7 @@ def main(argv=None) -> None:
 
     machine = set()
     with open(os.path.join(HERE, "machine_packages.txt")) as f:
-        machine = {normalize(l.strip()) for l in f if l.strip() and not l.startswith("#")}
+        machine = {canonicalize_name(l.strip()) for l in f if l.strip() and not l.startswith("#")}
 
     os.makedirs(args.dest, exist_ok=True)
     for old in glob.glob(os.path.join(args.dest, "*.whl")):

@@ -10,12 +10,12 @@ STAMP := $(VENV)/.d2kd-setup-stamp
 
 # Exact versions of the embedded environments. setup.py has lower bounds only (installing d2kd
 # never replaces a user's torch / detectron2); the pins live here and reach every pip call:
-# with -c for the Makefile's own calls, through PIP_CONSTRAINT for d2kd.compat.provision's.
+# with -c for the Makefile's own calls, through PIP_CONSTRAINT for d2kd.provision's.
 CONSTRAINTS := requirements/constraints.txt
 PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
-	d2kd/compat/provision.py d2kd/compat/detectron2_C_standin.py
+	d2kd/provision/build.py d2kd/provision/detectron2_C_standin.py
 
 .PHONY: setup demo test collect-env clean-venv test-upstream setup-upstream clean-upstream
 
@@ -25,7 +25,7 @@ $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(PY)) "setuptools<81" wheel
 	$(call PIP,$(PY)) -e ".[test,deploy]"
-	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.compat.provision
+	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.provision
 	$(PY) -m d2kd.collect_env
 	touch $(STAMP)
 

@@ -29,7 +29,7 @@ from conftest import REPO
 PACKAGE = os.path.join(REPO, "d2kd")
 CORE = {"compat", "utils", "structures", "config", "data", "model_zoo", "modeling", "heads",
         "prototypes", "engine"}
-APPLICATIONS = {"search", "benchmark", "launch", "collect_env"}
+APPLICATIONS = {"search", "benchmark", "launch", "collect_env", "provision"}
 
 
 def _module_name(path: str) -> str:
@@ -151,6 +151,31 @@ def checkout_paths(source: str) -> List[int]:
     return sorted(set(lines))
 
 
+PROCESS_MODULES = {"subprocess", "multiprocessing", "torch.multiprocessing"}
+OS_PROCESS_CALLS = ("system", "popen", "fork", "exec", "spawn", "posix_spawn")
+
+
+def process_launches(source: str) -> List[int]:
+    """Lines that can start a process: imports of ``subprocess`` / ``multiprocessing`` /
+    ``torch.multiprocessing`` (or of names from them), and ``os.system``, ``os.popen``,
+    ``os.fork``, ``os.exec*``, ``os.spawn*`` calls."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(
+                a.name.split(".")[0] in PROCESS_MODULES or a.name in PROCESS_MODULES
+                for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and not node.level and (
+                node.module in PROCESS_MODULES or (node.module == "torch" and any(
+                    a.name == "multiprocessing" for a in node.names))):
+            lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "os"
+              and node.func.attr.startswith(OS_PROCESS_CALLS)):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
 # ---- the checkers catch what they should -----------------------------------------------------
 def test_checkers_find_planted_violations(tmp_path):
     bad = [
@@ -170,6 +195,10 @@ def test_checkers_find_planted_violations(tmp_path):
         "Q = Path(__file__).parent.parent\n") == [2, 3, 5, 6]
     # a package's own data folder is fine
     assert checkout_paths("import os\nC = os.path.join(os.path.dirname(__file__), 'configs')\n") == []
+    assert process_launches(
+        "import subprocess\nimport torch.multiprocessing as mp\nfrom torch import multiprocessing\n"
+        "from multiprocessing import Pool\nimport os\nos.system('ls')\nos.execvp('ls', [])\n"
+        "os.path.join('a')\nimport torch.distributed as dist\n") == [1, 2, 3, 4, 6, 7]
 
 
 # ---- the tree ---------------------------------------------------------------------------------
@@ -185,6 +214,12 @@ def test_core_never_imports_an_application():
 
 def test_no_two_packages_import_each_other():
     assert package_cycles(package_edges(_sources())) == []
+
+
+def test_core_never_launches_processes():
+    found = {os.path.relpath(path, REPO): lines for path, source, _ in _sources()
+             if package_of(_module_name(path)) in CORE and (lines := process_launches(source))}
+    assert found == {}
 
 
 def test_library_computes_no_paths_into_the_checkout():

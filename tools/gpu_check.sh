@@ -159,7 +159,7 @@ if [[ ${1:-} == _detectron2_fallback ]]; then
   cp "$WHEELS"/src/pb1-detectron2-0.6.tar.gz "$WORK/provision/downloads/"
   unset PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT
   PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS" \
-    "$VPY" -m d2kd.compat.provision --work-dir "$WORK/provision"
+    "$VPY" -m d2kd.provision --work-dir "$WORK/provision"
   exit 0
 fi
 

@@ -4,7 +4,7 @@ from typing import Callable, Optional, Sequence
 
 from detectron2.engine import default_argument_parser
 
-from ..compat.distributed import launch
+from .distributed import launch
 from ..config import ConfigError
 
 

@@ -216,8 +216,9 @@ def jobs(out: str) -> List[Job]:
     queue.append(Job("robustness", ("headline", "headline_hard"), [[
         sys.executable, "tools/benchmark.py", "ranking", "--inputs",
         f"DigitsDet={out}/headline.json", f"DigitsDetHard={out}/headline_hard.json",
-        "--baseline", "retinanet_R18_student", "--json", f"{out}/robustness.json",
-        "--markdown", f"{out}/robustness.md", "--plot", f"{out}/robustness.png"]]))
+        "--baseline", "retinanet_R18_student", "--methods", *single[1:],
+        "--json", f"{out}/robustness.json", "--markdown", f"{out}/robustness.md",
+        "--plot", f"{out}/robustness.png"]]))
     return queue
 
 

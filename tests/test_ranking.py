@@ -44,6 +44,24 @@ def test_ranks_gains_tau_and_pair_verdicts_by_hand():
     assert comparison["pair_counts"] == {"holds": 3, "flips": 2, "unresolved": 1}
 
 
+def test_tau_among_the_methods_leaves_out_the_rows_whose_place_is_never_in_question():
+    comparison = compare_rankings([("easy", _result(EASY)), ("hard", _result(HARD))], "student",
+                                  methods=["c", "a", "b"])
+    # means a 35.5 / 26.5, b 37.5 / 25.75, c 40.5 / 24.25: all 3 pairs discordant
+    assert comparison["methods"] == {"rows": ["a", "b", "c"], "kendall_tau": -1.0,
+                                     "p_value": pytest.approx(0.3333, abs=1e-4)}
+    assert comparison["kendall_tau"] == 0.0  # over all rows, unchanged
+    assert "methods" not in compare_rankings(
+        [("easy", _result(EASY)), ("hard", _result(HARD))], "student")
+
+
+@pytest.mark.parametrize("methods", [["a", "b"], ["a", "b", "teacher"]])
+def test_methods_must_be_three_rows(methods):
+    with pytest.raises(ValueError, match="give at least 3 of the rows"):
+        compare_rankings([("easy", _result(EASY)), ("hard", _result(HARD))], "student",
+                         methods=methods)
+
+
 def test_same_order_everywhere_is_tau_one():
     shifted = {name: [ap - 10.0 for ap in seeds] for name, seeds in EASY.items()}
     comparison = compare_rankings([("easy", _result(EASY)), ("hard", _result(shifted))],
@@ -64,11 +82,13 @@ def test_slope_chart_draws_each_rows_mean_gain_on_both_datasets():
 def test_writes_json_markdown_and_png(tmp_path):
     easy, hard = _write(tmp_path, "e.json", EASY), _write(tmp_path, "h.json", HARD)
     run_ranking_comparison([("easy", easy), ("hard", hard)], "student", str(tmp_path / "r.json"),
-                           str(tmp_path / "r.md"), str(tmp_path / "r.png"))
+                           str(tmp_path / "r.md"), str(tmp_path / "r.png"), ["a", "b", "c"])
     assert json.loads((tmp_path / "r.json").read_text())["pair_counts"]["flips"] == 2
     text = (tmp_path / "r.md").read_text()
     assert "| c       | 40.50 (1)        | +10.00      |" in text
     assert "- flips: a is below c on easy, above on hard" in text
+    assert "- unresolved: a is below b on easy, level with it on hard" in text
+    assert "Among a, b, c: Kendall tau -1.0 (p = 0.3333, 3 rows)." in text
     assert (tmp_path / "r.png").stat().st_size > 0
 
 

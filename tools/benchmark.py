@@ -47,7 +47,8 @@
     # does a comparison's ranking hold on another dataset? two accuracy results with the same
     # rows: APs, ranks, gains over a baseline row, Kendall tau, pairs that hold / flip
     python tools/benchmark.py ranking --inputs DigitsDet=A.json DigitsDetHard=B.json \
-        --baseline retinanet_R18_student --json OUT --markdown OUT [--plot OUT.png]
+        --baseline retinanet_R18_student --json OUT --markdown OUT [--plot OUT.png] \
+        [--methods ROW ROW ROW ...]   # also Kendall tau among these rows
 
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
@@ -192,6 +193,9 @@ def main(argv=None) -> None:
     rnk.add_argument("--json", required=True)
     rnk.add_argument("--markdown", required=True)
     rnk.add_argument("--plot", default="", help="also a slope chart of the gains (PNG)")
+    rnk.add_argument("--methods", nargs="+", default=[],
+                     help="rows whose ranking among themselves is also reported (Kendall tau), "
+                          "e.g. the distillation methods without the baseline")
     col = sub.add_parser("collect", help="summarise finished tools/train_net.py runs")
     col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
     col.add_argument("--json", required=True)
@@ -245,7 +249,7 @@ def main(argv=None) -> None:
     elif args.command == "ranking":
         try:  # bad input is found before anything is written
             run_ranking_comparison(args.inputs, args.baseline, args.json, args.markdown,
-                                   args.plot)
+                                   args.plot, args.methods)
         except ValueError as e:
             parser.error(str(e))
     elif args.command == "collect":

@@ -4,8 +4,9 @@ Two accuracy results (``tools/benchmark.py accuracy`` JSON) with the same rows, 
 RetinaNet methods on DigitsDet and on DigitsDetHard (configs of the same file name in
 ``configs/DigitsDet/`` and ``configs/DigitsDetHard/``). Per row and dataset: mean box AP, its
 rank, and its gain over a baseline row (the student without distillation). Between the two
-datasets: Kendall's rank correlation (tau-b, ``scipy.stats.kendalltau``) of the rows' mean APs,
-and every pair of rows classified by its seeds: a pair is *separated* on a dataset when every
+datasets: Kendall's rank correlation (tau-b, ``scipy.stats.kendalltau``) of the rows' mean APs
+(over all rows, and over a chosen subset, e.g. the distillation methods without the baseline
+and rows of another budget, whose places are never in question), and every pair of rows classified by its seeds: a pair is *separated* on a dataset when every
 seed of one row scores above every seed of the other; it *holds* when it is separated on both
 datasets in the same order, *flips* when separated on both in opposite orders, and is
 *unresolved* otherwise (the seeds overlap on at least one dataset).
@@ -50,9 +51,19 @@ def load_results(inputs: Sequence[Tuple[str, str]]) -> List[Tuple[str, Dict]]:
     return loaded
 
 
-def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str) -> Dict:
+def _kendall(means: Dict[str, Dict[str, float]], labels: Sequence[str],
+             names: Sequence[str]) -> Dict:
+    """Kendall's tau-b (and its p-value) of the mean APs of ``names`` on the two datasets."""
+    tau, p_value = kendalltau([means[labels[0]][n] for n in names],
+                              [means[labels[1]][n] for n in names])
+    return {"kendall_tau": round(float(tau), 4), "p_value": round(float(p_value), 4)}
+
+
+def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str,
+                     methods: Sequence[str] = ()) -> Dict:
     """The two ``(label, accuracy result)`` compared row by row (rows matched by name, in the
-    order of the first result); ``baseline`` is the row the gains are measured from."""
+    order of the first result); ``baseline`` is the row the gains are measured from;
+    ``methods``: rows whose ranking among themselves is also reported (at least 3)."""
     if len(results) != 2:
         raise ValueError(f"Give exactly two results to compare, not {len(results)}.")
     (label_a, result_a), (label_b, result_b) = results
@@ -64,6 +75,10 @@ def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str) -> Dict
                          "configs.")
     if baseline not in aps_a:
         raise ValueError(f"--baseline {baseline!r} is not a row; rows: {list(aps_a)}.")
+    unknown = [m for m in methods if m not in aps_a]
+    if unknown or 0 < len(set(methods)) < 3:
+        raise ValueError(f"--methods {list(methods)}: give at least 3 of the rows "
+                         f"{list(aps_a)} (unknown: {unknown}).")
     names = list(aps_a)
     means = {label: {n: sum(aps[n]) / len(aps[n]) for n in names}
              for label, aps in ((label_a, aps_a), (label_b, aps_b))}
@@ -85,12 +100,14 @@ def compare_rankings(results: Sequence[Tuple[str, Dict]], baseline: str) -> Dict
                    else "holds" if order_a == order_b else "flips")
         pairs.append({"pair": [first, second], label_a: order_a, label_b: order_b,
                       "verdict": verdict})
-    tau, p_value = kendalltau([means[label_a][n] for n in names],
-                              [means[label_b][n] for n in names])
     counts = {v: sum(p["verdict"] == v for p in pairs) for v in ("holds", "flips", "unresolved")}
-    return {"datasets": [label_a, label_b], "baseline": baseline, "rows": rows, "pairs": pairs,
-            "kendall_tau": round(float(tau), 4), "p_value": round(float(p_value), 4),
-            "pair_counts": counts}
+    labels = (label_a, label_b)
+    comparison = {"datasets": list(labels), "baseline": baseline, "rows": rows, "pairs": pairs,
+                  **_kendall(means, labels, names), "pair_counts": counts}
+    if methods:
+        chosen = [n for n in names if n in set(methods)]
+        comparison["methods"] = {"rows": chosen, **_kendall(means, labels, chosen)}
+    return comparison
 
 
 def markdown_report(comparison: Dict) -> str:
@@ -101,20 +118,27 @@ def markdown_report(comparison: Dict) -> str:
               f"{r[b]['AP']:.2f} ({r[b]['rank']})", f"{r[b]['gain']:+.2f}"]
              for r in comparison["rows"]]
     counts = comparison["pair_counts"]
-    words = {1: "above", -1: "below", 0: "level within the seeds"}
+    words = {1: "above", -1: "below", 0: "level with"}
     lines = [f"Mean box AP over seeds, its rank, and the gain over {comparison['baseline']}.", "",
              tabulate(table, headers, tablefmt="github", disable_numparse=True), "",
              f"Kendall tau of the mean APs: {comparison['kendall_tau']} "
-             f"(p = {comparison['p_value']}, {len(table)} rows).", "",
+             f"(p = {comparison['p_value']}, {len(table)} rows)."]
+    if "methods" in comparison:
+        methods = comparison["methods"]
+        lines.append(f"Among {', '.join(methods['rows'])}: Kendall tau "
+                     f"{methods['kendall_tau']} (p = {methods['p_value']}, "
+                     f"{len(methods['rows'])} rows).")
+    lines += ["",
              f"Pairs of rows ({len(comparison['pairs'])}): {counts['holds']} hold (every seed "
              f"in the same order on both), {counts['flips']} flip, {counts['unresolved']} "
-             "within the seeds' spread on at least one dataset."]
+             "within the seeds' spread on at least one dataset (level)."]
     for verdict in ("flips", "unresolved"):
         for p in comparison["pairs"]:
             if p["verdict"] == verdict:
                 first, second = p["pair"]
+                second_word = "level with it" if p[b] == 0 else words[p[b]]
                 lines.append(f"- {verdict}: {first} is {words[p[a]]} {second} on {a}, "
-                             f"{words[p[b]]} on {b}")
+                             f"{second_word} on {b}")
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +158,11 @@ def ranking_figure(comparison: Dict) -> Figure:
             ax.plot([x] * len(row[label]["seeds"]),
                     [s - base[label] for s in row[label]["seeds"]], ".", color=color, alpha=0.5)
     ax.set_xticks([0, 1], [a, b])
-    ax.set_title(f"Kendall tau of the rows' mean AP: {comparison['kendall_tau']}", fontsize=10)
+    title = f"Kendall tau of the rows' mean AP: {comparison['kendall_tau']}"
+    if "methods" in comparison:
+        title += (f"\namong the {len(comparison['methods']['rows'])} methods: "
+                  f"{comparison['methods']['kendall_tau']}")
+    ax.set_title(title, fontsize=10)
     ax.set_xlim(-0.3, 1.3)
     ax.set_ylabel(f"box AP gain over {comparison['baseline']} (line: mean; dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
@@ -144,10 +172,11 @@ def ranking_figure(comparison: Dict) -> Figure:
 
 
 def run_ranking_comparison(inputs: Sequence[Tuple[str, str]], baseline: str, json_path: str,
-                           markdown_path: str, plot_path: Optional[str] = None) -> Dict:
+                           markdown_path: str, plot_path: Optional[str] = None,
+                           methods: Sequence[str] = ()) -> Dict:
     """Compare the two accuracy results ``inputs`` (``(label, path)``); write JSON, markdown
     and (``plot_path``) the slope chart."""
-    comparison = compare_rankings(load_results(inputs), baseline)
+    comparison = compare_rankings(load_results(inputs), baseline, methods)
     atomic_write_json(json_path, comparison)
     atomic_write_text(markdown_path, markdown_report(comparison))
     if plot_path:

@@ -6,10 +6,11 @@ RetinaNet methods on DigitsDet and on DigitsDetHard (configs of the same file na
 rank, and its gain over a baseline row (the student without distillation). Between the two
 datasets: Kendall's rank correlation (tau-b, ``scipy.stats.kendalltau``) of the rows' mean APs
 (over all rows, and over a chosen subset, e.g. the distillation methods without the baseline
-and rows of another budget, whose places are never in question), and every pair of rows classified by its seeds: a pair is *separated* on a dataset when every
-seed of one row scores above every seed of the other; it *holds* when it is separated on both
-datasets in the same order, *flips* when separated on both in opposite orders, and is
-*unresolved* otherwise (the seeds overlap on at least one dataset).
+and rows of another budget, whose places are never in question), and every pair of rows
+classified by its seeds: a pair is *separated* on a dataset when every seed of one row scores
+above every seed of the other; it *holds* when it is separated on both datasets in the same
+order, *flips* when separated on both in opposite orders, and is *unresolved* otherwise (the
+seeds overlap on at least one dataset).
 """
 import itertools
 import json

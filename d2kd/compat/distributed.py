@@ -25,7 +25,8 @@ def create_local_process_group(procs_per_machine: int, machine_rank: int) -> Non
     if hasattr(comm, "create_local_process_group"):  # upstream main
         comm.create_local_process_group(procs_per_machine)
         return
-    world_size = dist.get_world_size()  # v0.6: its launch() sets the private group itself
+    # v0.6 has no public function for it: its own launch() worker sets this private global
+    world_size = dist.get_world_size()
     for machine in range(world_size // procs_per_machine):
         ranks = list(range(machine * procs_per_machine, (machine + 1) * procs_per_machine))
         group = dist.new_group(ranks)

@@ -1,8 +1,9 @@
 """Shared fixtures and helpers of the test suite (test modules import nothing from each other).
 
 Fixtures: ``tiny_digitsdet`` (a tiny DigitsDet copy registered as ``digitsdet_tiny_{train,val}``),
-``teacher_weights`` (an untrained R-50/2 RetinaNet teacher) and ``teachers`` (untrained R-50/2
-and R-34/2 RetinaNet teachers). Helpers: ``tiny_training_cfg``, ``distill_cfg``,
+``teacher_weights`` (an untrained R-50/2 RetinaNet teacher), ``teachers`` (untrained R-50/2
+and R-34/2 RetinaNet teachers) and ``module_tmp_path_factory`` (folders for a module's shared
+fixtures, removed when its tests end). Helpers: ``tiny_training_cfg``, ``distill_cfg``,
 ``save_untrained_teacher``, ``launch_two_processes``, ``cosine``.
 
 Tests that train (a ``DistillTrainer``, ``tools/*.py`` or another subprocess, a benchmark, pip's
@@ -10,8 +11,11 @@ resolver) are marked ``slow`` (pytest.ini): ``pytest -m "not slow"`` runs the re
 minute; ``make test`` runs everything.
 """
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +44,30 @@ def tiny_digitsdet(tmp_path_factory) -> str:
     generate_digitsdet(root, TINY_SPEC, show_progress=False)
     register_digitsdet(root, name_prefix="digitsdet_tiny")
     return root
+
+
+class ModuleTempFolders:
+    """``tmp_path_factory.mktemp`` for one test module's shared fixtures: numbered folders in one
+    folder of the module's."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def mktemp(self, basename: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=basename, dir=self.root))
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path_factory(tmp_path_factory, request):
+    """Folders for a module's shared fixtures (untrained full-size teachers, finished runs: up to
+    ~370 MB each), removed when the module's tests end unless one of them failed: the same
+    retention as ``tmp_path``'s (pytest.ini: ``tmp_path_retention_policy = failed``), so that a
+    whole suite needs disk for one module at a time, not for all of them."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failed_before = request.session.testsfailed
+    yield ModuleTempFolders(root)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def tiny_training_cfg(config_file: str, output_dir: str, max_iter: int = 2):

@@ -34,14 +34,14 @@ def test_configs_exist_for_every_family():
 
 
 @pytest.fixture(scope="module")
-def untrained_teachers(tmp_path_factory):
+def untrained_teachers(module_tmp_path_factory):
     """config path -> a checkpoint matching it (teachers must load complete weights)."""
     cache = {}
 
     def weights_for(spec: TeacherSpec, cfg) -> str:
         if spec.reference not in cache:
             model = build_teacher_model(replace(spec, weights="(random)"), cfg)[0]
-            out = tmp_path_factory.mktemp("teacher")
+            out = module_tmp_path_factory.mktemp("teacher")
             DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
             cache[spec.reference] = str(out / "model_final.pth")
         return cache[spec.reference]

@@ -53,9 +53,9 @@ def val_images(root: str, count: int = 3):
 
 
 @pytest.fixture(scope="module")
-def distilled(tiny_digitsdet, tmp_path_factory):
+def distilled(tiny_digitsdet, module_tmp_path_factory):
     """A finished 1-iteration DigitsDet RetinaNet distillation: (its OUTPUT_DIR, the model)."""
-    out = tmp_path_factory.mktemp("distilled")
+    out = module_tmp_path_factory.mktemp("distilled")
     teacher = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", out / "teacher")
     cfg = distill_cfg(str(out / "run"), teacher, max_iter=1)
     trainer = DistillTrainer(cfg)
@@ -65,11 +65,11 @@ def distilled(tiny_digitsdet, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def students(tiny_digitsdet, tmp_path_factory):
+def students(tiny_digitsdet, module_tmp_path_factory):
     """family -> (weights, plain config, overrides) of DigitsDet students at (seeded) random
     initialisation: scores of a 1-step distillation are not reproducible, and untrained ones
     are close together, so that a tie broken another way would change the detections."""
-    out = tmp_path_factory.mktemp("students")
+    out = module_tmp_path_factory.mktemp("students")
     exported = {}
     for family, config_file in STUDENTS.items():
         cfg = tiny_training_cfg(config_file, str(out / family))

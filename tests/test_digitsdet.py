@@ -39,15 +39,15 @@ def _load(root: str, split: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("tiny") / "digitsdet")
+def tiny_root(module_tmp_path_factory) -> str:
+    root = str(module_tmp_path_factory.mktemp("tiny") / "digitsdet")
     generate_digitsdet(root, TINY, show_progress=False)
     return root
 
 
 @pytest.fixture(scope="module")
-def medium_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("medium") / "digitsdet")
+def medium_root(module_tmp_path_factory) -> str:
+    root = str(module_tmp_path_factory.mktemp("medium") / "digitsdet")
     generate_digitsdet(root, MEDIUM, show_progress=False)
     return root
 

@@ -72,13 +72,13 @@ def _zoo_cache_path(cache_dir: str, reference: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher_files(tmp_path_factory):
+def teacher_files(module_tmp_path_factory):
     """kind -> (config for training, weights path): random teachers saved once, the model-zoo
     URL of the yacs teacher pre-placed in iopath's cache (so it resolves without a download)."""
-    cache = str(tmp_path_factory.mktemp("iopath_cache"))
+    cache = str(module_tmp_path_factory.mktemp("iopath_cache"))
     files = {}
     for kind in TEACHERS:
-        cfg = _teacher_cfg(kind, str(tmp_path_factory.mktemp(kind)), weights="(random)")
+        cfg = _teacher_cfg(kind, str(module_tmp_path_factory.mktemp(kind)), weights="(random)")
         spec = teacher_specs(cfg)[0]
         torch.manual_seed(0)
         model = build_teacher_model(spec, cfg)[0]
@@ -86,7 +86,7 @@ def teacher_files(tmp_path_factory):
             save_model_zoo_pkl(model, _zoo_cache_path(cache, spec.reference))
             files[kind] = None
         else:
-            directory = str(tmp_path_factory.mktemp(kind + "-weights"))
+            directory = str(module_tmp_path_factory.mktemp(kind + "-weights"))
             DetectionCheckpointer(model, save_dir=directory).save("teacher")
             files[kind] = os.path.join(directory, "teacher.pth")
     return cache, files

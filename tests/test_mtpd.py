@@ -71,8 +71,8 @@ def run(cfg, resume=False, stop_after=-1):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_digitsdet, teachers, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(tiny_digitsdet, teachers, module_tmp_path_factory):
+    out = module_tmp_path_factory.mktemp("uninterrupted")
     cfg = progressive_cfg(out, teachers)
     cfg.DISTILL.INIT_FROM_TEACHER = True
     calls = []

@@ -34,13 +34,13 @@ def _final(output_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_digitsdet, teachers, tmp_path_factory):
+def uninterrupted(tiny_digitsdet, teachers, module_tmp_path_factory):
     """kind -> output directory of its uninterrupted run (trained on first use)."""
     runs = {}
 
     def run(kind: str):
         if kind not in runs:
-            runs[kind] = tmp_path_factory.mktemp(f"{kind}-uninterrupted")
+            runs[kind] = module_tmp_path_factory.mktemp(f"{kind}-uninterrupted")
             assert _run(_config(kind, runs[kind], teachers), tiny_digitsdet, "fresh") == 0
         return runs[kind]
 
@@ -84,9 +84,9 @@ CASES = [  # (run kind, kill point): the step index is the iteration about to ru
 
 @pytest.mark.parametrize("kind, kill_point", CASES, ids=[f"{k}-{p}" for k, p in CASES])
 def test_killed_and_resumed_run_ends_bit_identical(kind, kill_point, tiny_digitsdet, teachers,
-                                                   uninterrupted, tmp_path_factory):
+                                                   uninterrupted, tmp_path):
     reference = uninterrupted(kind)
-    killed = tmp_path_factory.mktemp(f"{kind}-killed")
+    killed = tmp_path / f"{kind}-killed"
     config = _config(kind, killed, teachers)
     assert _run(config, tiny_digitsdet, "fresh", kill_point) == -9
     assert not os.path.isfile(killed / "model_final.pth")

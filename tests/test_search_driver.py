@@ -234,8 +234,8 @@ def test_running_trials_of_dead_workers_are_requeued(tmp_path):
 
 # ---- the real proxy evaluator and the tool --------------------------------------------------
 @pytest.fixture(scope="module")
-def proxy_config_file(tmp_path_factory, tiny_digitsdet):
-    out = tmp_path_factory.mktemp("proxy")
+def proxy_config_file(module_tmp_path_factory, tiny_digitsdet):
+    out = module_tmp_path_factory.mktemp("proxy")
     teacher = save_untrained_teacher(TEACHER, out / "teacher")
     path = out / "search.yaml"
     path.write_text(f"""_BASE_: "{DETKDS}"

@@ -110,13 +110,13 @@ def _transformer_cfg(kind: str, output_dir: str, weights: str, student: str = RC
 
 
 @pytest.fixture(scope="module")
-def transformer_weights(tmp_path_factory):
+def transformer_weights(module_tmp_path_factory):
     """kind -> a checkpoint of the shrunk teacher with random weights (built on first use)."""
     files = {}
 
     def weights_for(kind: str) -> str:
         if kind not in files:
-            directory = tmp_path_factory.mktemp(kind)
+            directory = module_tmp_path_factory.mktemp(kind)
             cfg = _transformer_cfg(kind, str(directory), "(random)")
             torch.manual_seed(0)
             model = build_teacher_model(teacher_specs(cfg)[0], cfg)[0]
@@ -389,11 +389,11 @@ def test_cascade_teacher_roi_predictions_against_the_stages_run_by_hand(cascade_
 
 
 @pytest.fixture(scope="module")
-def cascade_weights(tmp_path_factory):
+def cascade_weights(module_tmp_path_factory):
     cfg = load_config(os.path.join(CONFIGS, "DigitsDet/faster_rcnn_R50_teacher.yaml"),
                       CASCADE_OPTS + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("cascade")
+    directory = module_tmp_path_factory.mktemp("cascade")
     DetectionCheckpointer(build_model(cfg), save_dir=str(directory)).save("teacher")
     return str(directory / "teacher.pth")
 

@@ -1,6 +1,6 @@
 """Shared fixtures and helpers of the test suite (test modules import nothing from each other).
 
-Fixtures: ``tiny_digitsdet`` (a tiny DigitsDet copy registered as ``digitsdet_tiny_{train,val}``),
+Fixtures: ``tiny_digitsdet`` (a tiny DigitsDet copy registered as ``digitsdet_tiny_{train,val,test}``),
 ``teacher_weights`` (an untrained R-50/2 RetinaNet teacher), ``teachers`` (untrained R-50/2
 and R-34/2 RetinaNet teachers) and ``module_tmp_path_factory`` (folders for a module's shared
 fixtures, removed when its tests end). Helpers: ``tiny_training_cfg``, ``distill_cfg``,
@@ -29,7 +29,7 @@ from d2kd.data.digitsdet import DigitsDetSpec, generate_digitsdet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
-TINY_SPEC = DigitsDetSpec(seed=0, num_train=24, num_val=8)
+TINY_SPEC = DigitsDetSpec(seed=0, num_train=24, num_val=8, num_test=4)
 TEACHER = "DigitsDet/retinanet_R50_teacher.yaml"  # R-50/2, FPN 128
 TEACHER_R34 = "DigitsDet/retinanet_R34_teacher.yaml"  # R-34/2, FPN 96
 DISTILL = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"  # student R-18/2, teacher R-50/2
@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_digitsdet(tmp_path_factory) -> str:
-    """Root of a tiny DigitsDet (24 train / 8 val images), registered as digitsdet_tiny_*."""
+    """Root of a tiny DigitsDet (24 train / 8 val / 4 test images), registered as digitsdet_tiny_*."""
     root = str(tmp_path_factory.mktemp("datasets") / "digitsdet")
     generate_digitsdet(root, TINY_SPEC, show_progress=False)
     register_digitsdet(root, name_prefix="digitsdet_tiny")

@@ -6,7 +6,12 @@ generated with the default :class:`DigitsDetSpec` the first time a split is used
 processes (``launch()`` workers, test runners) serialise on a lock file, so exactly one of
 them generates and the others wait.
 
-A second variant, ``digitsdet_hard_{train,val}`` in ``$DETECTRON2_DATASETS/digitsdet_hard``,
+Splits: ``_train`` fits models, ``_val`` makes every choice (recipes, hyper-parameters,
+ablation verdicts, searches validate on held-out training images), ``_test`` only reports.
+A copy made before the test split existed gets it added on first use; its train and val stay
+byte-identical.
+
+A second variant, ``digitsdet_hard_{train,val,test}`` in ``$DETECTRON2_DATASETS/digitsdet_hard``,
 is generated from :data:`HARD_SPEC`: another seed, more clutter, more and smaller digits (the
 robustness check of the DigitsDet comparisons).
 """
@@ -20,11 +25,10 @@ from typing import Dict, List, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .digitsdet import THING_CLASSES, DigitsDetSpec, generate_digitsdet
+from .digitsdet import (SPLITS, THING_CLASSES, DigitsDetSpec, add_missing_splits,
+                        generate_digitsdet)
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "val")
 
 #: The harder DigitsDet variant: another seed; 4-10 distractor shapes (default 0-4); 3-8
 #: digits per image (2-6); close-ups with one large digit in 40 % of the images (80 %); and
@@ -40,13 +44,13 @@ def digitsdet_root() -> str:
 
 def ensure_digitsdet(root: str, spec: Optional[DigitsDetSpec] = None) -> None:
     """Generate DigitsDet at ``root`` from ``spec`` (None: the default spec) unless it is
-    already there; given a ``spec``, a copy made from another one is an error (its
-    ``spec.json`` says which)."""
-    if os.path.isfile(os.path.join(root, "val.json")):
+    already there, and add the splits an older copy lacks; given a ``spec``, a copy made from
+    another one is an error (its ``spec.json`` says which)."""
+    complete = all(os.path.isfile(os.path.join(root, f"{split}.json")) for split in SPLITS)
+    if complete:
         if spec is not None:
             _check_spec(root, spec)
         return
-    spec = spec or DigitsDetSpec()
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     with open(os.path.abspath(root) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -57,8 +61,26 @@ def ensure_digitsdet(root: str, spec: Optional[DigitsDetSpec] = None) -> None:
                 f"--out {root}`)."
             )
         if not os.path.isdir(root):
+            spec = spec or DigitsDetSpec()
             logger.info("Generating DigitsDet at %s with %s", root, asdict(spec))
             generate_digitsdet(root, spec)
+            return
+        if spec is not None:
+            _check_spec(root, spec)
+        added = add_missing_splits(root, spec or _recorded_spec(root))
+        if added:
+            logger.info("Added the split(s) %s to the DigitsDet copy at %s", added, root)
+
+
+def _recorded_spec(root: str) -> DigitsDetSpec:
+    """The spec in ``root/spec.json`` (keys it predates take their defaults); the default spec
+    for a copy made by hand without one."""
+    path = os.path.join(root, "spec.json")
+    if not os.path.isfile(path):
+        return DigitsDetSpec()
+    with open(path) as f:
+        found = json.load(f)
+    return DigitsDetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in found.items()})
 
 
 def _check_spec(root: str, spec: DigitsDetSpec) -> None:
@@ -68,7 +90,8 @@ def _check_spec(root: str, spec: DigitsDetSpec) -> None:
     with open(path) as f:
         found = json.load(f)
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples as JSON lists
-    differ = sorted(k for k in wanted if found.get(k) != wanted[k])
+    # a key the copy predates (num_test) is no difference: the missing split is added from spec
+    differ = sorted(k for k in wanted if k in found and found[k] != wanted[k])
     if differ:
         raise ValueError(
             f"{root} was generated from another DigitsDet spec than the one registered for it "
@@ -93,7 +116,7 @@ def _load_split(root: str, split: str, dataset_name: str,
 
 def register_digitsdet(root: str = "", name_prefix: str = "digitsdet",
                        spec: Optional[DigitsDetSpec] = None) -> None:
-    """Register ``<name_prefix>_train`` / ``<name_prefix>_val`` (generated on first use from
+    """Register ``<name_prefix>_{train,val,test}`` (generated on first use from
     ``spec``, None: the default spec; a given spec is also checked against an existing copy).
 
     ``root`` defaults to :func:`digitsdet_root`. Re-registering a name replaces it.
@@ -118,7 +141,7 @@ def register_digitsdet(root: str = "", name_prefix: str = "digitsdet",
 
 
 def register_builtin_datasets() -> None:
-    """``digitsdet_{train,val}`` and ``digitsdet_hard_{train,val}`` under
+    """``digitsdet_{train,val,test}`` and ``digitsdet_hard_{train,val,test}`` under
     ``$DETECTRON2_DATASETS`` (as it is now)."""
     register_digitsdet()
     register_digitsdet(os.path.join(os.path.dirname(digitsdet_root()), "digitsdet_hard"),

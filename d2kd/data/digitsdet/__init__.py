@@ -2,9 +2,11 @@
 from .generator import (
     AREA_MEDIUM_MAX,
     AREA_SMALL_MAX,
+    SPLIT_POOL,
     SPLITS,
     THING_CLASSES,
     DigitsDetSpec,
+    add_missing_splits,
     digit_pool_indices,
     generate_digitsdet,
     generate_image,
@@ -14,9 +16,11 @@ from .generator import (
 __all__ = [
     "AREA_MEDIUM_MAX",
     "AREA_SMALL_MAX",
+    "SPLIT_POOL",
     "SPLITS",
     "THING_CLASSES",
     "DigitsDetSpec",
+    "add_missing_splits",
     "digit_pool_indices",
     "generate_digitsdet",
     "generate_image",

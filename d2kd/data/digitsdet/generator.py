@@ -9,11 +9,18 @@ Digit sizes are calibrated so that the COCO small / medium / large ranges of the
 are all well represented (most images are close-ups with one large digit drawn first). Digits
 may partially occlude each other (bounded); instance masks are the visible pixels of a digit.
 
-Train and val use disjoint digit samples (a stratified 80/20 split fixed independently of the
-dataset seed). Generation is byte-for-byte reproducible: each image depends only on
-(seed, split, index). Usage::
+Three splits: train (fits models), val (every choice: recipes, hyper-parameters, ablation
+verdicts) and test (reports only). Train draws its digit samples from one pool, val and test
+from another (a stratified 80/20 split of ``load_digits`` fixed independently of the dataset
+seed), so no test or val digit sample is ever trained on. load_digits has no third set of
+samples, so test shares val's pool: the same handwritten samples, drawn into new images
+(another background crop, clutter, size, colour and position per digit; each image is seeded
+from its own split). Generation is byte-for-byte reproducible: each image depends only on
+(seed, split, index), so the test split, added after train and val existed, leaves them
+unchanged. Usage::
 
-    python -m d2kd.data.digitsdet --out datasets/digitsdet --seed 0 --num-train 2000 --num-val 500
+    python -m d2kd.data.digitsdet --out datasets/digitsdet --seed 0 --num-train 2000 \
+        --num-val 500 --num-test 500
 """
 
 import argparse
@@ -34,7 +41,9 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 THING_CLASSES = [str(i) for i in range(10)]
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+#: The digit-sample pool each split draws from (test shares val's: load_digits has no third set).
+SPLIT_POOL = {"train": "train", "val": "val", "test": "val"}
 # Seed of the train/val split of the digit pool: a constant, so pools are disjoint for any seed.
 POOL_SPLIT_SEED = 1797
 POOL_VAL_FRACTION = 0.2
@@ -50,6 +59,7 @@ class DigitsDetSpec:
     seed: int = 0  # dataset seed; image i of split s is seeded with (seed, s, i)
     num_train: int = 2000  # number of training images
     num_val: int = 500  # number of validation images
+    num_test: int = 500  # number of test images (digit samples from val's pool, see SPLIT_POOL)
     image_height: int = 192  # canvas height in pixels
     image_width: int = 256  # canvas width in pixels
     min_digits: int = 2  # minimum number of digits attempted per image
@@ -258,7 +268,7 @@ def generate_image(
     seed = np.random.SeedSequence([spec.seed, split_index, image_index])
     rng = np.random.Generator(np.random.PCG64(seed))
     digits, labels = _load_digits()
-    pool = digit_pool_indices()[SPLITS[split_index]]
+    pool = digit_pool_indices()[SPLIT_POOL[SPLITS[split_index]]]
     img = _background(rng, spec)
     _draw_clutter(img, rng, spec)
     canvas = np.asarray(img, dtype=np.float32) / 255.0
@@ -339,11 +349,16 @@ def _generate_split(
     )
 
 
+def _split_sizes(spec: DigitsDetSpec) -> Tuple[int, ...]:
+    """Number of images of each split, in the order of :data:`SPLITS`."""
+    return spec.num_train, spec.num_val, spec.num_test
+
+
 def generate_digitsdet(out_dir: str, spec: DigitsDetSpec, show_progress: bool = True) -> None:
     """
-    Writes DigitsDet to ``out_dir`` (spec.json, train.json, val.json, train/, val/) atomically:
-    it is generated in a temporary sibling directory that is renamed into place once complete.
-    Raises FileExistsError if ``out_dir`` exists.
+    Writes DigitsDet to ``out_dir`` (spec.json, ``<split>.json`` and ``<split>/`` for each of
+    :data:`SPLITS`) atomically: it is generated in a temporary sibling directory that is
+    renamed into place once complete. Raises FileExistsError if ``out_dir`` exists.
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
@@ -354,7 +369,7 @@ def generate_digitsdet(out_dir: str, spec: DigitsDetSpec, show_progress: bool = 
     try:
         with open(os.path.join(tmp_dir, "spec.json"), "w") as f:
             json.dump(dataclasses.asdict(spec), f, **_JSON_KWARGS)
-        for split_index, num_images in enumerate((spec.num_train, spec.num_val)):
+        for split_index, num_images in enumerate(_split_sizes(spec)):
             _generate_split(tmp_dir, split_index, num_images, spec, show_progress)
         if os.path.exists(out_dir):
             raise FileExistsError(f"DigitsDet output {out_dir} was created during generation")
@@ -364,6 +379,39 @@ def generate_digitsdet(out_dir: str, spec: DigitsDetSpec, show_progress: bool = 
         raise
 
 
+def add_missing_splits(root: str, spec: DigitsDetSpec, show_progress: bool = True) -> List[str]:
+    """
+    Adds to an existing copy at ``root`` the splits it lacks (a copy made before the test
+    split existed), generated from ``spec`` exactly as :func:`generate_digitsdet` would have:
+    the existing splits stay byte-identical. Each split is generated in a temporary sibling and
+    moved in, its ``<split>.json`` last (a split without its JSON is a killed attempt and is
+    redone); ``spec.json`` is then rewritten to record ``spec``. Returns the splits added.
+    The caller holds the copy's lock.
+    """
+    root = os.path.abspath(root)
+    added = []
+    for split_index, (split, num_images) in enumerate(zip(SPLITS, _split_sizes(spec))):
+        if os.path.isfile(os.path.join(root, f"{split}.json")):
+            continue
+        tmp_dir = f"{root}.{split}-tmp-{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(root, split), ignore_errors=True)  # a killed attempt's images
+        try:
+            os.makedirs(tmp_dir)
+            _generate_split(tmp_dir, split_index, num_images, spec, show_progress)
+            os.rename(os.path.join(tmp_dir, split), os.path.join(root, split))
+            os.rename(os.path.join(tmp_dir, f"{split}.json"), os.path.join(root, f"{split}.json"))
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        added.append(split)
+    if added:
+        spec_file = os.path.join(root, "spec.json")
+        with open(spec_file + ".tmp", "w") as f:
+            json.dump(dataclasses.asdict(spec), f, **_JSON_KWARGS)
+        os.replace(spec_file + ".tmp", spec_file)
+    return added
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point, see the module docstring."""
     parser = argparse.ArgumentParser(description="Generate the DigitsDet COCO-format dataset.")
@@ -371,6 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=DigitsDetSpec.seed)
     parser.add_argument("--num-train", type=int, default=DigitsDetSpec.num_train)
     parser.add_argument("--num-val", type=int, default=DigitsDetSpec.num_val)
+    parser.add_argument("--num-test", type=int, default=DigitsDetSpec.num_test)
     parser.add_argument("--image-height", type=int, default=DigitsDetSpec.image_height)
     parser.add_argument("--image-width", type=int, default=DigitsDetSpec.image_width)
     parser.add_argument("--quiet", action="store_true", help="disable the progress bars")
@@ -380,6 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seed=args.seed,
         num_train=args.num_train,
         num_val=args.num_val,
+        num_test=args.num_test,
         image_height=args.image_height,
         image_width=args.image_width,
     )

@@ -29,7 +29,7 @@ from conftest import REPO
 PACKAGE = os.path.join(REPO, "d2kd")
 CORE = {"compat", "utils", "structures", "config", "data", "model_zoo", "modeling", "heads",
         "prototypes", "engine"}
-APPLICATIONS = {"search", "benchmark", "launch", "collect_env", "provision"}
+APPLICATIONS = {"search", "benchmark", "certify", "launch", "collect_env", "provision"}
 
 
 def _module_name(path: str) -> str:

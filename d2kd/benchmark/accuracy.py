@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from tabulate import tabulate
 
 from ..config import ConfigError, load_config
+from ..certify.provenance import provenance
 from ..config.saved import changed_settings
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_options, run_train_net
@@ -64,14 +65,17 @@ def load_finished_run(config_file: str, seed: int, output_dir: str,
 
 def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Sequence[str],
                        threads: int = 0) -> Dict:
-    """Train (resuming an interrupted run) and evaluate; record the results and the wall time
-    (training + evaluation) in ``benchmark_run.json``."""
-    seconds = run_train_net(config_file, ["--resume", *run_options(config_file, seed, output_dir),
-                                          *opts], threads=threads)
+    """Train (resuming an interrupted run) and evaluate; record the results, the wall time
+    (training + evaluation) and what they depend on (:func:`d2kd.certify.provenance.provenance`)
+    in ``benchmark_run.json``."""
+    run_opts = [*run_options(config_file, seed, output_dir), *opts]
+    seconds = run_train_net(config_file, ["--resume", *run_opts], threads=threads)
     with open(os.path.join(output_dir, "inference", "results.json")) as f:
         results = json.load(f)
+    depends_on = None if config_file.endswith(".py") else provenance(
+        load_config(config_file, run_opts), threads)
     record = {"config": config_file, "seed": seed, "opts": list(opts), "results": results,
-              "wall_seconds": round(seconds, 1)}
+              "wall_seconds": round(seconds, 1), "provenance": depends_on}
     atomic_write_json(os.path.join(output_dir, "benchmark_run.json"), record)
     return record
 

@@ -31,7 +31,7 @@ def check_datasets(names: Iterable[str]) -> None:
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(
                 f"Dataset '{name}' is not registered.{hint} Register it in detectron2's "
-                "DatasetCatalog (d2kd registers digitsdet_train and digitsdet_val)."
+                "DatasetCatalog (d2kd registers digitsdet_{train,val,test} and digitsdet_hard_{train,val,test})."
             )
         metadata = MetadataCatalog.get(name)
         if getattr(metadata, "digitsdet", False):

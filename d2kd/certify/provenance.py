@@ -1,0 +1,70 @@
+"""What a result depends on, recorded beside it: the code (d2kd version and git commit), the
+software stack (detectron2 build, torch), the threads, and the content hashes of every file
+the run started from (pre-trained backbone, teachers' weights, datasets' annotations)."""
+import os
+import subprocess
+from typing import Dict, List, Optional
+
+import detectron2
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.utils.file_io import PathManager
+
+import d2kd
+from ..compat import has_compiled_extension
+from ..config.teachers import load_teacher_config, teacher_specs, teacher_weights
+from ..utils.hashing import file_sha256
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(d2kd.__file__))
+
+
+def code_version() -> Dict[str, object]:
+    """d2kd's version and, when it runs from a git checkout, the commit and whether tracked
+    files differ from it (``dirty``)."""
+    version: Dict[str, object] = {"d2kd": d2kd.__version__}
+    try:
+        git = ["git", "-C", _PACKAGE_DIR]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return version  # an installed copy: no checkout
+    version.update(commit=commit, dirty=bool(status.strip()))
+    return version
+
+
+def software_stack(threads: int = 0) -> Dict[str, object]:
+    """The builds a number depends on (numerics differ between detectron2 builds) and the
+    torch threads of the run (``threads``; 0: this process's)."""
+    return {"detectron2": detectron2.__version__, "detectron2_compiled": has_compiled_extension(),
+            "torch": torch.__version__, "threads": threads or torch.get_num_threads()}
+
+
+def weights_hash(weights: str) -> Optional[str]:
+    """SHA-256 of a weights file (a URL: of detectron2's local copy); None for no weights."""
+    if not weights:
+        return None
+    return file_sha256(PathManager.get_local_path(weights))
+
+
+def inputs_of(cfg) -> Dict[str, object]:
+    """Content hashes of what a training config starts from: ``MODEL.WEIGHTS``, each
+    teacher's weights and the annotation file of each dataset it trains or tests on."""
+    teachers: List[Dict[str, object]] = []
+    if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
+        for spec in teacher_specs(cfg):
+            weights = teacher_weights(spec, load_teacher_config(spec, cfg))
+            teachers.append({"config": spec.reference, "weights": weights,
+                             "sha256": weights_hash(weights)})
+    datasets = {}
+    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
+        json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+        datasets[name] = file_sha256(json_file) if json_file and os.path.isfile(json_file) else None
+    return {"weights": cfg.MODEL.WEIGHTS, "weights_sha256": weights_hash(cfg.MODEL.WEIGHTS),
+            "teachers": teachers, "datasets": datasets}
+
+
+def provenance(cfg, threads: int = 0) -> Dict[str, object]:
+    """Everything above for one run of ``cfg`` with ``threads`` torch threads (JSON-ready)."""
+    return {"code": code_version(), "software": software_stack(threads), "inputs": inputs_of(cfg)}

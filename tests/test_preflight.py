@@ -108,12 +108,14 @@ def test_every_stage_of_a_teacher_schedule_is_checked(tiny_digitsdet, tmp_path, 
 
 
 def _checkpoints(tmp_path, teacher_weights, iterations):
-    """A run directory with checkpoints after the given iterations (the last one tagged)."""
+    """A run directory with training checkpoints (model, trainer state, iteration) after the
+    given iterations (the last one tagged)."""
     cfg = distill_cfg(str(tmp_path / "out"), teacher_weights)
     model = build_model(student := load_config(os.path.join(CONFIGS, "DigitsDet",
                                                             "retinanet_R18_student.yaml")))
     del student
-    checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # stands for the trainer's state
+    checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=optimizer)
     for iteration in iterations:
         checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
     return cfg

@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_search_config(args):
     """The config, checked before any worker starts (bad input: ConfigError / ValueError)."""
     cfg = load_config(args.config_file, args.opts)
-    ensure_pretrained_weights(cfg.MODEL.WEIGHTS)  # a DigitsDet backbone, once, here
-    check_run(cfg)
+    # a DigitsDet backbone is pre-trained once, here, after the rest of the config passed
+    check_run(cfg, before_weights=lambda: ensure_pretrained_weights(cfg.MODEL.WEIGHTS))
     check_weights(cfg.DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS, "DISTILL.DETKDS.SEARCH.PROXY_WEIGHTS")
     proxy_config(cfg, BASELINE, args.output)  # the proxy's own requirements
     return cfg

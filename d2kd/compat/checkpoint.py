@@ -8,7 +8,7 @@ upstream ``main`` share for seeing them is ``_load_model`` (upstream ``main`` as
 else.
 """
 import pickle
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
@@ -23,16 +23,25 @@ class LoadReport(NamedTuple):
 
     @property
     def problems(self) -> List[str]:
-        """One phrase per kind of mismatch; empty when everything matched."""
+        """One short phrase per kind of mismatch (a count and the first few); empty when
+        everything matched."""
         found = []
         if self.missing_keys:
-            found.append(f"missing keys: {sorted(self.missing_keys)}")
+            found.append(f"missing keys: {summarize(sorted(self.missing_keys))}")
         if self.unexpected_keys:
-            found.append(f"unexpected keys: {sorted(self.unexpected_keys)}")
+            found.append(f"unexpected keys: {summarize(sorted(self.unexpected_keys))}")
         if self.incorrect_shapes:
             found.append("shape mismatches (key, checkpoint, model): "
-                         f"{sorted(self.incorrect_shapes)}")
+                         f"{summarize(sorted(self.incorrect_shapes))}")
         return found
+
+
+def summarize(items: Sequence, first: int = 2) -> str:
+    """``items`` for a one-line message: all of them when few, else the count and the first
+    ``first``."""
+    if len(items) <= first:
+        return ", ".join(map(str, items))
+    return f"{len(items)}, e.g. {', '.join(map(str, items[:first]))}"
 
 
 class UnreadableCheckpoint(ValueError):
@@ -40,11 +49,22 @@ class UnreadableCheckpoint(ValueError):
 
 
 class _ReportingCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that keeps the incompatible keys of its last ``load()``."""
+    """``DetectionCheckpointer`` that keeps the incompatible keys of its last ``load()``; given
+    ``select_prefix``, a checkpoint with keys under that prefix loads only those, the prefix
+    removed (the student of a distillation checkpoint)."""
 
     report: LoadReport = LoadReport([], [], [])
 
+    def __init__(self, model: nn.Module, select_prefix: str = ""):
+        super().__init__(model)
+        self.select_prefix = select_prefix
+
     def _load_model(self, checkpoint):
+        state = checkpoint.get("model", {})
+        prefix = self.select_prefix
+        if prefix and any(k.startswith(prefix) for k in state):
+            checkpoint["model"] = {k[len(prefix):]: v for k, v in state.items()
+                                   if k.startswith(prefix)}
         incompatible = super()._load_model(checkpoint)
         self.report = LoadReport(list(incompatible.missing_keys),
                                  list(incompatible.unexpected_keys),
@@ -65,14 +85,15 @@ def short_error(error: BaseException) -> str:
     return f"{type(error).__name__}{detail}"
 
 
-def load_weights(model: nn.Module, weights: str) -> LoadReport:
+def load_weights(model: nn.Module, weights: str, select_prefix: str = "") -> LoadReport:
     """Load ``weights`` (local path or any URL ``PathManager`` resolves) into ``model`` with
-    detectron2's own checkpoint handling; return what did not match.
+    detectron2's own checkpoint handling; return what did not match. ``select_prefix``: see
+    :class:`_ReportingCheckpointer`.
 
     Raises:
         UnreadableCheckpoint: the file cannot be read as a checkpoint.
     """
-    checkpointer = _ReportingCheckpointer(model)
+    checkpointer = _ReportingCheckpointer(model, select_prefix)
     try:
         checkpointer.load(weights, checkpointables=[])
     except _UNREADABLE as e:

@@ -7,9 +7,8 @@ from typing import Iterable
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.utils.file_io import PathManager
 
-from ..model_zoo import PRETRAINED_PREFIX
+from ..model_zoo import PRETRAINED_PREFIX, pretrain_config
 from ..data import ensure_digitsdet
 from ..data.digitsdet import DigitsDetSpec
 from .loading import ConfigError
@@ -31,7 +30,8 @@ def check_datasets(names: Iterable[str]) -> None:
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(
                 f"Dataset '{name}' is not registered.{hint} Register it in detectron2's "
-                "DatasetCatalog (d2kd registers digitsdet_{train,val,test} and digitsdet_hard_{train,val,test})."
+                "DatasetCatalog (d2kd registers digitsdet_{train,val,test} and "
+                "digitsdet_hard_{train,val,test})."
             )
         metadata = MetadataCatalog.get(name)
         if getattr(metadata, "digitsdet", False):
@@ -63,10 +63,11 @@ def check_annotation_file(json_file: str, dataset_name: str) -> None:
 
 def check_weights(path: str, key: str = "MODEL.WEIGHTS") -> None:
     """A local weights file must exist (remote URLs are left to detectron2's PathManager;
-    ``digitsdet-pretrained://NAME`` must have been pre-trained, which the launchers do)."""
+    ``digitsdet-pretrained://NAME`` must name a pre-training config: the launchers pre-train
+    it once the rest of the run is checked)."""
     if path.startswith(PRETRAINED_PREFIX):
         try:
-            PathManager.get_local_path(path)
+            pretrain_config(path[len(PRETRAINED_PREFIX):])
         except FileNotFoundError as e:
             raise ConfigError(f"{key}={path}: {e}") from None
         return

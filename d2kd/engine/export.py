@@ -16,12 +16,12 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..compat.distributed import unwrap_ddp
+from ..modeling.weights import STUDENT_PREFIX
 from ..utils.io import atomic_save
 from .student_config import write_student_config
 
 logger = logging.getLogger(__name__)
 
-STUDENT_PREFIX = "student."
 
 
 def student_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -68,7 +68,9 @@ def save_student(model: nn.Module, output_path: str, iteration: int,
 
 class StudentExportHook(HookBase):
     """After a completed training, write ``OUTPUT_DIR/model_final_student.pth`` and its plain
-    config ``model_final_student.yaml`` (main process)."""
+    config ``model_final_student.yaml`` (main process). A failed or interrupted run never
+    writes it, and neither does a resumed run that had nothing left to train (the export of
+    the finished run stays as it was)."""
 
     def __init__(self, output_path: str):
         self.output_path = output_path
@@ -76,4 +78,6 @@ class StudentExportHook(HookBase):
     def after_train(self) -> None:
         if self.trainer.iter < self.trainer.max_iter or not comm.is_main_process():
             return  # detectron2 sets iter = max_iter only after the last step succeeded
+        if self.trainer.start_iter >= self.trainer.max_iter:
+            return  # nothing trained here: a finished run, resumed
         save_student(self.trainer.model, self.output_path, self.trainer.iter, self.trainer.cfg)

@@ -12,15 +12,23 @@ trained or overwritten:
   key by key and shape by shape, as the real build will; with a teacher schedule, every
   stage's teachers and heads;
 - with ``--resume``, the checkpoint to resume from (:func:`resume_checkpoint`: an unreadable
-  one is skipped for the previous readable one, with a warning).
+  one is skipped for the previous readable one, with a warning; exports are never resumed);
+- the weights the run loads, against the model (d2kd/modeling/weights.py): every tensor of
+  the evaluated detector for ``--eval-only``, at least one parameter of ``MODEL.WEIGHTS`` for
+  a fresh training.
 """
+import contextlib
 import warnings
+from typing import Callable, Iterator, Optional
 
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
+from torch import nn
 
 from ..config import ConfigError, check_inputs
 from ..config.schedule import TeacherSchedule
+from ..modeling import deployed_detector, load_for_evaluation, load_initialisation
+from ..modeling.distillation_detector import student_config
 from ..utils.meta_build import modules_on_meta
 from .checkpoint import resume_checkpoint
 
@@ -30,30 +38,70 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def check_model(cfg: CfgNode) -> None:
-    """Build ``cfg``'s model on the meta device (and every stage of a teacher schedule);
-    raise :class:`ConfigError` with the builder's message if it cannot be built."""
+def _meta_config(cfg: CfgNode) -> CfgNode:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "meta"
+    return cfg
+
+
+@contextlib.contextmanager
+def _on_meta() -> Iterator[None]:
+    """Build modules on the meta device; builders' errors become :class:`ConfigError`."""
     try:
         with modules_on_meta(), warnings.catch_warnings():
             # loading a checkpoint into meta parameters only checks keys and shapes
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-            model = build_model(cfg)
-            schedule = (TeacherSchedule.from_config(cfg)
-                        if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector" else None)
-            for stage in range(1, schedule.num_stages if schedule else 0):
-                model.activate(schedule.stage_teachers(stage), schedule.head_config(cfg, stage))
+            yield
     except ConfigError:
         raise
-    except (ValueError, KeyError, AssertionError) as e:
+    except (ValueError, KeyError, AssertionError, IndexError) as e:
         raise ConfigError(_one_line(e)) from None
 
 
-def check_run(cfg: CfgNode, resume: bool = False) -> None:
-    """Raise :class:`ConfigError` for the first bad input of a run of ``cfg``."""
+def evaluated_config(cfg: CfgNode) -> CfgNode:
+    """The config of the model ``--eval-only`` builds: a distillation config's student."""
+    if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
+        return student_config(cfg)
+    return cfg
+
+
+def check_model(cfg: CfgNode) -> nn.Module:
+    """Build ``cfg``'s model on the meta device (and every stage of a teacher schedule);
+    raise :class:`ConfigError` with the builder's message if it cannot be built; returns the
+    model (its first stage's heads)."""
+    cfg = _meta_config(cfg)
+    with _on_meta():
+        model = build_model(cfg)
+        schedule = (TeacherSchedule.from_config(cfg)
+                    if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector" else None)
+        for stage in range(1, schedule.num_stages if schedule else 0):
+            model.activate(schedule.stage_teachers(stage), schedule.head_config(cfg, stage))
+    return model
+
+
+def check_model_weights(cfg: CfgNode, model: nn.Module, eval_only: bool,
+                        checkpoint: Optional[str]) -> None:
+    """The weights the run loads fit the model (checked on the meta-built ``model``): for
+    ``--eval-only`` every tensor of the evaluated detector (:func:`load_for_evaluation`);
+    for a fresh training at least one parameter of ``MODEL.WEIGHTS``
+    (:func:`load_initialisation`); a resumed training loads its own checkpoint."""
+    if eval_only:
+        with _on_meta():
+            detector = build_model(_meta_config(evaluated_config(cfg)))
+            load_for_evaluation(detector, checkpoint or cfg.MODEL.WEIGHTS)
+    elif checkpoint is None and cfg.MODEL.WEIGHTS:
+        with _on_meta():
+            load_initialisation(deployed_detector(model), cfg.MODEL.WEIGHTS)
+
+
+def check_run(cfg: CfgNode, resume: bool = False, eval_only: bool = False,
+              before_weights: Callable[[], None] = lambda: None) -> None:
+    """Raise :class:`ConfigError` for the first bad input of a run of ``cfg``: the config and
+    its files, the model, then (after ``before_weights()``, e.g. a backbone's pre-training)
+    the weights it loads."""
     check_inputs(cfg, resume=resume)
-    check_model(cfg)
-    if resume:
-        resume_checkpoint(cfg.OUTPUT_DIR)
+    model = check_model(cfg)
+    checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if resume else None
+    before_weights()
+    check_model_weights(cfg, model, eval_only, checkpoint)

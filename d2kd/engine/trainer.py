@@ -10,11 +10,11 @@ from ..compat import has_compiled_extension
 from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..compat.engine import default_trainer_parts
 from ..data.step_loader import build_step_train_loader
-from ..modeling import DistillationDetector
+from ..modeling import DistillationDetector, load_initialisation
 from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, remove_torn_writes, resume_checkpoint
 from .exact_resume import ExactResumeHook
 from .export import StudentExportHook
 from .optimizer import build_optimizer
@@ -46,6 +46,8 @@ class DistillTrainer(DefaultTrainer):
             cfg.SEED = comm.shared_random_seed()
             cfg.freeze()
         self.schedule_hook = None  # build_hooks sets it
+        if comm.is_main_process():
+            remove_torn_writes(cfg.OUTPUT_DIR)
         # detectron2's constructor, with DDP that also runs on CPU (gloo) and atomic checkpoints
         with default_trainer_parts(create_ddp_model, AtomicCheckpointer):
             super().__init__(cfg)
@@ -63,17 +65,21 @@ class DistillTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """As detectron2's, except that a fresh distillation run loads ``MODEL.WEIGHTS`` into
-        the student (plain detector keys) and applies ``DISTILL.INIT_FROM_TEACHER``."""
+        """As detectron2's, except that ``--resume`` loads only this run's own training
+        checkpoints (:func:`resume_checkpoint`) and a fresh run initialises from
+        ``MODEL.WEIGHTS`` with :func:`load_initialisation` (a distillation model: its student,
+        then ``DISTILL.INIT_FROM_TEACHER``)."""
         model = unwrap_ddp(self.model)
-        resuming = resume and self.checkpointer.has_checkpoint()
+        checkpoint = resume_checkpoint(self.cfg.OUTPUT_DIR) if resume else None
         if self.schedule_hook is not None:
-            self.schedule_hook.prepare(resuming)  # teacher order; the checkpoint's stage
-        if not isinstance(model, DistillationDetector) or resuming:
-            super().resume_or_load(resume=resume)
-            return
-        model.initialize(self.cfg.MODEL.WEIGHTS, self.cfg.DISTILL.INIT_FROM_TEACHER)
-        self.start_iter = 0
+            self.schedule_hook.prepare(checkpoint is not None)  # teacher order; its stage
+        if checkpoint is not None:
+            self.checkpointer.load(checkpoint)  # model, optimizer, scheduler, iteration
+            self.start_iter = self.iter + 1
+        elif isinstance(model, DistillationDetector):
+            model.initialize(self.cfg.MODEL.WEIGHTS, self.cfg.DISTILL.INIT_FROM_TEACHER)
+        elif self.cfg.MODEL.WEIGHTS:
+            load_initialisation(model, self.cfg.MODEL.WEIGHTS)
 
     def build_hooks(self):
         hooks = super().build_hooks()

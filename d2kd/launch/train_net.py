@@ -3,22 +3,24 @@
     python -m d2kd.launch.train_net --config-file CFG [--num-gpus 2] [KEY VALUE ...]
     python tools/train_net.py --config-file configs/DigitsDet/retinanet_R18_student.yaml
 
-Before any process starts, in the launching process: the DigitsDet backbones the config names
-are pre-trained if not cached yet (:mod:`d2kd.launch.pretrain`), then bad input (unknown config
-key, unregistered dataset, missing or mismatching weights, corrupt annotations, bad head
+Before any process starts, in the launching process: bad input (unknown config key,
+unregistered or empty dataset, missing or mismatching weights, corrupt annotations, bad head
 options, an unreadable checkpoint on --resume, ...) is reported in one line
-(d2kd/engine/preflight.py).
+(d2kd/engine/preflight.py); the DigitsDet backbones the config names are pre-trained if not
+cached yet (:mod:`d2kd.launch.pretrain`) after the rest of the config passed, before its
+weights are checked.
 """
 from typing import Optional, Sequence
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..engine import DistillTrainer
-from ..engine.preflight import check_run
+from ..engine.checkpoint import resume_checkpoint
+from ..engine.preflight import check_run, evaluated_config
+from ..modeling import load_for_evaluation
 from .entry import run_cli
 from .pretrain import ensure_pretrained_weights
 
@@ -33,13 +35,16 @@ def setup(args):
 
 
 def main(args):
-    """One training (or evaluation) process: what ``launch`` runs on every rank."""
+    """One training (or evaluation) process: what ``launch`` runs on every rank.
+
+    ``--eval-only`` evaluates the deployed detector (a distillation config: its student
+    alone, no teacher is built) with every tensor loaded from ``MODEL.WEIGHTS`` (with
+    ``--resume``: from the run's last training checkpoint)."""
     cfg = setup(args)
     if args.eval_only:
-        model = DistillTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        model = DistillTrainer.build_model(evaluated_config(cfg))
+        weights = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
+        load_for_evaluation(model, weights or cfg.MODEL.WEIGHTS)
         return DistillTrainer.test(cfg, model)
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -47,11 +52,12 @@ def main(args):
 
 
 def prepare_run(args) -> None:
-    """In the launching process: pre-train the DigitsDet backbones the config names, then
-    check the config, the files it names and the model (:class:`ConfigError` on bad input)."""
+    """In the launching process: check the config, the files it names, the model and the
+    weights it loads, then pre-train the DigitsDet backbones the config names
+    (:class:`ConfigError` on bad input, before anything trains)."""
     cfg = load_config(args.config_file, args.opts)
-    ensure_pretrained_weights(cfg.MODEL.WEIGHTS)
-    check_run(cfg, resume=args.resume)
+    check_run(cfg, resume=args.resume, eval_only=args.eval_only,
+              before_weights=lambda: ensure_pretrained_weights(cfg.MODEL.WEIGHTS))
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

@@ -4,7 +4,6 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
@@ -14,6 +13,7 @@ from ..heads import TeacherOutputs, build_distill_heads
 from ..structures import StudentTapper, StudentTaps, is_dense_detector
 from ..utils.step_scalars import flush_tensor_scalars
 from .teacher import FrozenTeacher, build_teacher, crop_to_grids
+from .weights import load_initialisation
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class DistillationDetector(nn.Module):
         a pre-trained backbone), then optionally its neck and heads from the active teacher
         (the first stage's teacher of a schedule)."""
         if student_weights:
-            DetectionCheckpointer(self.student).load(student_weights)
+            load_initialisation(self.student, student_weights)
         if init_from_teacher:
             copy_neck_and_heads(self.teachers[self.active_teacher].model, self.student)
 
@@ -295,3 +295,9 @@ class DistillationDetector(nn.Module):
             outputs.roi_predictions = teacher.roi_predictions(
                 features, boxes, self.student.roi_heads.box_predictor.box2box_transform)
         return outputs
+
+
+def deployed_detector(model: nn.Module) -> nn.Module:
+    """The detector that evaluation scores and deployment ships: a distillation model's
+    student, any other detector itself."""
+    return model.student if isinstance(model, DistillationDetector) else model

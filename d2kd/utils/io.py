@@ -1,4 +1,6 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never a torn one."""
+"""Crash-safe, durable file writes: a reader sees the old file or the new one, never a torn
+one, and once a write returns its file survives a power loss (the file is flushed to disk
+before it is renamed into place, the folder after)."""
 import contextlib
 import json
 import os
@@ -6,9 +8,19 @@ import tempfile
 from typing import Any, Iterator
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary sibling of ``path``; on success it atomically replaces ``path``."""
+    """Yield a temporary sibling of ``path`` (``<name>.<random>.tmp``); on success it is
+    synced to disk and atomically replaces ``path``, and the folder is synced."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -16,7 +28,9 @@ def atomic_path(path: str) -> Iterator[str]:
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result should be as readable as a normal file
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(directory)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -26,8 +40,6 @@ def atomic_write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

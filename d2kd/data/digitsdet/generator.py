@@ -379,37 +379,31 @@ def generate_digitsdet(out_dir: str, spec: DigitsDetSpec, show_progress: bool = 
         raise
 
 
-def add_missing_splits(root: str, spec: DigitsDetSpec, show_progress: bool = True) -> List[str]:
+def add_split(root: str, split: str, spec: DigitsDetSpec, show_progress: bool = True) -> None:
     """
-    Adds to an existing copy at ``root`` the splits it lacks (a copy made before the test
+    Adds ``split`` to an existing copy at ``root`` that lacks it (a copy made before the test
     split existed), generated from ``spec`` exactly as :func:`generate_digitsdet` would have:
-    the existing splits stay byte-identical. Each split is generated in a temporary sibling and
-    moved in, its ``<split>.json`` last (a split without its JSON is a killed attempt and is
-    redone); ``spec.json`` is then rewritten to record ``spec``. Returns the splits added.
-    The caller holds the copy's lock.
+    the existing splits stay byte-identical. The split is generated in a temporary sibling and
+    moved in, its ``<split>.json`` last (a split folder without its JSON is a killed attempt
+    and is redone); ``spec.json`` is then rewritten to record ``spec``. The caller holds the
+    copy's lock.
     """
     root = os.path.abspath(root)
-    added = []
-    for split_index, (split, num_images) in enumerate(zip(SPLITS, _split_sizes(spec))):
-        if os.path.isfile(os.path.join(root, f"{split}.json")):
-            continue
-        tmp_dir = f"{root}.{split}-tmp-{os.getpid()}"
+    split_index = SPLITS.index(split)
+    tmp_dir = f"{root}.{split}-tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.rmtree(os.path.join(root, split), ignore_errors=True)  # a killed attempt's images
+    try:
+        os.makedirs(tmp_dir)
+        _generate_split(tmp_dir, split_index, _split_sizes(spec)[split_index], spec, show_progress)
+        os.rename(os.path.join(tmp_dir, split), os.path.join(root, split))
+        os.rename(os.path.join(tmp_dir, f"{split}.json"), os.path.join(root, f"{split}.json"))
+    finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(os.path.join(root, split), ignore_errors=True)  # a killed attempt's images
-        try:
-            os.makedirs(tmp_dir)
-            _generate_split(tmp_dir, split_index, num_images, spec, show_progress)
-            os.rename(os.path.join(tmp_dir, split), os.path.join(root, split))
-            os.rename(os.path.join(tmp_dir, f"{split}.json"), os.path.join(root, f"{split}.json"))
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        added.append(split)
-    if added:
-        spec_file = os.path.join(root, "spec.json")
-        with open(spec_file + ".tmp", "w") as f:
-            json.dump(dataclasses.asdict(spec), f, **_JSON_KWARGS)
-        os.replace(spec_file + ".tmp", spec_file)
-    return added
+    spec_file = os.path.join(root, "spec.json")
+    with open(spec_file + ".tmp", "w") as f:
+        json.dump(dataclasses.asdict(spec), f, **_JSON_KWARGS)
+    os.replace(spec_file + ".tmp", spec_file)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -284,3 +284,25 @@ def test_prototype_weighting_fills_gt_cells_with_the_hand_computed_weight(tiny_d
     expected = torch.ones(1, 1, 8, 8)
     expected[0, 0, 2:4, 1:4] = 1 - (1 - 2 ** -0.5)  # cells x 1..3, y 2..3 (stride 8)
     torch.testing.assert_close(cells, expected)
+
+
+def test_teacher_feature_cache_is_keyed_by_content_not_path(tiny_digitsdet, tmp_path):
+    """A teacher retrained at the same path gets another cache key; the same bytes at another
+    path get the same key (docs/trust.md: caches are keyed by content)."""
+    import shutil
+
+    def key(weights: str) -> str:
+        cfg = _gk_cfg(tmp_path / "run", weights)
+        refresher = PrototypeRefresher(cfg, build_model(cfg),
+                                       DatasetCatalog.get("digitsdet_tiny_train"))
+        return refresher._teacher_cache_key()[0]
+
+    path = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
+    first = key(path)
+    shutil.copy(path, tmp_path / "copy.pth")
+    assert key(str(tmp_path / "copy.pth")) == first
+    state = torch.load(path, weights_only=True)
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = state["model"][name] + 1  # "retrained", same path
+    torch.save(state, path)
+    assert key(path) != first

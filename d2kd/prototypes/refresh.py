@@ -69,11 +69,14 @@ class PrototypeRefresher:
 
     # ---- features --------------------------------------------------------------------------
     def _teacher_cache_key(self) -> Tuple[str, str]:
-        """(key, cache file) of the active teacher's instance features: a digest of the teacher
-        weights, levels, test size, input format and the index."""
+        """(key, cache file) of the active teacher's instance features: a digest of what they
+        are computed from, by content (a teacher retrained at the same path is another key):
+        the teacher's weights file (SHA-256) and architecture (parameter names and shapes),
+        the levels, test size, input format and the index (files, boxes, classes)."""
         teacher = self.model.teachers[self.model.active_teacher]
         sha = hashlib.sha1(json.dumps({
-            "weights": teacher.weights, "levels": self.levels,
+            "weights": teacher.weights_sha256(), "architecture": teacher.architecture(),
+            "levels": self.levels,
             "test_size": [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST],
             "format": self.model.input_format}, sort_keys=True).encode())
         for image in self.index:  # the index itself: files, boxes and classes

@@ -35,8 +35,9 @@ def test_a_good_config_passes(tiny_digitsdet, tmp_path, teacher_weights):
 
 
 @pytest.mark.parametrize("key, value, pattern", [
-    ("DISTILL.DFD.HARD_FRACTION", 1.5, r"DISTILL\.DFD\.HARD_FRACTION=1\.5 must lie in \[0, 1\]"),
-    ("DISTILL.LOC.LOSS", "l3", r"DISTILL\.LOC\.LOSS='l3' is not 'l1' or 'smooth_l1'"),
+    ("DISTILL.DFD.HARD_FRACTION", 1.5,
+     r"^DISTILL\.DFD\.HARD_FRACTION = 1\.5: must be a number in \[0, 1\]\.$"),
+    ("DISTILL.LOC.LOSS", "l3", r"^DISTILL\.LOC\.LOSS = 'l3': must be one of 'l1', 'smooth_l1'\.$"),
 ], ids=["dfd-rho", "loc-loss"])
 def test_invalid_head_option(key, value, pattern, tiny_digitsdet, tmp_path, teacher_weights):
     cfg = distill_cfg(str(tmp_path / "out"), teacher_weights, heads=("DFDHead", "LocKDHead"))

@@ -97,6 +97,12 @@ def _add_own_keys(cfg: CN) -> None:
     # joint: one loss weight per teacher; [] averages (1/K each).
     cfg.DISTILL.SCHEDULE.JOINT_WEIGHTS = []
 
+    # ---- data (d2kd/data/step_loader.py) ----
+    # RandomSubsetTrainingSampler: the share of the training images it draws from. detectron2
+    # v0.6 reads this key without defining it (the sampler crashed there) and main neither.
+    if "RANDOM_SUBSET_RATIO" not in cfg.DATALOADER:
+        cfg.DATALOADER.RANDOM_SUBSET_RATIO = 1.0
+
     # ---- solver (d2kd/engine/optimizer.py) ----
     # "SGD" (detectron2's, uses MOMENTUM/NESTEROV) or "AdamW" (uses BETAS).
     cfg.SOLVER.OPTIMIZER = "SGD"

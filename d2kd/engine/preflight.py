@@ -22,13 +22,19 @@ import warnings
 from typing import Callable, Iterator, Optional
 
 from detectron2.config import CfgNode
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from torch import nn
 
+from ..compat.checkpoint import summarize
 from ..config import ConfigError, check_inputs
+from ..config.ranges import check_key_ranges
+from ..config.validation import num_classes_of
 from ..config.schedule import TeacherSchedule
 from ..modeling import deployed_detector, load_for_evaluation, load_initialisation
 from ..modeling.distillation_detector import student_config
+from ..prototypes.index import build_instance_index, instances_per_class
+from ..prototypes.refresh import prototype_banks
 from ..utils.meta_build import modules_on_meta
 from .checkpoint import resume_checkpoint
 
@@ -68,19 +74,61 @@ def evaluated_config(cfg: CfgNode) -> CfgNode:
 
 def check_model(cfg: CfgNode) -> nn.Module:
     """Build ``cfg``'s model on the meta device (and every stage of a teacher schedule);
-    raise :class:`ConfigError` with the builder's message if it cannot be built; returns the
-    model (its first stage's heads)."""
+    raise :class:`ConfigError` with the builder's message if it cannot be built, if a stage
+    has no distillation head, or if a stage's prototype banks would find no (or too few)
+    instances; returns the model (its last stage's heads)."""
     cfg = _meta_config(cfg)
     with _on_meta():
         model = build_model(cfg)
-        schedule = (TeacherSchedule.from_config(cfg)
-                    if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector" else None)
-        for stage in range(1, schedule.num_stages if schedule else 0):
-            model.activate(schedule.stage_teachers(stage), schedule.head_config(cfg, stage))
+        if cfg.MODEL.META_ARCHITECTURE != "DistillationDetector":
+            return model
+        schedule = TeacherSchedule.from_config(cfg)
+        num_stages = schedule.num_stages if schedule else 1
+        for stage in range(num_stages):
+            head_cfg = schedule.head_config(cfg, stage) if schedule else cfg
+            if stage:
+                check_key_ranges(head_cfg)  # its STAGE_OPTS
+                model.activate(schedule.stage_teachers(stage), head_cfg)
+            _check_stage_heads(head_cfg, stage, num_stages)
+            if prototype_banks(model):
+                check_prototype_index(head_cfg)
     return model
 
 
-def check_model_weights(cfg: CfgNode, model: nn.Module, eval_only: bool,
+def _check_stage_heads(cfg: CfgNode, stage: int, num_stages: int) -> None:
+    if not cfg.DISTILL.HEADS:
+        where = f" in stage {stage} of the teacher schedule" if num_stages > 1 else ""
+        raise ConfigError(
+            f"DISTILL.HEADS is empty{where}: the run would train the student alone. Name the "
+            "distillation heads (e.g. ['MGDHead']), or train the student's own config.")
+
+
+def check_prototype_index(cfg: CfgNode) -> None:
+    """The instance index of the prototype banks has instances, and K of every class that
+    has any when duplicates are excluded."""
+    options = cfg.DISTILL.PROTOTYPES
+    num_classes = num_classes_of(cfg)
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    index = build_instance_index(dicts, num_classes[1] if num_classes else 0,
+                                 options.MIN_BOX_SIZE, options.MAX_IMAGES_PER_CLASS,
+                                 options.INDEX_SEED) if num_classes else []
+    if num_classes and not index:
+        raise ConfigError(
+            f"The prototype instance index is empty: no training box of "
+            f"{list(cfg.DATASETS.TRAIN)} is larger than DISTILL.PROTOTYPES.MIN_BOX_SIZE = "
+            f"{options.MIN_BOX_SIZE} px in both sides; lower it.")
+    if not options.ALLOW_DUPLICATES and index:
+        counts = instances_per_class(index, num_classes[1])
+        short = [(c, n) for c, n in enumerate(counts) if 0 < n < options.NUM_PROTOTYPES]
+        if short:
+            raise ConfigError(
+                f"DISTILL.PROTOTYPES.NUM_PROTOTYPES = {options.NUM_PROTOTYPES} distinct prototypes "
+                f"(ALLOW_DUPLICATES False), but {len(short)} classes have fewer indexed "
+                f"instances ((class, instances): {summarize(short)}): lower it, allow "
+                "duplicates, or lower MIN_BOX_SIZE.")
+
+
+def check_model_weights(cfg: CfgNode, model: Optional[nn.Module], eval_only: bool,
                         checkpoint: Optional[str]) -> None:
     """The weights the run loads fit the model (checked on the meta-built ``model``): for
     ``--eval-only`` every tensor of the evaluated detector (:func:`load_for_evaluation`);
@@ -90,18 +138,18 @@ def check_model_weights(cfg: CfgNode, model: nn.Module, eval_only: bool,
         with _on_meta():
             detector = build_model(_meta_config(evaluated_config(cfg)))
             load_for_evaluation(detector, checkpoint or cfg.MODEL.WEIGHTS)
-    elif checkpoint is None and cfg.MODEL.WEIGHTS:
+    elif model is not None and checkpoint is None and cfg.MODEL.WEIGHTS:
         with _on_meta():
             load_initialisation(deployed_detector(model), cfg.MODEL.WEIGHTS)
 
 
 def check_run(cfg: CfgNode, resume: bool = False, eval_only: bool = False,
-              before_weights: Callable[[], None] = lambda: None) -> None:
-    """Raise :class:`ConfigError` for the first bad input of a run of ``cfg``: the config and
-    its files, the model, then (after ``before_weights()``, e.g. a backbone's pre-training)
-    the weights it loads."""
-    check_inputs(cfg, resume=resume)
-    model = check_model(cfg)
+              before_weights: Callable[[], None] = lambda: None, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` for the first bad input of a run of ``cfg`` on
+    ``world_size`` processes: the config and its files, the model, then (after
+    ``before_weights()``, e.g. a backbone's pre-training) the weights it loads."""
+    check_inputs(cfg, resume=resume, world_size=world_size)
+    model = check_model(cfg) if not eval_only else None
     checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if resume else None
     before_weights()
     check_model_weights(cfg, model, eval_only, checkpoint)

@@ -33,6 +33,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, at_least, one_of,
+                             register_key_rules)
 from ..structures import StudentTaps, TeacherOutputs
 from .feature_imitation import FeatureHead, generation_block
 from .masks import box_cell_masks, random_keep_mask, valid_cell_masks
@@ -272,3 +274,16 @@ def add_dfd_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DFD.BG_WEIGHT = 1.0
     # Log hard fraction, mean disparity on easy/hard cells and theta every N iterations.
     cfg.DISTILL.DFD.STATS_PERIOD = 20
+
+
+register_key_rules({
+    "DISTILL.DFD.HARD_FRACTION": UNIT_INTERVAL,
+    "DISTILL.DFD.DISPARITY": one_of("mse", "cos", "rel"),
+    "DISTILL.DFD.LENIENT": one_of("pseudo_huber", "pseudo_huber_unshifted", "downweight",
+                                  "cosine", "generative"),
+    "DISTILL.DFD.KAPPA_SCALE": POSITIVE,
+    "DISTILL.DFD.DOWNWEIGHT": NON_NEGATIVE,
+    "DISTILL.DFD.BETA_EASY": NON_NEGATIVE,
+    "DISTILL.DFD.BETA_HARD": NON_NEGATIVE,
+    "DISTILL.DFD.STATS_PERIOD": at_least(1),
+})

@@ -8,6 +8,7 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from torch import nn
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import FRACTION_BELOW_ONE, UNIT_INTERVAL, register_key_rules
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import FeatureAligner, check_levels
 from .masks import box_cell_masks, near_object_masks, random_keep_mask
@@ -269,3 +270,9 @@ def add_feature_imitation_config(cfg: CfgNode) -> None:
     cfg.DISTILL.FGBG.BG_WEIGHT = 2.0
     # As DISTILL.FITNET.PROTOTYPE_WEIGHTED, for this head.
     cfg.DISTILL.FGBG.PROTOTYPE_WEIGHTED = False
+
+
+register_key_rules({
+    "DISTILL.MGD.MASK_RATIO": FRACTION_BELOW_ONE,
+    "DISTILL.FGFI.PSI": UNIT_INTERVAL,
+})

@@ -31,6 +31,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import NON_NEGATIVE, POSITIVE, at_least, one_of, register_key_rules
 from ..prototypes import PrototypeBank, batched_box_pool
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import check_levels
@@ -289,3 +290,12 @@ def add_global_knowledge_config(cfg: CfgNode) -> None:
     cfg.DISTILL.GK.ATTENUATION = True
     # Iterations over which the attenuation decays to 0; 0: SOLVER.MAX_ITER (the whole run).
     cfg.DISTILL.GK.ATTENUATION_ITERS = 0
+
+
+register_key_rules({
+    "DISTILL.GK.TEMPERATURE": POSITIVE,
+    "DISTILL.GK.FG_LAMBDA": NON_NEGATIVE,
+    "DISTILL.GK.BG_LAMBDA": NON_NEGATIVE,
+    "DISTILL.GK.LEVEL_REDUCTION": one_of("mean", "sum"),
+    "DISTILL.GK.ATTENUATION_ITERS": at_least(0),
+})

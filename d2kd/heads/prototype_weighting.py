@@ -15,6 +15,7 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import INTEGER, NON_NEGATIVE, at_least, one_of, register_key_rules
 from ..prototypes import PrototypeBank, batched_box_pool
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .masks import box_weight_maps, gt_boxes_and_images
@@ -90,3 +91,15 @@ def add_prototypes_config(cfg: CfgNode) -> None:
     cfg.DISTILL.PROTOTYPES.REFRESH = True
     # Images per forward during extraction (images of equal size only).
     cfg.DISTILL.PROTOTYPES.EXTRACT_BATCH_SIZE = 16
+
+
+register_key_rules({
+    "DISTILL.PROTOTYPES.NUM_PROTOTYPES": at_least(1),
+    "DISTILL.PROTOTYPES.SELECTION": one_of("pgm", "kmeans"),
+    "DISTILL.PROTOTYPES.ALPHA": NON_NEGATIVE,
+    "DISTILL.PROTOTYPES.MIN_BOX_SIZE": NON_NEGATIVE,
+    "DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS": INTEGER,
+    "DISTILL.PROTOTYPES.INDEX_SEED": at_least(0),
+    "DISTILL.PROTOTYPES.REFRESH_PERIOD": at_least(0),
+    "DISTILL.PROTOTYPES.EXTRACT_BATCH_SIZE": at_least(1),
+})

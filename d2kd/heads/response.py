@@ -12,6 +12,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, one_of, register_key_rules
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 
@@ -199,3 +200,12 @@ def add_response_config(cfg: CfgNode) -> None:
     cfg.DISTILL.LOC.LOSS = "smooth_l1"
     # Transition point of smooth-L1.
     cfg.DISTILL.LOC.BETA = 0.1
+
+
+register_key_rules({
+    "DISTILL.LOGIT.TEMPERATURE": POSITIVE,
+    "DISTILL.LOGIT.DENSE_LOCATIONS": one_of("positive", "teacher_confident"),
+    "DISTILL.LOGIT.CONFIDENCE": UNIT_INTERVAL,
+    "DISTILL.LOC.LOSS": one_of("l1", "smooth_l1"),
+    "DISTILL.LOC.BETA": NON_NEGATIVE,
+})

@@ -4,8 +4,20 @@ from typing import Callable, Optional, Sequence
 
 from detectron2.engine import default_argument_parser
 
-from .distributed import launch
 from ..config import ConfigError
+from .distributed import launch
+
+#: the longest error line (a message that runs longer is cut, saying so)
+MAX_LINE = 600
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one short line: a :class:`ConfigError`'s message, any other exception's
+    type and message (whitespace folded, cut at :data:`MAX_LINE` characters)."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, ConfigError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 15] + " ... (cut)"
 
 
 def run_cli(main: Callable, prepare: Callable, argv: Optional[Sequence[str]] = None) -> None:
@@ -15,7 +27,7 @@ def run_cli(main: Callable, prepare: Callable, argv: Optional[Sequence[str]] = N
     args = default_argument_parser().parse_args(argv)
     try:
         prepare(args)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:  # whatever the check raises is the one line, never a traceback
+        sys.exit(f"error: {one_line(e)}")
     launch(main, args.num_gpus, num_machines=args.num_machines,
            machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

@@ -57,7 +57,8 @@ def prepare_run(args) -> None:
     (:class:`ConfigError` on bad input, before anything trains)."""
     cfg = load_config(args.config_file, args.opts)
     check_run(cfg, resume=args.resume, eval_only=args.eval_only,
-              before_weights=lambda: ensure_pretrained_weights(cfg.MODEL.WEIGHTS))
+              before_weights=lambda: ensure_pretrained_weights(cfg.MODEL.WEIGHTS),
+              world_size=args.num_gpus * args.num_machines)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

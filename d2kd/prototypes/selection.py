@@ -66,8 +66,8 @@ def select_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: float
     Args:
         x_t: (N, D_t) raw teacher features of one class and level.
         x_s: (N, D_s) raw student features of the same instances.
-        k: number of prototypes. With ``allow_duplicates=False`` at most the number of
-            candidates can be chosen (an error otherwise).
+        k: number of prototypes. With ``allow_duplicates=False`` at most N can be chosen (an
+            error otherwise); if the density filter leaves fewer than k, all N are candidates.
         alpha: coupling weight of the two spaces' coefficients.
         density_filter: restrict candidates to instances dense in both spaces.
         allow_duplicates: the released code can pick an instance twice (faithful default).
@@ -78,6 +78,11 @@ def select_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: float
     xt_hat, xs_hat = F.normalize(x_t.float(), dim=1), F.normalize(x_s.float(), dim=1)
     candidates = (density_candidates(xt_hat, xs_hat) if density_filter
                   else torch.arange(len(x_t), device=x_t.device))
+    if not allow_duplicates and k > len(candidates):
+        # d2kd's decision (docs/methods/global_knowledge.md): k distinct prototypes need k
+        # candidates; when the density filter leaves fewer, every instance is a candidate
+        # (the pre-start check ensures each class has k instances).
+        candidates = torch.arange(len(x_t), device=x_t.device)
     if not allow_duplicates and k > len(candidates):
         raise ValueError(f"k={k} distinct prototypes requested among {len(candidates)} "
                          "candidates; allow duplicates or lower k.")

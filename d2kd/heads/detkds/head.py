@@ -21,6 +21,7 @@ from detectron2.layers import ShapeSpec
 from torchvision.ops import roi_align
 
 from ...config.defaults import register_config_extension
+from ...config.ranges import UNIT_INTERVAL, register_key_rules
 from ...structures import StudentKind, StudentTaps, TeacherOutputs
 from ..alignment import FeatureAligner
 from ..masks import box_area_masks
@@ -169,3 +170,6 @@ def add_detkds_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_N|l1|w=6"
     # "loc" input: positions where the teacher's top (sigmoid) score exceeds this.
     cfg.DISTILL.DETKDS.LOC_SCORE_THRESH = 0.05
+
+
+register_key_rules({"DISTILL.DETKDS.LOC_SCORE_THRESH": UNIT_INTERVAL})

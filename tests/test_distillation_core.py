@@ -42,7 +42,7 @@ def test_training_runs_student_backbone_once_and_never_changes_the_teacher(
     after = model.teachers[0].model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.teachers[0].model.parameters())
-    checkpoint = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["model"] and not any("teacher" in k for k in checkpoint["model"])
     records = (tmp_path / "metrics.json").read_text()
     assert "loss_kd_mgd_feat" in records and "kd/fitnet/loss/p3" in records
@@ -100,7 +100,7 @@ def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
     vanilla_cfg = tiny_training_cfg("DigitsDet/retinanet_R18_student.yaml", str(tmp_path))
     vanilla = build_model(vanilla_cfg)
     incompatible = DetectionCheckpointer(vanilla)._load_model(
-        torch.load(exported, map_location="cpu", weights_only=False))
+        torch.load(exported, map_location="cpu", weights_only=True))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     distilled = trainer.model
     distilled.eval(), vanilla.eval()
@@ -116,7 +116,7 @@ def test_student_export_loads_into_a_vanilla_student_with_identical_outputs(
     from d2kd.engine.export import export_student
 
     again = export_student(str(tmp_path / "model_final.pth"), str(tmp_path / "again.pth"))
-    saved = torch.load(exported, map_location="cpu", weights_only=False)["model"]
+    saved = torch.load(exported, map_location="cpu", weights_only=True)["model"]
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
@@ -203,7 +203,7 @@ def test_resume_restores_student_heads_optimizer_scheduler_and_iteration(
     first = DistillTrainer(cfg)
     first.resume_or_load(resume=False)
     first.train()
-    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     cfg.SOLVER.MAX_ITER = 3
     second = DistillTrainer(cfg)
     second.resume_or_load(resume=True)

@@ -141,9 +141,9 @@ def test_recipe_trains_with_the_lazy_train_script(tiny_digitsdet, teacher_weight
     do_train(SimpleNamespace(resume=False), cfg)
     assert (tmp_path / "model_final.pth").is_file()
     assert (tmp_path / "inference" / "results.json").is_file()
-    student = torch.load(tmp_path / "model_final_student.pth", weights_only=False)["model"]
+    student = torch.load(tmp_path / "model_final_student.pth", weights_only=True)["model"]
     assert student and not any(k.startswith(("student.", "heads.")) for k in student)
-    checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert checkpoint["iteration"] == 2
     assert not any(k.startswith("teacher") for k in checkpoint["model"])
 

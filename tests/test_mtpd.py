@@ -118,14 +118,14 @@ def test_stage_outputs(uninterrupted):
     assert [r["iterations"] for r in summary["stages"]] == [[0, 3], [3, 6]]
     for k in (1, 2):
         assert "bbox" in json.loads((out / f"stage{k}" / "results.json").read_text())
-        student = torch.load(out / f"stage{k}" / "model_student.pth", weights_only=False)
+        student = torch.load(out / f"stage{k}" / "model_student.pth", weights_only=True)
         assert student["model"] and not any(n.startswith(("heads.", "student.")) for n in
                                             student["model"])
     assert (out / "stages_ap.png").read_bytes()[:4] == b"\x89PNG"
     order = json.loads((out / "teacher_order.json").read_text())
     assert order["order"] == [0, 1] and order["rule"] == "given"
-    final = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
-    stage2 = torch.load(out / "stage2" / "model_student.pth", weights_only=False)["model"]
+    final = torch.load(out / "model_final_student.pth", weights_only=True)["model"]
+    stage2 = torch.load(out / "stage2" / "model_student.pth", weights_only=True)["model"]
     assert all(torch.equal(final[k], stage2[k]) for k in final)
 
 
@@ -148,8 +148,8 @@ def test_resume_in_stage_2_is_bit_identical(uninterrupted, teachers, tmp_path, c
         distillation_detector.copy_neck_and_heads = original
     assert resumed.start_iter == checkpoint_period and not calls, "no re-initialisation"
     assert [s["resident"] for s in recorder.steps] == [[1]] * (6 - checkpoint_period)
-    reference = torch.load(uninterrupted[0] / "model_final.pth", weights_only=False)["model"]
-    final = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    reference = torch.load(uninterrupted[0] / "model_final.pth", weights_only=True)["model"]
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     assert reference.keys() == final.keys()
     different = [k for k in reference if not torch.equal(reference[k], final[k])]
     assert not different, different[:5]

@@ -48,7 +48,7 @@ def test_pretrained_backbone_is_trained_once_and_loads_into_detectors(tiny_digit
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
             "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0"]
     path = ensure_pretrained_backbone("R18_FPN64", tiny_digitsdet, opts)
-    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     assert state and all(k.startswith("backbone.") for k in state)
     mtime = os.path.getmtime(path)
     assert ensure_pretrained_backbone("R18_FPN64", tiny_digitsdet, opts) == path

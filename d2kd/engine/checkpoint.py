@@ -59,7 +59,7 @@ TRAINING_STATE = ("model", "trainer", "iteration")
 def _readable(path: str) -> Optional[str]:
     """None if ``path`` opens as a training checkpoint (memory-mapped: cheap), else why not."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # any failure to read means: do not resume from it
         return short_error(e)
     missing = [k for k in TRAINING_STATE

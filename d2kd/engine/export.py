@@ -35,7 +35,7 @@ def build_student(cfg: CfgNode, checkpoint_path: str) -> nn.Module:
     """The model of the student config ``cfg`` with the student tensors of ``checkpoint_path``
     (a distillation checkpoint or student-only weights) loaded strictly, in eval mode."""
     model = build_model(cfg)
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.load_state_dict(student_state_dict(checkpoint["model"]))
     return model.eval()
 
@@ -44,7 +44,7 @@ def export_student(checkpoint_path: str, output_path: str,
                    cfg: Optional[CfgNode] = None) -> Dict[str, torch.Tensor]:
     """Write the student of ``checkpoint_path`` to ``output_path`` and, given the run's config
     ``cfg``, the student's plain config next to it; returns the student's state dict."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     student = student_state_dict(checkpoint["model"])
     atomic_save({"model": student, "__author__": "d2kd export_student",
                  "iteration": checkpoint.get("iteration")}, output_path)

@@ -95,7 +95,7 @@ class TeacherScheduleHook(HookBase):
     def _checkpoint_iteration(self) -> int:
         checkpointer = self.trainer.checkpointer
         path = checkpointer.get_checkpoint_file()
-        return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
+        return int(torch.load(path, map_location="cpu", weights_only=True)["iteration"])
 
     def _saved_order(self) -> List[int]:
         if self.schedule.order_rule == "given":

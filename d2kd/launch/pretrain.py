@@ -48,7 +48,7 @@ def ensure_pretrained_backbone(name: str, root: str = "", opts: Sequence[str] = 
                       env={"DETECTRON2_DATASETS": os.path.dirname(os.path.abspath(root))},
                       quiet=False)  # detectron2's ETA lines: a pre-training takes minutes
         model = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu",
-                           weights_only=False)["model"]
+                           weights_only=True)["model"]
         backbone = {k: v for k, v in model.items() if k.startswith("backbone.")}
         atomic_save({"model": backbone, "__author__": f"d2kd {os.path.basename(config)}"},
                     weights)

@@ -101,7 +101,7 @@ class PrototypeRefresher:
         """(teacher, student) level -> (M, D) features; valid on rank 0 only."""
         key, cache_file = self._teacher_cache_key()
         if comm.is_main_process() and key != self._teacher_key and os.path.isfile(cache_file):
-            self._teacher_features = torch.load(cache_file, map_location="cpu")
+            self._teacher_features = torch.load(cache_file, map_location="cpu", weights_only=True)
             self._teacher_key = key
             logger.info("Teacher instance features loaded from %s", cache_file)
         # Rank 0 holds the features, so its answer decides for every rank.

@@ -11,7 +11,6 @@ from ..compat.distributed import create_ddp_model, unwrap_ddp
 from ..compat.engine import default_trainer_parts
 from ..data.step_loader import build_step_train_loader
 from ..modeling import DistillationDetector, load_initialisation
-from ..prototypes.refresh import prototype_banks
 from ..utils.host_memory import retain_freed_host_memory
 from ..utils.io import atomic_write_json
 from .checkpoint import AtomicCheckpointer, remove_torn_writes, resume_checkpoint
@@ -88,10 +87,11 @@ class DistillTrainer(DefaultTrainer):
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")
             hooks.insert(-1, StudentExportHook(export))  # before the final writer
-            if prototype_banks(self.model):  # after stage switches, before the checkpointer
-                checkpointer = next(i for i, h in enumerate(hooks)
-                                    if isinstance(h, (PeriodicCheckpointer, EvalHook)))
-                hooks.insert(checkpointer, PrototypeRefreshHook(self.cfg))
+            # after stage switches, before the checkpointer; it serves whichever stage has
+            # prototype heads (none: it does nothing)
+            checkpointer = next(i for i, h in enumerate(hooks)
+                                if isinstance(h, (PeriodicCheckpointer, EvalHook)))
+            hooks.insert(checkpointer, PrototypeRefreshHook(self.cfg))
         return hooks
 
     @classmethod

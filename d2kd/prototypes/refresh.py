@@ -56,7 +56,6 @@ class PrototypeRefresher:
                 f"{list(cfg.DATASETS.TRAIN)} is larger than DISTILL.PROTOTYPES.MIN_BOX_SIZE = "
                 f"{self.options.MIN_BOX_SIZE} px in both sides; lower it.")
         self.classes = torch.cat([image.classes for image in self.index])
-        self.levels = sorted({level for bank in self.banks for level in bank.levels})
         self.cache_dir = os.path.join(cfg.OUTPUT_DIR, "prototypes")
         self._teacher_features: Dict[str, torch.Tensor] = {}
         self._teacher_key = ""
@@ -66,6 +65,11 @@ class PrototypeRefresher:
     def banks(self) -> List[PrototypeBank]:
         """The model's banks now (a teacher-schedule stage builds new heads, so new banks)."""
         return prototype_banks(self.model)
+
+    @property
+    def levels(self) -> List[str]:
+        """The levels the current banks hold prototypes of."""
+        return sorted({level for bank in self.banks for level in bank.levels})
 
     # ---- features --------------------------------------------------------------------------
     def _teacher_cache_key(self) -> Tuple[str, str]:

@@ -29,6 +29,8 @@ from ..registry import DISTILL_HEAD_REGISTRY, DistillHead
 from .genome import GenomeError, distance, dry_run, parse_genome, transform
 
 INSTANCE_SIZE = 14
+#: the genome inputs computed from (adapted) feature maps
+FEATURE_INPUTS = frozenset({"global", "fgbg", "instance"})
 BACKGROUND_WEIGHT = 0.5
 
 
@@ -86,11 +88,15 @@ class DetKDSHead(DistillHead):
         self.levels = list(levels)
         self.strides = {level: student_shapes[level].stride for level in self.levels
                         if level in student_shapes}
-        self.aligner = FeatureAligner(self.levels, student_shapes, teacher_shapes, adapters)
+        inputs = {f.input for f in self.genome.formulas}
+        # adapters only when a formula reads feature maps: a parameter no loss uses would stop
+        # DDP (every parameter must receive a gradient)
+        self.aligner = (FeatureAligner(self.levels, student_shapes, teacher_shapes, adapters)
+                        if inputs & FEATURE_INPUTS else None)
         self.dense = dense
         self.loc_score_thresh = loc_score_thresh
-        needs = {"features"}
-        if any(f.input in ("logit", "loc") for f in self.genome.formulas):
+        needs = {"features"} if inputs & FEATURE_INPUTS else set()
+        if inputs & {"logit", "loc"}:
             needs.add("dense_predictions" if self.dense else "rpn_predictions")
         self.teacher_needs = frozenset(needs)
 
@@ -103,7 +109,7 @@ class DetKDSHead(DistillHead):
                 "dry_run_batch_size": max(cfg.SOLVER.IMS_PER_BATCH, 1)}
 
     def forward(self, student: StudentTaps, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
-        aligned = self.aligner(student.features, teacher.features)
+        aligned = self.aligner(student.features, teacher.features) if self.aligner else {}
         losses = {}
         for formula in self.genome.formulas:
             term = getattr(self, f"_{formula.input}")

@@ -157,3 +157,19 @@ def test_train_net_stops_before_any_process_starts(tmp_path):
         "error: SOLVER.IMS_PER_BATCH = 3 does not split over the 2 processes (--num-gpus x "
         "--num-machines): make it a multiple of 2."]
     assert not (tmp_path / "out").exists()
+
+
+def test_imports_given_on_the_command_line_are_imported(tmp_path, monkeypatch):
+    """D2KD.IMPORTS as an override imports its files too (relative to the working folder),
+    before the overrides are merged: it is not silently a no-op."""
+    from d2kd.config import load_config
+
+    (tmp_path / "extension.py").write_text(
+        "from d2kd.config.defaults import register_config_extension\n\n\n"
+        "@register_config_extension\n"
+        "def add_keys(cfg):\n"
+        "    cfg.D2KD.CLI_EXTENSION_KEY = 1\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_student.yaml"),
+                      ["D2KD.IMPORTS", "['extension.py']", "D2KD.CLI_EXTENSION_KEY", "7"])
+    assert cfg.D2KD.CLI_EXTENSION_KEY == 7

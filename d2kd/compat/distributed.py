@@ -34,6 +34,12 @@ def create_local_process_group(procs_per_machine: int, machine_rank: int) -> Non
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def default_store() -> dist.Store:
+    """The key-value store of the default process group (the rendezvous of ``--dist-url``),
+    which every rank of every machine reaches; torch offers no public accessor."""
+    return dist.distributed_c10d._get_default_store()
+
+
 def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
     return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model

@@ -4,6 +4,7 @@ yacs reports a typo as ``KeyError: 'Non-existent config key: MODEL.RETINANT.NUM_
 deep in a traceback; :func:`load_config` turns this and other bad input into one
 :class:`ConfigError` with the closest valid keys, raised before anything is built.
 """
+import ast
 import difflib
 import importlib
 import importlib.util
@@ -55,14 +56,16 @@ def _key_from_yacs_error(error: Exception) -> str:
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """Merge ``config_file`` (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides.
 
-    Modules in ``D2KD.IMPORTS`` are imported first, so their registrations and config keys
-    exist when the file is merged.
+    Modules in ``D2KD.IMPORTS`` (of the file's ``_BASE_`` chain, and of the overrides:
+    ``.py`` paths there are relative to the working directory) are imported first, so their
+    registrations and config keys exist when the file and the overrides are merged.
     """
     if not os.path.isfile(config_file):
         raise ConfigError(f"Config file {config_file} does not exist; check --config-file.")
     chain = _yaml_chain(config_file)
     import_extensions([(entry, directory) for data, directory in chain
-                       for entry in _lookup(data, "D2KD.IMPORTS") or []])
+                       for entry in _lookup(data, "D2KD.IMPORTS") or []]
+                      + [(entry, os.getcwd()) for entry in _override_imports(opts)])
     cfg = get_d2kd_cfg()
     try:
         cfg.merge_from_file(config_file)
@@ -105,6 +108,19 @@ def _yaml_chain(config_file: str) -> List[Tuple[dict, str]]:
         if os.path.isfile(base_path):
             chain = _yaml_chain(base_path)
     return chain + [(data, directory)]
+
+
+def _override_imports(opts: Sequence[str]) -> List[str]:
+    """The entries of a ``D2KD.IMPORTS`` override among ``KEY VALUE`` pairs."""
+    entries: List[str] = []
+    for key, value in zip(list(opts)[0::2], list(opts)[1::2]):
+        if key == "D2KD.IMPORTS":
+            try:
+                parsed = ast.literal_eval(value) if isinstance(value, str) else value
+            except (ValueError, SyntaxError):
+                parsed = [value]
+            entries = [str(e) for e in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+    return entries
 
 
 def _lookup(data: dict, dotted: str):

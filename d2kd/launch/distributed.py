@@ -2,8 +2,10 @@
 
 detectron2 v0.6's ``launch`` asserts CUDA and always uses NCCL. On CUDA machines (and for one
 process) this defers to detectron2's ``launch``; on CPU it runs the same process layout with
-the gloo backend (``MODEL.DEVICE=cpu``), local process groups included.
+the gloo backend (``MODEL.DEVICE=cpu``), local process groups included. Either way every rank
+runs under :func:`~d2kd.launch.failure.run_guarded`: one rank's failure ends them all.
 """
+import functools
 from datetime import timedelta
 from typing import Callable, Sequence
 
@@ -15,6 +17,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
 from ..compat.distributed import create_local_process_group, free_local_port
+from .failure import run_guarded
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -31,8 +34,8 @@ def launch(
     """detectron2's ``launch``; without CUDA, ``num_gpus_per_machine`` CPU processes on gloo."""
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1 or torch.cuda.is_available():
-        d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
-                  args=tuple(args), timeout=timeout)
+        d2_launch(functools.partial(run_guarded, main_func), num_gpus_per_machine,
+                  num_machines, machine_rank, dist_url, args=tuple(args), timeout=timeout)
         return
     if dist_url == "auto":
         if num_machines != 1:
@@ -54,5 +57,5 @@ def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_ra
                             rank=global_rank, timeout=timeout)
     create_local_process_group(procs_per_machine, machine_rank)
     comm.synchronize()
-    main_func(*args)
+    run_guarded(main_func, *args)
     dist.destroy_process_group()

@@ -127,7 +127,7 @@ def test_lazy_teacher_with_weights_of_another_model_is_a_hard_error(tiny_digitsd
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("coco80")
     cfg = _teacher_cfg("lazy-zoo-retinanet", str(tmp_path), str(tmp_path / "coco80.pth"))
     with pytest.raises(ConfigError, match=r"do not match the teacher config: .*shape mismatches "
-                                          r"\(key, checkpoint, model\): \[\('head.cls_score.bias', "
+                                          r"\(key, checkpoint, model\): \('head.cls_score.bias', "
                                           r"\(720,\), \(90,\)\)"):
         build_model(cfg)
 
@@ -136,9 +136,9 @@ def test_lazy_teacher_with_weights_of_another_model_is_a_hard_error(tiny_digitsd
     state["model"]["head.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pth")
     cfg.DISTILL.TEACHER.WEIGHTS = [str(tmp_path / "partial.pth")]
-    with pytest.raises(ConfigError, match=r"missing keys: \['head.cls_score.bias', "
-                                          r"'head.cls_score.weight'\]; unexpected keys: "
-                                          r"\['head.extra.weight'\]"):
+    with pytest.raises(ConfigError, match=r"missing keys: head.cls_score.bias, "
+                                          r"head.cls_score.weight; unexpected keys: "
+                                          r"head.extra.weight$"):
         build_model(cfg)
 
 

@@ -36,7 +36,8 @@ from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
 from d2kd.search.proxy_start import train_proxy_start
 from d2kd.search.report import compare, full_schedule_aps
 from d2kd.search.space import BASELINE
-from d2kd.search.storage import open_storage
+from d2kd.search.storage import (SearchInUse, journal_path, lock_output, open_storage,
+                                 repair_journal)
 from d2kd.utils.io import atomic_write_json, atomic_write_text
 from detectron2.utils.logger import setup_logger
 
@@ -154,10 +155,13 @@ def main(argv=None) -> None:
         return
     try:
         load_search_config(args)
-    except (ConfigError, ValueError) as e:
+        lock = lock_output(args.output)  # noqa: F841  (held until the process ends)
+    except (ConfigError, ValueError, SearchInUse) as e:
         sys.exit(f"error: {e}")
-    os.makedirs(args.output, exist_ok=True)
     setup_logging(args.output)
+    journal = journal_path(args.storage, args.output)
+    if journal:
+        repair_journal(journal)  # before any worker writes to it
     session, start = uuid.uuid4().hex[:12], time.time()
     search = build_search(args, session)
     if search.skipped:

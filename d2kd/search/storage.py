@@ -4,28 +4,103 @@ Every running trial carries its worker's ``host``, ``pid`` and a ``heartbeat`` (
 attributes, see :func:`record_worker` and :class:`Heartbeat`); :func:`is_stale` tells from
 them whether that worker is gone, and :func:`fail_and_requeue` gives the genome of such a
 trial (or of a trial whose process died) another attempt.
+
+Durability: one search at a time owns an output folder (:func:`lock_output`); a journal
+whose last record a kill or a full disk tore is repaired before the search resumes
+(:func:`repair_journal`); a heartbeat survives transient storage errors.
 """
+import fcntl
+import logging
 import os
 import socket
 import threading
 import time
-from typing import Dict, Optional
+from typing import IO, Dict, Optional
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "search.lock"
+
+
+def journal_path(url: Optional[str], output_dir: str) -> Optional[str]:
+    """The journal file a storage URL names (no URL: ``output_dir/journal.log``); None for
+    an SQL database."""
+    if not url:
+        return os.path.join(output_dir, "journal.log")
+    return None if "://" in url else url
+
+
 def open_storage(url: Optional[str], output_dir: str) -> optuna.storages.BaseStorage:
     """No URL: a journal file ``output_dir/journal.log`` (file lock, safe across processes of
     one machine or a shared file system); ``dialect://...``: an SQL database (RDBStorage, for
     many machines); any other string: the path of a journal file."""
-    if not url:
-        url = os.path.join(output_dir, "journal.log")
-    if "://" in url:
+    journal = journal_path(url, output_dir)
+    if journal is None:
         return optuna.storages.RDBStorage(url)
-    os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    os.makedirs(os.path.dirname(os.path.abspath(journal)), exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+
+
+def repair_journal(path: str) -> int:
+    """Remove a torn last record (bytes after the last newline: a write a kill or a full disk
+    interrupted, which never took effect) from the journal at ``path``; returns the bytes
+    removed. Call it while no process writes the journal (before the workers start)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline, 64 KiB at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end == size:
+            return 0
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+    logger.warning("Removed a torn last record (%d bytes) from %s: a write was interrupted.",
+                   size - end, path)
+    return size - end
+
+
+class SearchInUse(RuntimeError):
+    """Another search runs on the same output folder."""
+
+
+def lock_output(output_dir: str) -> IO:
+    """Hold ``output_dir/search.lock`` for this search (released when the returned file is
+    closed or the process ends, even by a kill).
+
+    Raises:
+        SearchInUse: another search (any process of this machine or of one sharing the
+            folder) holds it.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown process"
+        lock.close()
+        raise SearchInUse(f"another search runs on {output_dir} ({holder}): wait for it to "
+                          "end, or give this one another --output.") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
 
 
 def record_worker(trial: optuna.Trial, session: str) -> None:
@@ -49,6 +124,9 @@ class Heartbeat:
                 self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
             except UpdateFinishedTrialError:
                 return
+            except Exception as e:  # a transient storage error: the next beat tries again
+                logger.warning("Heartbeat of trial %d not recorded (%s: %s); retrying in %.0f s.",
+                               self.trial_id, type(e).__name__, e, self.period)
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()

@@ -20,6 +20,7 @@ from typing import List
 from job_queue import REPO, Job, accuracy, main
 
 S = "configs/DigitsDet"
+H = "configs/DigitsDetHard"
 SEEDS = (0, 1, 2)
 #: (job name, config, backbone, the path distillation configs read the teacher from)
 TEACHERS = (
@@ -31,10 +32,44 @@ TEACHERS = (
      "digitsdet/faster_rcnn_R50_teacher"),
     ("faster_rcnn_R34", f"{S}/faster_rcnn_R34_teacher.yaml", "R34_FPN96",
      "digitsdet/faster_rcnn_R34_teacher"),
+    ("hard_retinanet_R50", f"{H}/retinanet_R50_teacher.yaml", "R50_FPN128",
+     "digitsdet_hard/retinanet_R50_teacher"),
+    ("hard_retinanet_R34", f"{H}/retinanet_R34_teacher.yaml", "R34_FPN96",
+     "digitsdet_hard/retinanet_R34_teacher"),
 )
+#: the headline, certified at the teachers' budget of 1,000 iterations: (name, config, teacher
+#: job, split); the 600-iteration configs are stretched by BUDGET
+FROM_R50 = ("mgd", "dfd", "gk", "detkds_searched")
+HEADLINE = (
+    [(f"retinanet_{m}", f"{S}/retinanet_R18_from_R50_{m}.yaml", "retinanet_R50", "digitsdet")
+     for m in FROM_R50]
+    + [("retinanet_best", f"{S}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
+        "retinanet_R34", "digitsdet")]
+    + [(f"faster_rcnn_{m}", f"{S}/faster_rcnn_R18_from_R50_{m}.yaml", "faster_rcnn_R50",
+        "digitsdet") for m in FROM_R50]
+    + [("faster_rcnn_best", f"{S}/faster_rcnn_R18_from_R34_detkds_searched_gk_1000.yaml",
+        "faster_rcnn_R34", "digitsdet")]
+    + [(f"hard_retinanet_{m}", f"{H}/retinanet_R18_from_R50_{m}.yaml", "hard_retinanet_R50",
+        "digitsdet_hard") for m in FROM_R50]
+    + [("hard_retinanet_best", f"{H}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
+        "hard_retinanet_R34", "digitsdet_hard")])
+BUDGET = ["SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "400"]
 #: the commit that measured the R-34/2 RetinaNet teacher at 48.32 (benchmarks/digitsdet/teachers_R34.md)
 COMMIT_48_32 = "681eb3828734cb9ca8a32abe56f8032339e4fc72"
 V06_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+
+
+def data_of(config: str) -> str:
+    """The dataset family a config trains on."""
+    return "digitsdet_hard" if config.startswith(H) else "digitsdet"
+
+
+def teachers_folder(config: str) -> str:
+    return "teachers_hard" if config.startswith(H) else "teachers"
+
+
+def teacher_run(out: str, config: str, seed: int) -> str:
+    return f"{out}/{teachers_folder(config)}/{os.path.basename(config)[:-5]}/seed{seed}"
 
 
 def evaluate(config: str, run: str, dataset: str) -> List[str]:
@@ -73,16 +108,25 @@ def jobs(out: str) -> List[Job]:
         parts = []
         for seed in SEEDS:
             part = f"teacher_{name}_seed{seed}"
-            run = f"{out}/teachers/{os.path.basename(config)[:-5]}/seed{seed}"
+            run = teacher_run(out, config, seed)
             queue.append(Job(part, (f"pretrain_{backbone}",), [
-                accuracy(out, [config], [seed], "teachers", f"parts/{part}"),
-                evaluate(config, run, "digitsdet_test")],
+                accuracy(out, [config], [seed], teachers_folder(config), f"parts/{part}"),
+                evaluate(config, run, f"{data_of(config)}_test")],
                 [(link, run)] if seed == 0 else []))
             parts.append(part)
             if name == "retinanet_R34" and seed == 0:
                 queue.append(Job("r34_commit_681eb38", (), [old_commit_run(out)]))
         queue.append(Job(f"teacher_{name}", tuple(parts), [
-            accuracy(out, [config], list(SEEDS), "teachers", f"teacher_{name}", plot=True)]))
+            accuracy(out, [config], list(SEEDS), teachers_folder(config), f"teacher_{name}",
+                     plot=True)]))
+    for name, config, teacher, data in HEADLINE:
+        teacher_config = next(c for n, c, *_ in TEACHERS if n == teacher)
+        runs = [teacher_run(out, teacher_config, k) for k in SEEDS]
+        budget = [] if config.endswith("_1000.yaml") else BUDGET
+        queue.append(Job(f"certify_{name}", (f"teacher_{teacher}", "pretrain_R18_FPN64"), [[
+            sys.executable, "-m", "d2kd.certify", config, "--seeds", str(len(SEEDS)),
+            "--splits", f"{data}_test", f"{data}_val", "--teacher-runs", *runs,
+            "--output", f"{out}/certify/{name}", "--threads", "1", *budget]]))
     return queue
 
 

@@ -1,6 +1,7 @@
 """Every composition the config accepts trains on 2 processes (gloo) (docs/trust.md): teacher
-schedules whose stages add, drop or change prototype heads, DetKDS genomes of each response
-input (no unused adapter under DDP), and every training sampler detectron2 offers."""
+schedules whose stages add, drop or change prototype heads, DetKDS genomes of each input kind
+(a response-only genome builds no adapter, which DDP would find unused), and every training
+sampler detectron2 offers."""
 import json
 
 import pytest
@@ -38,9 +39,11 @@ def test_schedule_stages_with_other_heads(tiny_digitsdet, teachers, tmp_path, st
     assert "loss_kd_gk_global" in keys and (tmp_path / "model_final_student.pth").is_file()
 
 
-@pytest.mark.parametrize("genome", ["logit:no|no|softmax_C|kl|w=1",
-                                    "loc:no|no|no|smooth_l1|w=1"], ids=["logit", "loc"])
-def test_detkds_response_only_genome(tiny_digitsdet, tmp_path, genome):
+@pytest.mark.parametrize("genome", [
+    "global:catt|scale_r2|norm_N|l1|w=6", "fgbg:no|local_s4|norm_HW|l1|w=2",
+    "instance:catt|scale_r1|norm_C|l1|w=50", "logit:no|no|softmax_C|kl|w=1",
+    "loc:no|no|no|smooth_l1|w=1"], ids=["global", "fgbg", "instance", "logit", "loc"])
+def test_detkds_genome_of_each_input(tiny_digitsdet, tmp_path, genome):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "teacher")
     launch_two_processes("retinanet_R18_from_R50_detkds.yaml", tmp_path, tiny_digitsdet,
                          "DISTILL.TEACHER.WEIGHTS", f"['{weights}']",

@@ -161,7 +161,7 @@ def test_finished_run_of_an_edited_config_is_an_error_before_anything_trains(tmp
 
 
 def test_a_run_made_in_another_checkout_matches_its_config(tmp_path):
-    from d2kd.benchmark.accuracy import config_mismatches
+    from d2kd.config.saved import config_mismatches
 
     mgd = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.yaml")
     run = tmp_path / "seed1"

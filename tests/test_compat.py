@@ -73,8 +73,10 @@ def test_source_fixes_reject_unexpected_sources(tmp_path):
 
 
 # Private attributes of objects that are not detectron2's: torch's Module._apply, Optuna's
-# trial ids and storage, iopath handler methods d2kd's own handler overrides.
-_NOT_DETECTRON2 = {"_apply", "_trial_id", "_storage", "_get_local_path", "_open", "_exists"}
+# trial ids and storage, iopath handler methods d2kd's own handler overrides, os._exit (a
+# public function of the standard library).
+_NOT_DETECTRON2 = {"_apply", "_trial_id", "_storage", "_get_local_path", "_open", "_exists",
+                   "_exit"}
 
 
 def test_private_detectron2_attributes_are_used_only_in_compat():

@@ -178,5 +178,5 @@ def test_train_net_stops_a_bad_head_option_in_one_line(tiny_digitsdet, tmp_path,
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        "error: DISTILL.DFD.HARD_FRACTION=1.5 must lie in [0, 1]."]
+        "error: DISTILL.DFD.HARD_FRACTION = 1.5: must be a number in [0, 1]."]
     assert not (tmp_path / "out").exists()

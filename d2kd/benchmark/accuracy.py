@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from ..config import ConfigError, load_config
 from ..certify.provenance import provenance
-from ..config.saved import changed_settings
+from ..config.saved import config_mismatches
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_options, run_train_net
 from .accuracy_plot import plot_accuracy
@@ -31,15 +31,6 @@ def _run_name(config_file: str) -> str:
 
 def _run_dir(output: str, name: str, seed: int) -> str:
     return os.path.join(output, name, f"seed{seed}")
-
-
-def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) -> List[str]:
-    """Settings of a finished run's saved ``config.yaml`` that ``config_file`` with ``opts`` no
-    longer gives (:func:`d2kd.config.saved.changed_settings`); empty when the run saved none."""
-    saved_config = os.path.join(output_dir, "config.yaml")
-    if not os.path.isfile(saved_config) or config_file.endswith(".py"):
-        return []  # a LazyConfig recipe: Python, compared by its file only
-    return changed_settings(saved_config, load_config(config_file, opts))
 
 
 def load_finished_run(config_file: str, seed: int, output_dir: str,

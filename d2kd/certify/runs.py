@@ -19,8 +19,8 @@ from typing import Dict, Iterator, List, Sequence
 
 from detectron2.config import CfgNode
 
-from ..benchmark.accuracy import config_mismatches
 from ..config import ConfigError, load_config
+from ..config.saved import config_mismatches
 from ..config.teachers import YACS, load_teacher_config, teacher_specs, teacher_weights
 from ..launch.process import run_options, run_train_net
 from ..modeling.distillation_detector import student_config

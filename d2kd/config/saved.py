@@ -1,10 +1,12 @@
 """Comparing the config a run saved (detectron2's ``OUTPUT_DIR/config.yaml``) with a config
 built now, to tell whether the run's results still belong to it."""
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import yaml
 from detectron2.config import CfgNode
+
+from .loading import load_config
 
 
 def _flat(node: Dict, prefix: str = "") -> Dict[str, object]:
@@ -39,3 +41,12 @@ def changed_settings(saved_config_file: str, cfg: CfgNode) -> List[str]:
     keys = sorted((set(saved) & set(current)) - {"OUTPUT_DIR"})
     return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in keys
             if not _same_setting(saved[key], current[key])]
+
+
+def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) -> List[str]:
+    """Settings of a finished run's saved ``config.yaml`` that ``config_file`` with ``opts`` no
+    longer gives (:func:`changed_settings`); empty when the run saved none."""
+    saved_config = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved_config) or config_file.endswith(".py"):
+        return []  # a LazyConfig recipe: Python, compared by its file only
+    return changed_settings(saved_config, load_config(config_file, opts))

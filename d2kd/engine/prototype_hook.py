@@ -48,8 +48,11 @@ class PrototypeRefreshHook(HookBase):
 
     def after_step(self) -> None:
         next_iter = self.trainer.iter + 1
-        if (self.cfg.DISTILL.PROTOTYPES.REFRESH and self.period and self._banks()
-                and next_iter < self.trainer.max_iter and next_iter % self.period == 0):
+        if not (self.cfg.DISTILL.PROTOTYPES.REFRESH and next_iter < self.trainer.max_iter
+                and self._banks()):
+            return
+        self._ready_refresher()  # the period (one epoch by default) needs the dataset
+        if next_iter % self.period == 0:
             self._refresh()
 
     def _refresh(self) -> None:

@@ -9,6 +9,7 @@ from conftest import CONFIGS, save_untrained_teacher
 from d2kd.certify.__main__ import main as certify
 from d2kd.certify.runs import control_config
 from d2kd.config import load_config
+from d2kd.data import register_builtin_datasets
 
 pytestmark = pytest.mark.slow
 
@@ -16,6 +17,17 @@ MGD = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.yaml")
 TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", "",
         "TEST.EVAL_PERIOD", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]  # detections
+
+
+@pytest.fixture
+def builtin_is_tiny(tiny_digitsdet, monkeypatch):
+    """``digitsdet_*`` registered at the tiny copy, in this process (certify's pre-start
+    check) and in the runs it starts (``DETECTRON2_DATASETS``); restored afterwards."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tiny_digitsdet))
+    register_builtin_datasets()
+    yield
+    monkeypatch.undo()
+    register_builtin_datasets()
 
 
 def test_the_control_is_the_same_student_without_distillation():
@@ -29,8 +41,7 @@ def test_the_control_is_the_same_student_without_distillation():
     assert control.MODEL.RESNETS == cfg.MODEL.RESNETS and control.MODEL.FPN == cfg.MODEL.FPN
 
 
-def test_certify_trains_evaluates_and_reuses(tiny_digitsdet, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tiny_digitsdet))
+def test_certify_trains_evaluates_and_reuses(builtin_is_tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
     teacher = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "teacher")
@@ -67,9 +78,9 @@ def test_certify_trains_evaluates_and_reuses(tiny_digitsdet, tmp_path, monkeypat
     assert json.loads((tmp_path / "cert" / "certificate.json").read_text())["splits"] == \
         cert["splits"]
     # teachers trained elsewhere: evaluated as the teacher's seeds, not trained
-    teacher_argv = [a for a in argv if a not in ("--teacher-seeds", "2")]
-    certify([*teacher_argv[:1], "--teacher-runs", str(teacher_runs / "seed0"),
-             str(teacher_runs / "seed1"), *teacher_argv[1:]])
+    at = argv.index("--teacher-seeds")
+    certify([*argv[:at], "--teacher-runs", str(teacher_runs / "seed0"),
+             str(teacher_runs / "seed1"), *argv[at + 2:]])
     given = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in before} == before
     for split in ("digitsdet_test", "digitsdet_val"):
@@ -77,8 +88,7 @@ def test_certify_trains_evaluates_and_reuses(tiny_digitsdet, tmp_path, monkeypat
             cert["splits"][split]["arms"]["teacher_0"]
 
 
-def test_bad_input_is_one_line_before_anything_runs(tiny_digitsdet, tmp_path, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(tiny_digitsdet))
+def test_bad_input_is_one_line_before_anything_runs(builtin_is_tiny, tmp_path):
     student = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_student.yaml")
     with pytest.raises(SystemExit) as stop:
         certify([student, "--output", str(tmp_path / "cert"), "MODEL.WEIGHTS", ""])

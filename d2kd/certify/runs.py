@@ -33,18 +33,32 @@ RECORD = "certify_run.json"
 CONTROL_CONFIG = "control.yaml"
 
 
-def control_config(cfg: CfgNode) -> CfgNode:
-    """The matched control of a distillation config: the same student (architecture and
-    initialisation), schedule, data, input and seeds, without any teacher or head."""
+def control_overrides(cfg: CfgNode) -> List[str]:
+    """The overrides that turn a distillation config into its matched control: the same
+    student (architecture and initialisation), schedule, data, input and seeds, without any
+    teacher or head."""
     if cfg.MODEL.META_ARCHITECTURE != "DistillationDetector":
         raise ConfigError(f"certify needs a distillation config (MODEL.META_ARCHITECTURE: "
                           f"DistillationDetector), got {cfg.MODEL.META_ARCHITECTURE}.")
+    return ["MODEL.META_ARCHITECTURE", cfg.DISTILL.STUDENT_META_ARCHITECTURE, "DISTILL.HEADS",
+            "[]", "DISTILL.TEACHER.CONFIGS", "[]", "DISTILL.TEACHER.WEIGHTS", "[]"]
+
+
+def control_config(cfg: CfgNode) -> CfgNode:
+    """The matched control of a distillation config (:func:`control_overrides` applied)."""
     control = student_config(cfg)
-    control.defrost()
-    control.DISTILL.HEADS = []
-    control.DISTILL.TEACHER.CONFIGS = []
-    control.DISTILL.TEACHER.WEIGHTS = []
+    control.merge_from_list(control_overrides(cfg))
     return control
+
+
+def control_identity(control: CfgNode) -> str:
+    """What a control run trains, as text: its config without ``DISTILL`` (no distillation
+    runs) and ``OUTPUT_DIR`` — equal for every method on the same student and schedule."""
+    identity = control.clone()
+    identity.defrost()
+    del identity["DISTILL"]
+    identity.OUTPUT_DIR = ""
+    return identity.dump()
 
 
 @dataclass
@@ -56,6 +70,7 @@ class Arm:
     opts: List[str]
     seeds: List[int]
     folder: str  # its runs (or, for given weights, their evaluations): FOLDER/seed<k>
+    ignored: Sequence[str] = ()  # settings its finished runs need not match (control: DISTILL)
     weights: Dict[int, str] = field(default_factory=dict)  # seed -> given weights: no training
     aps: Dict[str, Dict[int, float]] = field(default_factory=dict)  # split -> seed -> AP
 
@@ -91,13 +106,14 @@ class CertifyPlan:
         schedule and data (or the same teacher) share them. ``teacher_runs``: finished runs
         of teacher 0 evaluated instead of training it."""
         cfg = load_config(self.config_file, self.opts)
-        control = control_config(cfg).dump()
+        control = control_identity(control_config(cfg))
         control_folder = self._shared_folder("controls", control)
         control_file = os.path.join(control_folder, CONTROL_CONFIG)
         if not os.path.isfile(control_file):
-            atomic_write_text(control_file, control)
+            atomic_write_text(control_file, control)  # a record: what its runs train
         out = self.output
-        arms = [Arm("control", control_file, [], list(self.seeds), control_folder),
+        arms = [Arm("control", self.config_file, [*self.opts, *control_overrides(cfg)],
+                    list(self.seeds), control_folder, ignored=("DISTILL.",)),
                 Arm("distilled", self.config_file, list(self.opts), list(self.seeds),
                     os.path.join(out, "distilled"))]
         plain_opts = _without_distill_keys(self.opts)
@@ -151,7 +167,7 @@ def train(plan: CertifyPlan, arm: Arm, seed: int) -> str:
     opts = [*arm.opts, *run_options(arm.config_file, seed, out)]
     with _run_lock(out):
         if os.path.isfile(record):
-            stale = config_mismatches(out, arm.config_file, opts)
+            stale = config_mismatches(out, arm.config_file, opts, arm.ignored)
             if stale:
                 raise ConfigError(f"The finished run {out} was trained with other settings than "
                                   f"{arm.config_file} gives now: {'; '.join(stale)}. Move it "

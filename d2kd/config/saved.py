@@ -31,22 +31,26 @@ def _same_setting(saved: object, current: object) -> bool:
     return by_name(saved) == by_name(current)
 
 
-def changed_settings(saved_config_file: str, cfg: CfgNode) -> List[str]:
+def changed_settings(saved_config_file: str, cfg: CfgNode,
+                     ignored: Sequence[str] = ()) -> List[str]:
     """``KEY: saved -> now`` for each setting of ``saved_config_file`` that ``cfg`` no longer
-    has. Compared are the keys both configs have except OUTPUT_DIR: a key added to d2kd after
-    the run took what is now its default, a removed one is no setting any more."""
+    has. Compared are the keys both configs have except OUTPUT_DIR and those starting with an
+    ``ignored`` prefix: a key added to d2kd after the run took what is now its default, a
+    removed one is no setting any more."""
     with open(saved_config_file) as f:
         saved = _flat(yaml.safe_load(f))
     current = _flat(yaml.safe_load(cfg.dump()))
-    keys = sorted((set(saved) & set(current)) - {"OUTPUT_DIR"})
+    keys = sorted(k for k in (set(saved) & set(current)) - {"OUTPUT_DIR"}
+                  if not k.startswith(tuple(ignored)))
     return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in keys
             if not _same_setting(saved[key], current[key])]
 
 
-def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str]) -> List[str]:
+def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str],
+                      ignored: Sequence[str] = ()) -> List[str]:
     """Settings of a finished run's saved ``config.yaml`` that ``config_file`` with ``opts`` no
     longer gives (:func:`changed_settings`); empty when the run saved none."""
     saved_config = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(saved_config) or config_file.endswith(".py"):
         return []  # a LazyConfig recipe: Python, compared by its file only
-    return changed_settings(saved_config, load_config(config_file, opts))
+    return changed_settings(saved_config, load_config(config_file, opts), ignored)

@@ -25,7 +25,7 @@ from conftest import CONFIGS, save_untrained_teacher
 from d2kd.config import ConfigError, get_d2kd_cfg, load_config
 from d2kd.engine import DistillTrainer
 from d2kd.engine.preflight import check_run
-from d2kd.launch.entry import MAX_LINE
+from d2kd.config.loading import MAX_LINE
 
 pytestmark = pytest.mark.slow
 

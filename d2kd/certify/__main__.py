@@ -23,7 +23,7 @@ from ..compat.checkpoint import summarize
 from ..config import ConfigError, load_config
 from ..config.validation import check_datasets
 from ..engine.preflight import check_run
-from ..launch.entry import one_line
+from ..config.loading import one_line
 from ..launch.pretrain import ensure_pretrained_weights
 from . import report
 from .provenance import code_version, software_stack

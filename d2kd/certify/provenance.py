@@ -8,12 +8,11 @@ from typing import Dict, List, Optional
 import detectron2
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.utils.file_io import PathManager
 
 import d2kd
 from ..compat import has_compiled_extension
 from ..config.teachers import load_teacher_config, teacher_specs, teacher_weights
-from ..utils.hashing import file_sha256
+from ..utils.hashing import file_sha256, weights_sha256
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(d2kd.__file__))
 
@@ -43,9 +42,7 @@ def software_stack(threads: int = 0) -> Dict[str, object]:
 
 def weights_hash(weights: str) -> Optional[str]:
     """SHA-256 of a weights file (a URL: of detectron2's local copy); None for no weights."""
-    if not weights:
-        return None
-    return file_sha256(PathManager.get_local_path(weights))
+    return weights_sha256(weights) if weights else None
 
 
 def inputs_of(cfg) -> Dict[str, object]:

@@ -24,6 +24,19 @@ class ConfigError(ValueError):
     """Bad user input found before training starts; the message says how to fix it."""
 
 
+#: the longest error line (a message that runs longer is cut, saying so)
+MAX_LINE = 600
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one short line: a :class:`ConfigError`'s message, any other exception's
+    type and message (whitespace folded, cut at :data:`MAX_LINE` characters)."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, ConfigError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 15] + " ... (cut)"
+
+
 def get_d2kd_cfg() -> CfgNode:
     """detectron2's default config plus every d2kd key."""
     cfg = get_cfg()

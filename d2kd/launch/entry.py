@@ -4,21 +4,8 @@ from typing import Callable, Optional, Sequence
 
 from detectron2.engine import default_argument_parser
 
-from ..config import ConfigError
+from ..config.loading import one_line
 from .distributed import launch
-
-#: the longest error line (a message that runs longer is cut, saying so)
-MAX_LINE = 600
-
-
-def one_line(error: BaseException) -> str:
-    """``error`` as one short line: a :class:`ConfigError`'s message, any other exception's
-    type and message (whitespace folded, cut at :data:`MAX_LINE` characters)."""
-    text = " ".join(str(error).split())
-    if not isinstance(error, ConfigError):
-        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 15] + " ... (cut)"
-
 
 def run_cli(main: Callable, prepare: Callable, argv: Optional[Sequence[str]] = None) -> None:
     """Parse detectron2's arguments; ``prepare(args)`` in the launching process (bad input:

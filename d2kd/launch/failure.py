@@ -18,16 +18,12 @@ from typing import Any, Callable
 from detectron2.utils import comm
 
 from ..compat.distributed import default_store
+from ..config.loading import one_line
 
 logger = logging.getLogger(__name__)
 
 FAILED_KEY = "d2kd/failed"
 POLL_SECONDS = 2.0
-
-
-def _describe(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _watch(store, stop: threading.Event, rank: int) -> None:
@@ -41,7 +37,9 @@ def _watch(store, stop: threading.Event, rank: int) -> None:
         if stop.is_set():  # this rank has finished meanwhile
             return
         message = f"d2kd: rank {rank} stops because {reason}"
-        logger.error(message)
+        logger.error(message)  # log.txt
+        # and the console: detectron2 gives ranks other than 0 no console handler, and the
+        # process ends now, so this line must not depend on how logging is set up
         print(message, file=sys.stderr, flush=True)
         os._exit(1)  # a thread cannot interrupt the collective the main thread waits in
 
@@ -58,7 +56,7 @@ def run_guarded(main_func: Callable[..., Any], *args: Any) -> Any:
         result = main_func(*args)
     except BaseException as error:
         try:
-            store.set(FAILED_KEY, f"rank {rank} failed: {_describe(error)}")
+            store.set(FAILED_KEY, f"rank {rank} failed: {one_line(error)}")
         finally:
             stop.set()
         raise

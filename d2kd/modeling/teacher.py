@@ -18,7 +18,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, ImageList
-from detectron2.utils.file_io import PathManager
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -27,7 +26,7 @@ from ..compat.padding import padded_size
 from ..config.loading import ConfigError, get_d2kd_cfg
 from ..config.teachers import YACS, TeacherSpec, load_teacher_config, teacher_specs, teacher_weights
 from ..heads.alignment import match_levels
-from ..utils.hashing import file_sha256
+from ..utils.hashing import weights_sha256
 
 # DISTILL.TEACHER.CASCADE_STAGE: which stages of a Cascade R-CNN teacher answer on RoIs.
 CASCADE_STAGES = ("mean", "last")
@@ -162,7 +161,7 @@ class FrozenTeacher:
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file the teacher was loaded from (a URL: detectron2's local
         copy of it): what caches of its outputs are keyed by, never its path."""
-        return file_sha256(PathManager.get_local_path(self.weights))
+        return weights_sha256(self.weights)
 
     def architecture(self) -> List[Tuple[str, List[int]]]:
         """(name, shape) of every tensor of the teacher's state: its architecture."""

@@ -21,3 +21,11 @@ def file_sha256(path: str) -> str:
                 digest.update(chunk)
         _MEMO[key] = digest.hexdigest()
     return _MEMO[key]
+
+
+def weights_sha256(weights: str) -> str:
+    """SHA-256 of a weights file: a local path, or a URL detectron2's ``PathManager`` resolves
+    (its local copy)."""
+    from detectron2.utils.file_io import PathManager
+
+    return file_sha256(PathManager.get_local_path(weights))

@@ -93,6 +93,17 @@ def old_commit_run(out: str) -> List[str]:
     return ["bash", "-c", script]
 
 
+def certify_job(out: str, name: str, config: str, teacher: str, teacher_config: str,
+                data: str) -> Job:
+    """``certify`` of one headline config on test and val against the teacher's three runs."""
+    runs = [teacher_run(out, teacher_config, k) for k in SEEDS]
+    budget = [] if config.endswith("_1000.yaml") else BUDGET
+    return Job(f"certify_{name}", (f"teacher_{teacher}", "pretrain_R18_FPN64"), [[
+        sys.executable, "-m", "d2kd.certify", config, "--seeds", str(len(SEEDS)),
+        "--splits", f"{data}_test", f"{data}_val", "--teacher-runs", *runs,
+        "--output", f"{out}/certify/{name}", "--threads", "1", *budget]])
+
+
 def jobs(out: str) -> List[Job]:
     """The queue, in the order lanes take it (every job after its dependencies)."""
     queue = [Job(f"pretrain_{name}", (), [[sys.executable, "-m", "d2kd.launch.pretrain", name]])
@@ -119,14 +130,9 @@ def jobs(out: str) -> List[Job]:
         queue.append(Job(f"teacher_{name}", tuple(parts), [
             accuracy(out, [config], list(SEEDS), teachers_folder(config), f"teacher_{name}",
                      plot=True)]))
-    for name, config, teacher, data in HEADLINE:
-        teacher_config = next(c for n, c, *_ in TEACHERS if n == teacher)
-        runs = [teacher_run(out, teacher_config, k) for k in SEEDS]
-        budget = [] if config.endswith("_1000.yaml") else BUDGET
-        queue.append(Job(f"certify_{name}", (f"teacher_{teacher}", "pretrain_R18_FPN64"), [[
-            sys.executable, "-m", "d2kd.certify", config, "--seeds", str(len(SEEDS)),
-            "--splits", f"{data}_test", f"{data}_val", "--teacher-runs", *runs,
-            "--output", f"{out}/certify/{name}", "--threads", "1", *budget]]))
+        # the certificates against this teacher come next: each needs only its own teacher
+        queue += [certify_job(out, student, student_config, name, config, data)
+                  for student, student_config, teacher, data in HEADLINE if teacher == name]
     return queue
 
 

@@ -8,12 +8,18 @@ process group's timeout, 30 minutes by default. So every rank runs its training 
 reaches, and a watcher thread in every rank checks the store every :data:`POLL_SECONDS`; on
 seeing a failure (or the store gone with rank 0's process) it logs which rank failed and why,
 and ends its process with exit status 1.
+
+The failing rank's process usually ends before the next poll, and its peers' collective then
+fails on its own ("Connection closed by peer"). That error is a consequence, not the cause: a
+rank whose training raises first waits up to :data:`POLL_SECONDS` for another rank's failure
+in the store and, when there is one, stops with that rank's error instead of its own.
 """
 import logging
 import os
 import sys
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Optional
 
 from detectron2.utils import comm
 
@@ -26,22 +32,39 @@ FAILED_KEY = "d2kd/failed"
 POLL_SECONDS = 2.0
 
 
+def _failure_in_store(store) -> Optional[str]:
+    """The failure another rank reported, or None; the store lives in rank 0's process, so a
+    store that cannot be reached means rank 0 has ended."""
+    try:
+        return store.get(FAILED_KEY).decode() if store.check([FAILED_KEY]) else None
+    except Exception:
+        return "rank 0's process ended (the rendezvous store is gone)"
+
+
+def _stop(rank: int, reason: str) -> None:
+    message = f"d2kd: rank {rank} stops because {reason}"
+    logger.error(message)  # log.txt
+    # and the console: detectron2 gives ranks other than 0 no console handler, and the
+    # process ends now, so this line must not depend on how logging is set up
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)  # a watcher thread has no other way to end the main thread's collective
+
+
 def _watch(store, stop: threading.Event, rank: int) -> None:
     while not stop.wait(POLL_SECONDS):
-        try:
-            if not store.check([FAILED_KEY]):
-                continue
-            reason = store.get(FAILED_KEY).decode()
-        except Exception:  # the store lives in rank 0's process: gone means rank 0 ended
-            reason = "rank 0's process ended (the rendezvous store is gone)"
-        if stop.is_set():  # this rank has finished meanwhile
-            return
-        message = f"d2kd: rank {rank} stops because {reason}"
-        logger.error(message)  # log.txt
-        # and the console: detectron2 gives ranks other than 0 no console handler, and the
-        # process ends now, so this line must not depend on how logging is set up
-        print(message, file=sys.stderr, flush=True)
-        os._exit(1)  # a thread cannot interrupt the collective the main thread waits in
+        reason = _failure_in_store(store)
+        if reason is not None and not stop.is_set():  # stop set: this rank has finished
+            _stop(rank, reason)
+
+
+def _failure_of_another_rank(store) -> Optional[str]:
+    """Another rank's reported failure, waiting up to :data:`POLL_SECONDS` for it."""
+    deadline = time.monotonic() + POLL_SECONDS
+    while True:
+        reason = _failure_in_store(store)
+        if reason is not None or time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.1)
 
 
 def run_guarded(main_func: Callable[..., Any], *args: Any) -> Any:
@@ -55,10 +78,14 @@ def run_guarded(main_func: Callable[..., Any], *args: Any) -> Any:
     try:
         result = main_func(*args)
     except BaseException as error:
+        stop.set()
+        cause = None if isinstance(error, KeyboardInterrupt) else _failure_of_another_rank(store)
+        if cause is not None:
+            _stop(rank, cause)
         try:
             store.set(FAILED_KEY, f"rank {rank} failed: {one_line(error)}")
-        finally:
-            stop.set()
+        except Exception:  # rank 0's store is gone: there is nobody left to tell
+            pass
         raise
     stop.set()
     comm.synchronize()  # no rank ends (taking the store with it) before all have stopped watching

@@ -1,8 +1,10 @@
 """The job runner behind the benchmark queues (beyond_the_teacher.py, citable_numbers.py):
 jobs with dependencies that lanes pull in order, each lane one process with one thread.
 
-A lane claims a job by creating ``OUT/claims/JOB`` (atomic ``mkdir``), waits for the job's
-dependencies to be done, runs it and marks it ``OUT/done/JOB`` (or ``OUT/failed/JOB``). Every
+A lane takes the first job in queue order whose dependencies are done (a job waiting for
+another lane's run does not hold a lane idle), claims it by creating ``OUT/claims/JOB``
+(atomic ``mkdir``), runs it and marks it ``OUT/done/JOB`` (or ``OUT/failed/JOB``, and so
+every job that depends on it). Every
 job reuses finished work, so starting the lanes again goes on where they were. A lane stopped
 with SIGTERM or Ctrl-C stops its job's processes and gives its claim back; after a hard kill
 (SIGKILL, a lost machine) remove the claims of the jobs that are not done first.
@@ -82,22 +84,26 @@ def run_lane(lane: str, queue: List[Job], out: str) -> None:
             f.write(text)
         print(f"[{time.strftime('%H:%M')}] lane {lane}: {name} {kind}", flush=True)
 
-    for job in queue:
-        if marked("done", job.name) or marked("failed", job.name):
+    while True:
+        open_jobs = [job for job in queue if not (marked("done", job.name)
+                                                  or marked("failed", job.name)
+                                                  or marked("claims", job.name))]
+        if not open_jobs:
+            return
+        job = next((j for j in open_jobs
+                    if all(marked("done", d) or marked("failed", d) for d in j.deps)), None)
+        if job is None:  # every open job waits for a job another lane runs
+            time.sleep(20)
             continue
         claim = os.path.join(out, "claims", job.name)
         try:
             os.mkdir(claim)
-        except FileExistsError:  # another lane has it
+        except FileExistsError:  # another lane took it meanwhile
+            continue
+        if any(marked("failed", d) for d in job.deps):
+            mark("failed", job.name, "a dependency failed\n")
             continue
         try:
-            while not all(marked("done", d) for d in job.deps):
-                if any(marked("failed", d) for d in job.deps):
-                    break
-                time.sleep(20)
-            if any(marked("failed", d) for d in job.deps):
-                mark("failed", job.name, "a dependency failed\n")
-                continue
             print(f"[{time.strftime('%H:%M')}] lane {lane}: {job.name} started", flush=True)
             with open(os.path.join(out, "logs", f"{job.name}.log"), "a") as log:
                 codes = [_run_job_command(c, log) for c in job.commands]

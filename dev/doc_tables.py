@@ -21,7 +21,7 @@ the template is copied with each ``{{ EXPRESSION | FORMAT }}`` replaced by its v
 such as a verdict, from one reference). An expression adds and subtracts
 terms; a term is a number, a reference, or ``mean``, ``spread`` (max - min), ``count``,
 ``min`` or ``max`` of one or more references (comma-separated: the values of several files). A reference starts at an alias and walks the file's JSON:
-``.key`` (mapped over a list), ``[key=value]`` (the list items whose ``key`` is ``value``; one
+``.key`` or ``["any key"]`` (mapped over a list), ``[key=value]`` (the list items whose ``key`` is ``value``; one
 match is that item itself), ``[0]`` (an index). A reference must end at a number unless it is aggregated; a missing
 file, key or match is an error that names the table. Differences are computed from the
 files' values, never from rounded ones. A decimal number typed into a template's table rows
@@ -54,9 +54,11 @@ AP_WORD = re.compile(r"\bAP(?:50|75|s|m|l)?\b")
 CODE_SPAN = re.compile(r"`[^`]*`")
 TYPED_NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
 PLACEHOLDER = re.compile(r"{{(?P<expression>.*?)}}")
-STEP = re.compile(r"\.(?P<key>[^.\[\s()+]+)|\[(?P<index>\d+)\]|\[(?P<field>[^=\]]+)=(?P<value>[^\]]*)\]")
+STEP = re.compile(r"\.(?P<key>[^.\[\s()+]+)|\[\"(?P<quoted>[^\"]*)\"\]|\[(?P<index>\d+)\]"
+                  r"|\[(?P<field>[^=\]]+)=(?P<value>[^\]]*)\]")
 TERM = re.compile(r"\s*(?P<sign>[+-])?\s*(?:(?P<number>\d+(?:\.\d+)?)(?![\w.])"
-                  r"|(?P<function>[a-z]+)\((?P<argument>[^()]+)\)|(?P<reference>[^\s()+]+))\s*")
+                  r"|(?P<function>[a-z]+)\((?P<argument>[^()]+)\)"
+                  r"|(?P<reference>(?:\[\"[^\"]*\"\]|[^\s()+])+))\s*")
 
 
 class TableError(ValueError):
@@ -93,10 +95,11 @@ def resolve(reference: str, files: Dict[str, Any]) -> Any:
 
 
 def _step(value: Any, step: "re.Match[str]", reference: str) -> Any:
-    if step["key"] is not None:
+    key = step["key"] if step["key"] is not None else step["quoted"]
+    if key is not None:
         if isinstance(value, list):
-            return [_key(item, step["key"], reference) for item in value]
-        return _key(value, step["key"], reference)
+            return [_key(item, key, reference) for item in value]
+        return _key(value, key, reference)
     if step["index"] is not None:
         if not isinstance(value, list):
             raise TableError(f"{reference}: {step.group(0)} needs a list")

@@ -119,7 +119,8 @@ def test_cheap_rule_picks_what_brute_force_objective_picks(seed, alpha):
     assert with_filter.tolist() == _brute_force_selection(x_t, x_s, 6, alpha, candidates)
 
 
-def test_density_filter_matches_its_definition():
+@pytest.mark.parametrize("rule", ["rank", "quantile"])
+def test_density_filter_matches_its_definition(rule):
     g = torch.Generator().manual_seed(3)
     x_t = F.normalize(torch.randn(30, 5, generator=g, dtype=torch.float64), dim=1)
     x_s = F.normalize(torch.randn(30, 4, generator=g, dtype=torch.float64), dim=1)
@@ -129,10 +130,14 @@ def test_density_filter_matches_its_definition():
         rho = [sum(math.exp(-((1 - float(x[i] @ x[j])) / 0.1) ** 2) for j in range(30))
                for i in range(30)]
         rhos.append(rho)
+    # "rank": above the 13th smallest (index int(0.4 * 30)); "quantile": above the value
+    # interpolated at position 0.4 * 29 = 11.6 of the sorted densities.
+    bounds = [sorted(r)[12] if rule == "rank" else torch.quantile(torch.tensor(r), 0.4).item()
+              for r in rhos]
     for i in range(30):
-        if all(r[i] > torch.quantile(torch.tensor(r), 0.4).item() for r in rhos):
+        if all(r[i] > bound for r, bound in zip(rhos, bounds)):
             keep.append(i)
-    assert density_candidates(x_t, x_s).tolist() == keep
+    assert density_candidates(x_t, x_s, rule).tolist() == keep
 
 
 def test_alpha_zero_is_independent_energy_matching_pursuit():

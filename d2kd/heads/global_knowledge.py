@@ -6,21 +6,23 @@ FPN level detectron2's ``assign_boxes_to_levels`` picks) or positive anchors (Re
 anchor box on its own level). Their features are box-pooled from the raw FPN maps of both
 models (the space of the prototypes). Per instance the robustness weight (Eq. 8) scales:
 
-- the global loss (Eq. 6): relations to every prototype of the level, smooth-L1;
-- the local feature loss (Eq. 7): a 3x3 adapter, foreground cells of the KD boxes filled with
-  their weight, background cells, normalised separately;
+- the global loss (Eq. 6): relations to every prototype of a level, smooth-L1; as released,
+  every KD instance of the batch enters every level's term (``GLOBAL_INSTANCES``);
+- the local feature loss (Eq. 7): a 3x3 adapter, foreground cells of the level's KD boxes
+  filled with their weight, background cells, normalised separately;
 - the local response loss: weighted T^2 KL of softened class distributions at the KD
-  instances (R-CNN: both box heads on the student's positive RoIs; RetinaNet: both dense
-  heads at the positive anchors, aligned per image and anchor).
+  instances (R-CNN: both box heads on the student's positive RoIs, weights from the mean of
+  each RoI's RoIAlign bins as released (``RESPONSE_POOLING``); RetinaNet: both dense heads
+  at the positive anchors, aligned per image and anchor).
 
 ``L = GLOBAL_WEIGHT * a * L_glob + FEATURE_WEIGHT * a * L_feat + RESPONSE_WEIGHT * L_resp``
-with the attenuation ``a = 1 - iter / ATTENUATION_ITERS`` (as released; switchable). The
-prototype bank (``self.bank``) is rebuilt by the prototype refresh; with an empty bank every
-weight is 1 and the global loss is 0.
+with the attenuation ``a = 1 - iter / ATTENUATION_ITERS`` (the release decays per epoch;
+switchable). The prototype bank (``self.bank``) is rebuilt by the prototype refresh; with an
+empty bank every weight is 1 and the global loss is 0.
 """
 import itertools
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -32,7 +34,7 @@ from torch import nn
 
 from ..config.defaults import register_config_extension
 from ..config.ranges import NON_NEGATIVE, POSITIVE, at_least, one_of, register_key_rules
-from ..prototypes import PrototypeBank, batched_box_pool
+from ..prototypes import PrototypeBank, batched_box_pool, roi_align_mean
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import check_levels
 from .masks import box_weight_maps
@@ -51,6 +53,44 @@ class KDInstances:
     images: torch.Tensor
     rows: torch.Tensor
 
+    @classmethod
+    def concat(cls, parts: Sequence["KDInstances"]) -> "KDInstances":
+        """The instances of ``parts``, in order."""
+        return cls(*(torch.cat(fields) for fields in zip(
+            *((p.boxes, p.classes, p.images, p.rows) for p in parts))))
+
+
+@dataclass(frozen=True)
+class RoIAlignSpec:
+    """The student's box pooler, for the R-CNN response weights: RoIAlign with ``resolution``
+    bins per side, ``sampling_ratio`` samples per bin side (0: adaptive) and half-pixel
+    ``aligned`` coordinates (``ROIAlignV2``), over the FPN ``levels``
+    (``ROI_HEADS.IN_FEATURES``; a box goes to the level ``assign_boxes_to_levels`` picks)."""
+
+    levels: Tuple[str, ...]
+    resolution: int
+    sampling_ratio: int
+    aligned: bool
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> "RoIAlignSpec":
+        box_head = cfg.MODEL.ROI_BOX_HEAD
+        aligned = {"ROIAlign": False, "ROIAlignV2": True}.get(box_head.POOLER_TYPE)
+        if aligned is None:
+            raise ValueError(f"DISTILL.GK.RESPONSE_POOLING 'roi' pools with the student's box "
+                             f"pooler, which must be ROIAlign or ROIAlignV2, not "
+                             f"{box_head.POOLER_TYPE!r}; set RESPONSE_POOLING: 'box'.")
+        return cls(tuple(cfg.MODEL.ROI_HEADS.IN_FEATURES), box_head.POOLER_RESOLUTION,
+                   box_head.POOLER_SAMPLING_RATIO, aligned)
+
+    def level_of(self, level: str) -> str:
+        """The pooler level of a box that ``assign_boxes_to_levels`` put on ``level`` when
+        choosing among another range of levels: the nearest pooler level (the assignment
+        clamps to the range's ends). Exact where that range contains the pooler's; else a
+        box the pooler would put beyond that range stays on the range's end."""
+        ids = [int(l[1:]) for l in self.levels]
+        return f"p{min(max(int(level[1:]), min(ids)), max(ids))}"
+
 
 @DISTILL_HEAD_REGISTRY.register()
 class GlobalKnowledgeHead(DistillHead):
@@ -66,9 +106,12 @@ class GlobalKnowledgeHead(DistillHead):
     - Robustness weight (Eq. 8), detached, not clipped, (M_l,); 1 for a class without valid
       prototypes:
       ``w = 1 - |max_k cos(f^s, P^s[l, c, k]) - max_k cos(f^t, P^t[l, c, k])|``
-    - Global loss (Eq. 6): A^s, A^t (M_l, n_cls * K) cosines of every instance to every
-      prototype of the level; ``L_glob = sum_l mean smoothL1_{beta=1}(w A^s, w A^t)`` over the
-      columns of valid classes.
+    - Global loss (Eq. 6), per level l over the instances of every level, M = sum_l M_l
+      (``global_instances`` "all_levels", as released) or over level l's own (M_l,
+      "assigned"), each box-pooled from level l's maps and weighted by level l's w: A^s, A^t
+      (M, n_cls * K) cosines of every instance to every prototype of level l;
+      ``L_glob = sum_l mean smoothL1_{beta=1}(w A^s, w A^t)`` over the columns of valid
+      classes.
     - Local feature loss (Eq. 7): g_l a 3x3 conv C_s -> C_t (bilinearly resized to
       (H_t, W_t) if needed); M (N, 1, H_t, W_t) holds each KD box's w on the cells it covers
       (max over boxes, 0 elsewhere), B = 1[M = 0]:
@@ -78,7 +121,10 @@ class GlobalKnowledgeHead(DistillHead):
     - Local response loss over the R = sum_l M_l instances: class logits z (R, K + 1) of both
       box predictors on the student's positive RoIs (R-CNN) or (R, K) of both dense heads at
       the positive anchors (RetinaNet); p = softmax(z / T), T = ``TEMPERATURE``:
-      ``L_resp = (1/R) sum_r w_r T^2 mean_c p^t (log p^t - log p^s)``.
+      ``L_resp = (1/R) sum_r w_r T^2 mean_c p^t (log p^t - log p^s)``. With a
+      ``response_pooler`` (R-CNN, as released) w_r is Eq. 8 on the mean of the RoI's
+      RoIAlign bins (f^s from S, f^t from T, (R, C)) on its box-pooler level; without, the
+      box-pooled weights above.
 
     Returns 0-dim losses ``loss_kd_gk_global`` (GLOBAL_WEIGHT * a * L_glob),
     ``loss_kd_gk_feat`` (FEATURE_WEIGHT * a * L_feat) and ``loss_kd_gk_resp``
@@ -93,7 +139,9 @@ class GlobalKnowledgeHead(DistillHead):
                  teacher_shapes: Dict[str, ShapeSpec], student_kind: StudentKind,
                  num_prototypes: int, global_weight: float, feature_weight: float,
                  response_weight: float, temperature: float, fg_lambda: float,
-                 bg_lambda: float, level_reduction: str = "mean", attenuation_iters: int = 0):
+                 bg_lambda: float, level_reduction: str = "mean", attenuation_iters: int = 0,
+                 global_instances: str = "all_levels",
+                 response_pooler: Optional[RoIAlignSpec] = None):
         """
         Args:
             levels, student_shapes, teacher_shapes: as for the feature heads.
@@ -103,6 +151,12 @@ class GlobalKnowledgeHead(DistillHead):
                 bg_lambda, level_reduction: ``DISTILL.GK`` keys in lower case.
             attenuation_iters: the loss attenuation's length in iterations (0: off;
                 ``DISTILL.GK.ATTENUATION`` / ``ATTENUATION_ITERS``).
+            global_instances: "all_levels" (every KD instance in every level's global term,
+                as released) or "assigned" (each level's own); ``DISTILL.GK.GLOBAL_INSTANCES``.
+            response_pooler: an R-CNN student's box pooler: the response weights come from
+                the mean of each RoI's RoIAlign bins (as released); None: from the box-pooled
+                features (``DISTILL.GK.RESPONSE_POOLING``). A RoI whose pooler level is not
+                distilled uses the nearest distilled level (KD levels clamped to the pooler's).
         """
         super().__init__()
         self.levels = list(levels)
@@ -114,6 +168,16 @@ class GlobalKnowledgeHead(DistillHead):
         # features suffice, so any teacher family serves (e.g. a Cascade R-CNN teacher for a
         # RetinaNet student).
         self.with_response = response_weight != 0
+        self.with_global = global_weight != 0
+        self.global_all_levels = global_instances == "all_levels"
+        self.response_pooler = response_pooler if self.with_response and not self.dense else None
+        if self.response_pooler is not None and not all(
+                response_pooler.level_of(l) in self.levels for l in self.levels):
+            raise ValueError(f"GlobalKnowledgeHead: the R-CNN response weights (DISTILL.GK."
+                             f"RESPONSE_POOLING 'roi') need prototypes on the box pooler's "
+                             f"levels {list(response_pooler.levels)}, but DISTILL.IN_FEATURES "
+                             f"{self.levels} shares none: add them or set RESPONSE_POOLING: "
+                             f"'box'.")
         self.teacher_needs = frozenset(
             {"features"} | ({"dense_predictions" if self.dense else "roi_predictions"}
                             if self.with_response else set()))
@@ -141,15 +205,20 @@ class GlobalKnowledgeHead(DistillHead):
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
         gk = cfg.DISTILL.GK
+        kind = StudentKind.from_config(cfg)
         return {"levels": list(cfg.DISTILL.IN_FEATURES), "student_shapes": student_shapes,
-                "teacher_shapes": teacher_shapes, "student_kind": StudentKind.from_config(cfg),
+                "teacher_shapes": teacher_shapes, "student_kind": kind,
                 "num_prototypes": cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES,
                 "global_weight": gk.GLOBAL_WEIGHT, "feature_weight": gk.FEATURE_WEIGHT,
                 "response_weight": gk.RESPONSE_WEIGHT, "temperature": gk.TEMPERATURE,
                 "fg_lambda": gk.FG_LAMBDA, "bg_lambda": gk.BG_LAMBDA,
                 "level_reduction": gk.LEVEL_REDUCTION,
                 "attenuation_iters": ((gk.ATTENUATION_ITERS or cfg.SOLVER.MAX_ITER)
-                                      if gk.ATTENUATION else 0)}
+                                      if gk.ATTENUATION else 0),
+                "global_instances": gk.GLOBAL_INSTANCES,
+                "response_pooler": (RoIAlignSpec.from_config(cfg)
+                                    if gk.RESPONSE_POOLING == "roi" and gk.RESPONSE_WEIGHT != 0
+                                    and not kind.dense else None)}
 
     # ---- KD instances --------------------------------------------------------------------
     def kd_instances(self, student: StudentTaps) -> Dict[str, KDInstances]:
@@ -196,16 +265,21 @@ class GlobalKnowledgeHead(DistillHead):
                         instances: Dict[str, KDInstances]) -> Dict[str, torch.Tensor]:
         """The three losses on given KD instances (fixed shapes from here on: no host
         synchronisation)."""
+        parts = [instances[l] for l in self.levels]
+        # The instances each level pools: every level's (the released global term) or its own.
+        # The level's own are then rows starts[i]:starts[i + 1] of every level's.
+        pool_all = self.with_global and self.global_all_levels
+        everything = KDInstances.concat(parts) if pool_all else None
+        starts = list(itertools.accumulate([0] + [len(p.boxes) for p in parts]))
         glob, feat, weights, per_level = [], [], [], {}
-        for level_index, level in enumerate(self.levels):
-            kd = instances[level]
+        for level_index, (level, kd) in enumerate(zip(self.levels, parts)):
             s_map, t_map = student.features[level], teacher.features[level]
-            f_s = batched_box_pool(s_map, kd.boxes, kd.images, self.student_strides[level])
-            f_t = batched_box_pool(t_map, kd.boxes, kd.images, self.teacher_strides[level])
-            w = self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
+            pooled = everything if pool_all else kd
+            f_s, f_t, w_pooled = self._box_weights(pooled, s_map, t_map, level, level_index)
+            w = w_pooled[starts[level_index]:starts[level_index + 1]] if pool_all else w_pooled
             weights.append(w)
-            glob.append(global_relation_loss(f_s, f_t, w, self.bank, level_index)
-                        if len(kd.boxes) else s_map.sum() * 0.0)
+            glob.append(global_relation_loss(f_s, f_t, w_pooled, self.bank, level_index)
+                        if self.with_global and len(pooled.boxes) else s_map.sum() * 0.0)
             mask = self._foreground(kd, w, t_map, self.teacher_strides[level])
             adapted = self.adapters[level](s_map)
             if adapted.shape[-2:] != t_map.shape[-2:]:
@@ -228,17 +302,31 @@ class GlobalKnowledgeHead(DistillHead):
                 "loss_kd_gk_feat": w_feat * a * feat_loss,
                 "loss_kd_gk_resp": w_resp * resp_loss}
 
+    def _box_weights(self, kd: KDInstances, s_map: torch.Tensor, t_map: torch.Tensor,
+                     level: str, level_index: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Box-pooled features f^s (M, C_s), f^t (M, C_t) of ``kd`` on ``level`` and their
+        Eq. 8 weights (M,) against the level's prototypes."""
+        f_s = batched_box_pool(s_map, kd.boxes, kd.images, self.student_strides[level])
+        f_t = batched_box_pool(t_map, kd.boxes, kd.images, self.teacher_strides[level])
+        return f_s, f_t, self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
+
     @staticmethod
     def _foreground(kd: KDInstances, w: torch.Tensor, t_map: torch.Tensor,
                     stride: int) -> torch.Tensor:
         """(N, 1, H, W): each KD box's cells filled with its weight (max over boxes)."""
         return box_weight_maps(kd.boxes, w, kd.images, t_map.shape, stride)
 
-    def _response(self, student, teacher, instances, weights) -> torch.Tensor:
+    def _response(self, student: StudentTaps, teacher: TeacherOutputs,
+                  instances: Dict[str, KDInstances], weights: List[torch.Tensor]
+                  ) -> torch.Tensor:
+        """The local response loss of the KD instances; ``weights`` their box-pooled Eq. 8
+        weights per level (used unless the RoI weights replace them)."""
         if not self.with_response:
             return student.features[self.levels[0]].sum() * 0.0
         rows = torch.cat([instances[l].rows for l in self.levels])
-        w = torch.cat(weights)
+        w = (self._roi_weights(student, teacher, instances) if self.response_pooler is not None
+             else torch.cat(weights))
         if self.dense:
             num_classes = dense_num_classes(student)
             s = flatten_dense(student.dense_predictions[0], num_classes).flatten(0, 1)
@@ -248,6 +336,26 @@ class GlobalKnowledgeHead(DistillHead):
         if len(rows) == 0:
             return s.sum() * 0.0
         return weighted_response_kl(s[rows], t[rows], w, self.temperature)
+
+    @torch.no_grad()
+    def _roi_weights(self, student: StudentTaps, teacher: TeacherOutputs,
+                     instances: Dict[str, KDInstances]) -> torch.Tensor:
+        """(R,) Eq. 8 weights of the KD RoIs (level by level, as ``instances``), as the
+        released Faster R-CNN code weights its response loss: from the mean of each RoI's
+        RoIAlign bins (the student's box pooler settings, on both models' maps) on its
+        box-pooler level, against that level's prototypes."""
+        spec = self.response_pooler
+        weights = []
+        for level in self.levels:
+            kd, roi_level = instances[level], spec.level_of(level)
+            f_s, f_t = (roi_align_mean(maps[roi_level], kd.boxes, kd.images,
+                                       strides[roi_level], spec.resolution,
+                                       spec.sampling_ratio, spec.aligned)
+                        for maps, strides in ((student.features, self.student_strides),
+                                              (teacher.features, self.teacher_strides)))
+            weights.append(self.bank.robustness_weight(f_s, f_t, kd.classes,
+                                                       self.levels.index(roi_level)))
+        return torch.cat(weights)
 
     def _attenuation(self) -> float:
         if self.attenuation_iters <= 0:
@@ -290,6 +398,13 @@ def add_global_knowledge_config(cfg: CfgNode) -> None:
     cfg.DISTILL.GK.ATTENUATION = True
     # Iterations over which the attenuation decays to 0; 0: SOLVER.MAX_ITER (the whole run).
     cfg.DISTILL.GK.ATTENUATION_ITERS = 0
+    # Instances of each level's global loss: "all_levels", every KD instance of the batch
+    # pooled on every level (released); "assigned", each level's own (d2kd's earlier rule).
+    cfg.DISTILL.GK.GLOBAL_INSTANCES = "all_levels"
+    # R-CNN response weights from "roi", the mean of each RoI's RoIAlign bins (the student's
+    # box pooler settings; released), or "box", the box-pooled features of the other terms
+    # (d2kd's earlier rule: one weight per instance for every term). Dense students: "box".
+    cfg.DISTILL.GK.RESPONSE_POOLING = "roi"
 
 
 register_key_rules({
@@ -298,4 +413,6 @@ register_key_rules({
     "DISTILL.GK.BG_LAMBDA": NON_NEGATIVE,
     "DISTILL.GK.LEVEL_REDUCTION": one_of("mean", "sum"),
     "DISTILL.GK.ATTENUATION_ITERS": at_least(0),
+    "DISTILL.GK.GLOBAL_INSTANCES": one_of("all_levels", "assigned"),
+    "DISTILL.GK.RESPONSE_POOLING": one_of("roi", "box"),
 })

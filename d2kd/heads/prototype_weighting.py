@@ -17,6 +17,7 @@ from torch import nn
 from ..config.defaults import register_config_extension
 from ..config.ranges import INTEGER, NON_NEGATIVE, at_least, one_of, register_key_rules
 from ..prototypes import PrototypeBank, batched_box_pool
+from ..prototypes.selection import DENSITY_THRESHOLDS
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .masks import box_weight_maps, gt_boxes_and_images
 
@@ -77,6 +78,9 @@ def add_prototypes_config(cfg: CfgNode) -> None:
     cfg.DISTILL.PROTOTYPES.ALPHA = 10.0
     # PGM's density pre-filter (candidates dense in both spaces), from the released code.
     cfg.DISTILL.PROTOTYPES.DENSITY_FILTER = True
+    # Its threshold: "rank" keeps densities above sorted(rho)[int(0.4 n)] (as released);
+    # "quantile" above torch.quantile(rho, 0.4) (d2kd's earlier rule; can keep one more).
+    cfg.DISTILL.PROTOTYPES.DENSITY_THRESHOLD = "rank"
     # PGM may pick an instance twice (as released); False excludes repeats.
     cfg.DISTILL.PROTOTYPES.ALLOW_DUPLICATES = True
     # Instance index: GT boxes wider and taller than this (pixels, original resolution) ...
@@ -96,6 +100,7 @@ def add_prototypes_config(cfg: CfgNode) -> None:
 register_key_rules({
     "DISTILL.PROTOTYPES.NUM_PROTOTYPES": at_least(1),
     "DISTILL.PROTOTYPES.SELECTION": one_of("pgm", "kmeans"),
+    "DISTILL.PROTOTYPES.DENSITY_THRESHOLD": one_of(*DENSITY_THRESHOLDS),
     "DISTILL.PROTOTYPES.ALPHA": NON_NEGATIVE,
     "DISTILL.PROTOTYPES.MIN_BOX_SIZE": NON_NEGATIVE,
     "DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS": INTEGER,

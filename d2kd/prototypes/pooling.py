@@ -1,5 +1,7 @@
-"""``box_pool``: exact average of a feature map over the cells a box covers (integral image)."""
+"""Instance features of FPN maps: ``box_pool``, the exact average over the cells a box covers
+(integral image), and ``roi_align_mean``, the average of a box's RoIAlign bins."""
 import torch
+from torchvision.ops import roi_align
 
 
 def box_cells(boxes: torch.Tensor, stride: int, height: int, width: int):
@@ -52,3 +54,23 @@ def batched_box_pool(features: torch.Tensor, boxes: torch.Tensor, images: torch.
     sums = corner(y1, x1) - corner(y0 - 1, x1) - corner(y1, x0 - 1) + corner(y0 - 1, x0 - 1)
     areas = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(sums.dtype)
     return sums / areas[:, None] + mean[images]
+
+
+def roi_align_mean(features: torch.Tensor, boxes: torch.Tensor, images: torch.Tensor,
+                   stride: int, resolution: int, sampling_ratio: int,
+                   aligned: bool) -> torch.Tensor:
+    """Mean over the ``resolution`` x ``resolution`` RoIAlign bins of each box, each from its own
+    image, differentiable: the RoI features an R-CNN box head sees, averaged over the bins.
+
+    Args:
+        features: (N, C, H, W) a level's maps of stride ``stride``.
+        boxes: (M, 4) XYXY in input-image pixels; images: (M,) the image of each box.
+        resolution, sampling_ratio, aligned: RoIAlign's output size, samples per bin side
+            (0: ceil(bin size) adaptively) and half-pixel alignment (detectron2's ROIAlignV2,
+            mmcv's default).
+    Returns:
+        (M, C).
+    """
+    rois = torch.cat([images.to(features.dtype)[:, None], boxes.to(features.dtype)], dim=1)
+    bins = roi_align(features, rois, resolution, 1.0 / stride, sampling_ratio, aligned)
+    return bins.mean(dim=(2, 3))

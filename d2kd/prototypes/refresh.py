@@ -132,7 +132,8 @@ class PrototypeRefresher:
             return kmeans_prototypes(x_t, x_s, k, seed=self.options.INDEX_SEED)
         picks = select_prototypes(x_t, x_s, k, self.options.ALPHA,
                                   density_filter=self.options.DENSITY_FILTER,
-                                  allow_duplicates=self.options.ALLOW_DUPLICATES)
+                                  allow_duplicates=self.options.ALLOW_DUPLICATES,
+                                  threshold_rule=self.options.DENSITY_THRESHOLD)
         return x_t[picks], x_s[picks]
 
     def _select(self, teacher: Dict[str, torch.Tensor], student: Dict[str, torch.Tensor]):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 DENSITY_BANDWIDTH = 0.1
 DENSITY_PERCENTILE = 0.4
+#: rules of the density filter's threshold (:func:`density_threshold`)
+DENSITY_THRESHOLDS = ("rank", "quantile")
 # Largest temporary of the density filter, in elements (16 MB of float32).
 _BLOCK_ELEMENTS = 2**22
 
@@ -42,12 +44,28 @@ def density(x_hat: torch.Tensor) -> torch.Tensor:
     return rho
 
 
-def density_candidates(xt_hat: torch.Tensor, xs_hat: torch.Tensor) -> torch.Tensor:
-    """Indices whose density exceeds the 40th percentile in both spaces (all if none does)."""
+def density_threshold(rho: torch.Tensor, rule: str = "rank") -> torch.Tensor:
+    """() the density an instance must exceed to be a candidate, from the densities (N,).
+
+    ``"rank"`` (the released code): ``sorted(rho)[int(0.4 N)]``, the (int(0.4 N) + 1)-th
+    smallest. ``"quantile"`` (d2kd's earlier rule): ``torch.quantile(rho, 0.4)``, linearly
+    interpolated at position 0.4 (N - 1); never above the rank rule's, so it can keep more.
+    """
+    if rule == "rank":
+        return rho.sort().values[int(len(rho) * DENSITY_PERCENTILE)]
+    if rule == "quantile":
+        return torch.quantile(rho, DENSITY_PERCENTILE)
+    raise ValueError(f"Unknown density threshold rule {rule!r}; one of {DENSITY_THRESHOLDS}.")
+
+
+def density_candidates(xt_hat: torch.Tensor, xs_hat: torch.Tensor,
+                       threshold_rule: str = "rank") -> torch.Tensor:
+    """Indices whose density exceeds the :func:`density_threshold` (``threshold_rule``) in
+    both spaces; all indices if none does (the released code has no candidate then)."""
     dense = torch.ones(len(xt_hat), dtype=torch.bool, device=xt_hat.device)
     for x in (xt_hat, xs_hat):
         rho = density(x)
-        dense &= rho > torch.quantile(rho, DENSITY_PERCENTILE)
+        dense &= rho > density_threshold(rho, threshold_rule)
     candidates = dense.nonzero().squeeze(1)
     return candidates if len(candidates) else torch.arange(len(xt_hat), device=xt_hat.device)
 
@@ -60,7 +78,8 @@ def coupled_coefficients(ct: torch.Tensor, cs: torch.Tensor, alpha: float):
 
 
 def select_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: float,
-                      density_filter: bool = True, allow_duplicates: bool = True) -> torch.Tensor:
+                      density_filter: bool = True, allow_duplicates: bool = True,
+                      threshold_rule: str = "rank") -> torch.Tensor:
     """Indices (LongTensor[k], selection order) of the K prototypes among N instances.
 
     Args:
@@ -71,12 +90,14 @@ def select_prototypes(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: float
         alpha: coupling weight of the two spaces' coefficients.
         density_filter: restrict candidates to instances dense in both spaces.
         allow_duplicates: the released code can pick an instance twice (faithful default).
+        threshold_rule: the density filter's threshold, see :func:`density_threshold`
+            ("rank" as released, "quantile" d2kd's earlier rule).
     """
     if x_t.shape[0] != x_s.shape[0] or x_t.shape[0] == 0:
         raise ValueError(f"Need the same N > 0 instances in both spaces, got {x_t.shape[0]} "
                          f"and {x_s.shape[0]}.")
     xt_hat, xs_hat = F.normalize(x_t.float(), dim=1), F.normalize(x_s.float(), dim=1)
-    candidates = (density_candidates(xt_hat, xs_hat) if density_filter
+    candidates = (density_candidates(xt_hat, xs_hat, threshold_rule) if density_filter
                   else torch.arange(len(x_t), device=x_t.device))
     if not allow_duplicates and k > len(candidates):
         # d2kd's decision (docs/methods/global_knowledge.md): k distinct prototypes need k

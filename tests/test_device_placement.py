@@ -317,6 +317,7 @@ def _cfg(arch: str, **options):
     cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.RPN.IN_FEATURES = LEVELS
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = LEVELS  # the box pooler's levels (GK response weights)
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64]]
     cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
     cfg.DISTILL.PROTOTYPES.NUM_PROTOTYPES = PROTOTYPES
@@ -349,6 +350,8 @@ HEAD_CASES = {
     "fgfi": ("FGFIHead", "dense", {}),
     "fgbg": ("FgBgHead", "dense", {}),
     "fgbg_prototype_weighted": ("FgBgHead", "rcnn", {"FGBG.PROTOTYPE_WEIGHTED": True}),
+    "fgd": ("FGDHead", "dense", {}),
+    "fgd_stride": ("FGDHead", "rcnn", {"FGD.BOX_MAPPING": "stride"}),
     "logit_dense_positive": ("LogitKDHead", "dense", {}),
     "logit_dense_confident": ("LogitKDHead", "dense",
                               {"LOGIT.DENSE_LOCATIONS": "teacher_confident"}),

@@ -13,16 +13,40 @@ X = torch.randn(4, 3, 6, 5, generator=torch.Generator().manual_seed(0))
 
 
 def test_the_space_has_the_papers_size():
-    sizes = [len(SLOT_OPS[s].names()) for s in (1, 2, 3)] + [len(DISTANCES.names())]
+    sizes = [len(SLOT_OPS[s].names(paper_only=True)) for s in (1, 2, 3)]
+    sizes.append(len(DISTANCES.names(paper_only=True)))
     assert sizes == [5, 8, 14, 7] and math.prod(sizes) == 3920
+
+
+def test_d2kds_variants_are_tokens_of_their_own():
+    variants = {1: {"natt_pooled", "mask_shared"}, 2: {"s2d_s2", "s2d_s4"},
+                3: {"min_max_sample"}}
+    for slot, names in variants.items():
+        assert set(SLOT_OPS[slot].names()) - set(SLOT_OPS[slot].names(paper_only=True)) == names
+    assert (set(DISTANCES.names()) - set(DISTANCES.names(paper_only=True))
+            == {"cos_flat", "pearson_flat", "correlation_full"})
+
+
+def test_a_search_draws_from_the_papers_space_unless_told_otherwise():
+    from d2kd.search.space import FormulaSpace
+
+    paper, extended = FormulaSpace("global", 4), FormulaSpace("global", 4, extra_ops=True)
+    assert paper.genes["slot2"] == tuple(SLOT_OPS[2].names(paper_only=True))
+    assert paper.genes["distance"] == tuple(DISTANCES.names(paper_only=True))
+    assert extended.genes["slot1"] == tuple(SLOT_OPS[1].names())
+    assert "s2d_s2" in extended.genes["slot2"] and "cos_flat" in extended.genes["distance"]
+    assert "local_s1" not in FormulaSpace("instance", 4).genes["slot2"]
 
 
 @pytest.mark.parametrize("slot, name, shape", [
     (1, "satt", (4, 3, 6, 5)), (1, "catt", (4, 3, 6, 5)), (1, "natt", (4, 3, 6, 5)),
-    (2, "scale_r2", (4, 3, 3, 3)), (2, "scale_r4", (4, 3, 2, 2)), (2, "local_s2", (4, 12, 3, 3)),
-    (2, "local_s4", (4, 48, 2, 2)), (2, "affine", (4, 3, 6, 5)),
+    (1, "natt_pooled", (4, 3, 6, 5)),
+    (2, "scale_r2", (4, 3, 3, 3)), (2, "scale_r4", (4, 3, 2, 2)), (2, "local_s1", (4, 90, 1, 1)),
+    (2, "local_s2", (4, 27, 2, 2)), (2, "local_s4", (4, 12, 4, 4)), (2, "s2d_s2", (4, 12, 3, 3)),
+    (2, "s2d_s4", (4, 48, 2, 2)), (2, "affine", (4, 3, 6, 5)),
     (3, "batch", (4, 90)), (3, "channel", (4, 3, 30)), (3, "norm_HW", (4, 3, 6, 5)),
-    (3, "softmax_N", (4, 3, 6, 5)), (3, "min_max", (4, 3, 6, 5)), (3, "batchnorm", (4, 3, 6, 5)),
+    (3, "softmax_N", (4, 3, 6, 5)), (3, "min_max", (4, 3, 6, 5)),
+    (3, "min_max_sample", (4, 3, 6, 5)), (3, "batchnorm", (4, 3, 6, 5)),
 ])
 def test_op_output_shapes(slot, name, shape):
     assert tuple(SLOT_OPS[slot].get(name)(X).shape) == shape
@@ -37,12 +61,28 @@ def test_attention_ops_match_their_formulas():
         assert torch.allclose(SLOT_OPS[1].get("satt")(x)[n], expected, atol=1e-6)
     g = torch.softmax(x.abs().mean(dim=(2, 3)) / 0.5, dim=1)
     assert torch.allclose(SLOT_OPS[1].get("catt")(x), x * torch.sqrt(3 * g)[:, :, None, None], atol=1e-6)
+    # natt (the release's): every value replaced by N * its softmax over the batch
+    e = torch.exp(x / 0.5)
+    assert torch.allclose(SLOT_OPS[1].get("natt")(x), 4 * e / e.sum(dim=0), atol=1e-6)
+    # natt_pooled (d2kd's variant): one weight per sample, from mean |F|, scaling F
+    w = torch.softmax(x.abs().mean(dim=(1, 2, 3)) / 0.5, dim=0)
+    assert torch.allclose(SLOT_OPS[1].get("natt_pooled")(x), x * 4 * w[:, None, None, None])
 
 
-def test_local_moves_patches_into_channels():
+def test_local_keeps_each_patch_spatial_and_moves_the_patch_grid_into_channels():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     y = SLOT_OPS[2].get("local_s2")(x)
-    # patch (0, 0) of the 2x2 grid holds x[0:2, 0:2] = [0, 1, 4, 5] across the 4 channels
+    # channel i*2 + j holds patch (i, j) of the 2x2 grid: patch (0, 1) is x[0:2, 2:4]
+    assert y.shape == (1, 4, 2, 2)
+    assert y[0, 1].tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert y[0, 2].tolist() == [[8.0, 9.0], [12.0, 13.0]]
+    assert SLOT_OPS[2].get("local_s1")(x).flatten().tolist() == x.flatten().tolist()
+
+
+def test_space_to_depth_moves_the_offsets_into_channels():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    y = SLOT_OPS[2].get("s2d_s2")(x)
+    # cell (0, 0) of the 2x2 grid holds x[0:2, 0:2] = [0, 1, 4, 5] across the 4 channels
     assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
     assert y[0, :, 1, 1].tolist() == [10.0, 11.0, 14.0, 15.0]
 
@@ -52,11 +92,15 @@ def test_normalisations_and_distributions():
     assert torch.allclose(SLOT_OPS[3].get("norm_N")(X).norm(dim=0), torch.ones(3, 6, 5), atol=1e-5)
     sm = SLOT_OPS[3].get("softmax_HW")(X)
     assert torch.allclose(sm.flatten(2).sum(-1), torch.ones(4, 3), atol=1e-5)
-    mm = SLOT_OPS[3].get("min_max")(X).flatten(1)
+    mm = SLOT_OPS[3].get("min_max")(X)  # over the whole batch tensor
+    assert mm.min().item() == 0.0 and mm.max().item() == pytest.approx(1.0)
+    assert (mm.flatten(1).max(1).values < 1 - 1e-6).any()
+    mm = SLOT_OPS[3].get("min_max_sample")(X).flatten(1)  # per sample
     assert torch.allclose(mm.min(1).values, torch.zeros(4)) and torch.allclose(mm.max(1).values, torch.ones(4))
 
 
-@pytest.mark.parametrize("name", ["l1", "l2", "smooth_l1", "cos", "pearson", "kl"])
+@pytest.mark.parametrize("name", ["l1", "l2", "smooth_l1", "cos", "cos_flat", "pearson",
+                                  "pearson_flat", "kl"])
 def test_identical_inputs_give_zero(name):
     p = torch.softmax(X, dim=1)
     assert DISTANCES.get(name)(p, p.clone()).item() == pytest.approx(0.0, abs=1e-6)
@@ -71,6 +115,23 @@ def test_kl_is_a_true_kl_and_cos_is_one_minus_cosine():
     cos = [float(a[i] @ b[i]) / float(a[i].norm() * b[i].norm()) for i in range(3)]
     assert DISTANCES.get("cos")(a, b).item() == pytest.approx(sum(1 - c for c in cos) / 3, rel=1e-5)
     assert DISTANCES.get("kl")(s, t, axis="C").item() > 0
+
+
+def test_cos_and_pearson_measure_along_channels_their_flat_variants_per_sample():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    cells = [(a[n, :, i, j], b[n, :, i, j]) for n in range(2) for i in range(4) for j in range(5)]
+    per_cell = [1 - float(u @ v) / float(u.norm() * v.norm()) for u, v in cells]
+    assert DISTANCES.get("cos")(a, b).item() == pytest.approx(sum(per_cell) / 40, rel=1e-5)
+    ac, bc = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    assert DISTANCES.get("pearson")(a, b).item() == pytest.approx(
+        DISTANCES.get("cos")(ac, bc).item(), rel=1e-5)
+    fa, fb = a.flatten(1), b.flatten(1)
+    assert DISTANCES.get("cos_flat")(a, b).item() == pytest.approx(
+        DISTANCES.get("cos")(fa, fb).item(), rel=1e-6)
+    assert DISTANCES.get("pearson_flat")(a, b).item() == pytest.approx(
+        DISTANCES.get("cos")(fa - fa.mean(1, keepdim=True), fb - fb.mean(1, keepdim=True)).item(),
+        rel=1e-5)
 
 
 def test_l1_l2_smooth_l1_references():
@@ -107,8 +168,9 @@ def test_non_canonical_order_is_canonicalised():
     ("global:catt|scale_r2|norm_N|l1|w=abc", "'w=abc'"),
     ("global:catt|scale_r2|norm_N|l1", "expected slot1|slot2|slot3|distance|w=<weight>"),
     ("global:catt|scale_r2|norm_N|kl|w=1", "'kl' needs a distribution slot 3"),
-    ("global:natt|no|norm_N|l1|w=1", "'natt' with slot 3 'norm_N' is degenerate"),
-    ("instance:catt|scale_r2|norm_C|l1|w=1", "'scale_r2' changes the spatial size"),
+    ("instance:catt|scale_r2|norm_C|l1|w=1", "'scale_r2' changes the spatial layout"),
+    ("instance:catt|local_s1|norm_C|l1|w=1", "'local_s1' changes the spatial layout"),
+    ("instance:catt|s2d_s2|norm_C|l1|w=1", "'s2d_s2' changes the spatial layout"),
     ("instance:catt|no|batch|l1|w=1", "'batch' reshapes"),
     ("logit:catt|no|no|l1|w=1", "only slot 3 applies"),
     ("global:no|no|no|l1|w=1;global:no|no|no|l2|w=1", "more than once"),
@@ -118,15 +180,16 @@ def test_invalid_genomes_name_the_bad_token(text, bad):
         parse_genome(text)
 
 
-def test_correlation_needs_a_batch_of_four():
-    genome = parse_genome("global:no|no|no|correlation|w=1")
-    dry_run(genome, batch_size=4)
-    with pytest.raises(GenomeError, match="at least 4"):
-        dry_run(genome, batch_size=2)
+@pytest.mark.parametrize("name, least", [("correlation", 2), ("correlation_full", 4)])
+def test_correlation_needs_a_batch(name, least):
+    genome = parse_genome(f"global:no|no|no|{name}|w=1")
+    dry_run(genome, batch_size=least)
+    with pytest.raises(GenomeError, match=f"at least {least}"):
+        dry_run(genome, batch_size=least - 1)
 
 
 def test_every_valid_formula_of_the_space_dry_runs():
-    """Exhaustive over slots and distances for the global input (3,920 formulas)."""
+    """Exhaustive over slots and distances (d2kd's variants included) for the global input."""
     count = 0
     s, t = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
     for s1, s2, s3, d in itertools.product(SLOT_OPS[1].names(), SLOT_OPS[2].names(),
@@ -193,7 +256,7 @@ def test_attention_gradients_stay_finite_where_the_softmax_underflows(name):
     assert torch.isfinite(x.grad).all()
 
 
-def test_correlation_distance_equals_the_explicit_cross_correlation_matrix_loss():
+def test_full_correlation_distance_equals_the_explicit_cross_correlation_matrix_loss():
     """Reference: the (D, D) matrix written out, as in the formula (Barlow-Twins style)."""
     from d2kd.heads.detkds.ops import DISTANCES
 
@@ -206,4 +269,8 @@ def test_correlation_distance_equals_the_explicit_cross_correlation_matrix_loss(
     c = [[sum(a[n, i] * b[n, j] for n in range(6)) / 6 for j in range(d)] for i in range(d)]
     on = sum((c[i][i] - 1) ** 2 for i in range(d)) / d
     off = sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d ** 2
-    assert DISTANCES.get("correlation")(s, t).item() == pytest.approx(float(on + off), rel=1e-5)
+    value = DISTANCES.get("correlation_full")(s, t).item()
+    assert value == pytest.approx(float(on + off), rel=1e-5)
+    # "correlation" (the release's): log2 of the diagonal term alone, sum |C_ii - 1|^2.02
+    diagonal = sum(abs(float(c[i][i]) - 1) ** 2.02 for i in range(d))
+    assert DISTANCES.get("correlation")(s, t).item() == pytest.approx(math.log2(diagonal), rel=1e-5)

@@ -3,6 +3,7 @@ from .detkds import DetKDSHead
 from .dfd import DFDHead
 from .global_knowledge import GlobalKnowledgeHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
+from .fgd import FGDHead
 from .response import LocKDHead, LogitKDHead
 from ..structures import StudentTaps, TeacherOutputs
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, build_distill_heads
@@ -13,6 +14,7 @@ __all__ = [
     "DISTILL_HEAD_REGISTRY",
     "DistillHead",
     "FgBgHead",
+    "FGDHead",
     "FGFIHead",
     "FitNetHead",
     "GlobalKnowledgeHead",

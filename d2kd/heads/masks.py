@@ -111,3 +111,52 @@ def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Te
     xs = torch.arange(w, device=boxes.device)
     x0, y0, x1, y1 = box_cells(boxes, stride, h, w)
     return _max_per_image(_inside(ys, xs, x0, y0, x1, y1), weights, images, n)
+
+
+#: How GT boxes reach a level's grid for FGD's and DetKDS's released fg/bg masks
+#: (``DISTILL.FGD.BOX_MAPPING``): the authors' stretch over the padded grid, or the stride.
+BOX_MAPPINGS = ("image_size", "stride")
+
+
+def grid_boxes(gt_instances: List[Instances], image_sizes: List[Tuple[int, int]],
+               grid: Tuple[int, int], stride: int, mapping: str
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every GT box of the batch in grid units (M, 4) XYXY, and the image of each box (M,).
+
+    ``mapping``: ``"image_size"`` (the authors') scales x by W / w and y by H / h, with (H, W)
+    the level's ``grid`` and (h, w) the image's size before padding (``image_sizes``), so the
+    image is stretched over the padded grid; ``"stride"`` divides by the level's ``stride``.
+    """
+    height, width = grid
+    boxes, images = [], []
+    for i, (instances, (image_h, image_w)) in enumerate(zip(gt_instances, image_sizes)):
+        b = instances.gt_boxes.tensor
+        if mapping == "stride":
+            boxes.append(b / stride)
+        else:  # divided, then multiplied: the authors' order, so floor / ceil agree exactly
+            boxes.append(torch.stack([b[:, 0] / image_w * width, b[:, 1] / image_h * height,
+                                      b[:, 2] / image_w * width, b[:, 3] / image_h * height],
+                                     dim=1))
+        images.append(torch.full((len(b),), i, dtype=torch.long, device=b.device))
+    return torch.cat(boxes), torch.cat(images)
+
+
+def focal_masks(boxes: torch.Tensor, images: torch.Tensor, shape: torch.Size,
+                dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FGD's foreground and background masks, each (N, 1, H, W) of ``dtype``.
+
+    A box (x0, y0, x1, y1) in grid units (``boxes`` (M, 4), its image in ``images`` (M,))
+    covers rows floor(y0)..ceil(y1) and columns floor(x0)..ceil(x1), both ends included and
+    cut to the map; it weighs 1 / ((ceil(y1) - floor(y0) + 1)(ceil(x1) - floor(x0) + 1)), the
+    count before the cut. Foreground: each cell's largest weight over the boxes covering it.
+    Background: 1 on the other cells, divided by their number per image.
+    """
+    n, _, h, w = shape
+    x0, y0 = boxes[:, 0].floor().long(), boxes[:, 1].floor().long()
+    x1, y1 = boxes[:, 2].ceil().long(), boxes[:, 3].ceil().long()
+    rows = torch.arange(h, device=boxes.device)
+    columns = torch.arange(w, device=boxes.device)
+    weights = 1.0 / ((y1 - y0 + 1) * (x1 - x0 + 1)).to(dtype)
+    fg = _max_per_image(_inside(rows, columns, x0, y0, x1, y1), weights, images, n)
+    bg = (fg == 0).to(dtype)
+    return fg, bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1)

@@ -2,6 +2,7 @@
 from detectron2.config import CfgNode
 
 from ..config.defaults import register_config_extension
+from ..config.ranges import BOOLEAN, register_key_rules
 
 
 @register_config_extension
@@ -52,6 +53,10 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DETKDS.SEARCH.TOURNAMENT = 3
     cfg.DISTILL.DETKDS.SEARCH.CROSSOVER_PROB = 0.9
     cfg.DISTILL.DETKDS.SEARCH.MUTATION_PROB = 0.2
+    # Stage 1 draws from the paper's ops and distances (the authors' release); True adds every
+    # other registered one (d2kd's variants such as natt_pooled, s2d_s2, min_max_sample,
+    # cos_flat, pearson_flat, correlation_full, mask_shared; projects' registrations).
+    cfg.DISTILL.DETKDS.SEARCH.EXTRA_OPS = False
     # Known-good genomes seeding generation 0 of the GA (their formulas for each input; weights
     # snapped to the weight set): the authors' released distillers by default.
     cfg.DISTILL.DETKDS.SEARCH.SEED_GENOMES = [
@@ -71,3 +76,6 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     # STALE_SECONDS) is failed and re-queued.
     cfg.DISTILL.DETKDS.SEARCH.HEARTBEAT_SECONDS = 20
     cfg.DISTILL.DETKDS.SEARCH.STALE_SECONDS = 120
+
+
+register_key_rules({"DISTILL.DETKDS.SEARCH.EXTRA_OPS": BOOLEAN})

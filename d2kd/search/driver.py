@@ -123,7 +123,7 @@ class DetKDSSearch:
         return self._open_study("baseline", None)
 
     def stage1_study(self, knowledge_input: str) -> optuna.Study:
-        space = FormulaSpace(knowledge_input, self.batch_size)
+        space = FormulaSpace(knowledge_input, self.batch_size, self.node.EXTRA_OPS)
         seeds = []
         if self.sampler_kind == "ga":
             for text in self.node.SEED_GENOMES:

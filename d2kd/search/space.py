@@ -40,7 +40,7 @@ class GenomeSpace(abc.ABC):
     genes: Dict[str, Tuple]
 
     def __init__(self, batch_size: int):
-        self.batch_size = batch_size  # of the dry run (``correlation`` needs >= 4)
+        self.batch_size = batch_size  # of the dry run (the correlation distances need >= 2, 4)
         self._validity: Dict[str, bool] = {}
 
     @abc.abstractmethod
@@ -95,23 +95,28 @@ def snap_weight(weight: float, choices: Sequence[float] = WEIGHTS) -> float:
 class FormulaSpace(GenomeSpace):
     """Stage 1: the slot ops, distance and weight of one knowledge input.
 
-    ``logit`` and ``loc`` only have slot 3; ``instance`` only offers the ops that keep the
-    spatial layout (no size-changing slot 2, no reshaping slot 3).
+    The ops and distances of the paper's space (the authors' release), and with
+    ``extra_ops`` every other registered one too (d2kd's variants, projects' registrations;
+    ``DISTILL.DETKDS.SEARCH.EXTRA_OPS``). ``logit`` and ``loc`` only have slot 3; ``instance``
+    only offers the ops that keep the spatial layout (no size-changing slot 2, no reshaping
+    slot 3).
     """
 
-    def __init__(self, knowledge_input: str, batch_size: int):
+    def __init__(self, knowledge_input: str, batch_size: int, extra_ops: bool = False):
         super().__init__(batch_size)
         if knowledge_input not in KNOWLEDGE_INPUTS:
             raise ValueError(f"Unknown knowledge input {knowledge_input!r}; choose from "
                              f"{list(KNOWLEDGE_INPUTS)}.")
         self.input = knowledge_input
-        slot2 = [op for op in SLOT_OPS[2].names()
+        paper_only = not extra_ops
+        slot2 = [op for op in SLOT_OPS[2].names(paper_only)
                  if not (knowledge_input == "instance" and op in SIZE_CHANGING_SLOT2)]
-        slot3 = [op for op in SLOT_OPS[3].names()
+        slot3 = [op for op in SLOT_OPS[3].names(paper_only)
                  if not (knowledge_input == "instance" and op in RESHAPING_SLOT3)]
         genes = {} if knowledge_input in SLOT3_ONLY_INPUTS else {
-            "slot1": tuple(SLOT_OPS[1].names()), "slot2": tuple(slot2)}
-        genes.update(slot3=tuple(slot3), distance=tuple(DISTANCES.names()), weight=WEIGHTS)
+            "slot1": tuple(SLOT_OPS[1].names(paper_only)), "slot2": tuple(slot2)}
+        genes.update(slot3=tuple(slot3), distance=tuple(DISTANCES.names(paper_only)),
+                     weight=WEIGHTS)
         self.genes = genes
 
     def formula(self, params: Params) -> Formula:

@@ -12,10 +12,12 @@ from typing import Tuple
 import torch
 
 from . import ops  # noqa: F401  (registers the built-in ops and distances)
-from .ops import DISTRIBUTION_OPS, draw_mask
+from .ops import DISTRIBUTION_OPS, MIN_BATCH, SHARED_MASK_OPS, draw_mask
 from .registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS
 
-SIZE_CHANGING_SLOT2 = ("scale_r2", "scale_r4", "local_s2", "local_s4")
+#: slot-2 ops that change the spatial layout (the ``instance`` input's RoIs need it kept)
+SIZE_CHANGING_SLOT2 = ("scale_r2", "scale_r4", "local_s1", "local_s2", "local_s4", "s2d_s2",
+                       "s2d_s4")
 RESHAPING_SLOT3 = ("batch", "channel")
 SLOT3_ONLY_INPUTS = ("logit", "loc")
 
@@ -86,10 +88,8 @@ def check_rules(formula: Formula) -> None:
     if formula.distance == "kl" and formula.slot3 not in DISTRIBUTION_OPS:
         raise GenomeError(f"{name}: distance 'kl' needs a distribution slot 3 "
                           f"({sorted(DISTRIBUTION_OPS)}), got {formula.slot3!r}.")
-    if formula.slot1 == "natt" and formula.slot3 == "norm_N":
-        raise GenomeError(f"{name}: slot 1 'natt' with slot 3 'norm_N' is degenerate.")
     if name == "instance" and formula.slot2 in SIZE_CHANGING_SLOT2:
-        raise GenomeError(f"instance: slot 2 {formula.slot2!r} changes the spatial size.")
+        raise GenomeError(f"instance: slot 2 {formula.slot2!r} changes the spatial layout.")
     if name == "instance" and formula.slot3 in RESHAPING_SLOT3:
         raise GenomeError(f"instance: slot 3 {formula.slot3!r} reshapes the map.")
     if name in SLOT3_ONLY_INPUTS and (formula.slot1, formula.slot2) != ("no", "no"):
@@ -117,9 +117,9 @@ def format_genome(genome: Genome) -> str:
 
 def transform(formula: Formula, student: torch.Tensor, teacher: torch.Tensor,
               slots=(1, 2, 3)) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The slot cascade applied identically and independently to both tensors; a random mask
-    of slot 1 is shared by both sides."""
-    mask = draw_mask(teacher) if formula.slot1 == "mask" and 1 in slots else None
+    """The slot cascade applied identically and independently to both tensors. A random mask
+    of slot 1 is drawn for each tensor (student first), one for both with ``mask_shared``."""
+    mask = draw_mask(teacher) if formula.slot1 in SHARED_MASK_OPS and 1 in slots else None
     names = {1: formula.slot1, 2: formula.slot2, 3: formula.slot3}
     for slot in slots:
         op = SLOT_OPS[slot].get(names[slot])
@@ -147,9 +147,10 @@ def dry_run(genome: Genome, batch_size: int, channels: int = 8, size: int = 8) -
     default device (``with torch.device("cuda"):`` around model building)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     for formula in genome.formulas:
-        if formula.distance == "correlation" and batch_size < 4:
-            raise GenomeError(f"{formula.input}: distance 'correlation' needs a batch of at "
-                              f"least 4, got {batch_size}.")
+        least = MIN_BATCH.get(formula.distance, 1)
+        if batch_size < least:
+            raise GenomeError(f"{formula.input}: distance {formula.distance!r} needs a batch of "
+                              f"at least {least}, got {batch_size}.")
         s = torch.randn(batch_size, channels, size, size, generator=g, device="cpu")
         t = torch.randn(batch_size, channels, size, size, generator=g, device="cpu")
         value = apply_formula(formula, s, t)

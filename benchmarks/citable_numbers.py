@@ -40,22 +40,25 @@ TEACHERS = (
 #: the headline, certified at the teachers' budget of 1,000 iterations: (name, config, teacher
 #: job, split); the 600-iteration configs are stretched by BUDGET
 FROM_R50 = ("mgd", "dfd", "gk", "detkds_searched")
+#: rows of the DigitsDet pairs only (issue 29): the FGD baseline and the released DetKDS
+#: distiller of each detector
+EXTRA_FROM_R50 = ("fgd", "detkds")
 HEADLINE = (
     [(f"retinanet_{m}", f"{S}/retinanet_R18_from_R50_{m}.yaml", "retinanet_R50", "digitsdet")
-     for m in FROM_R50]
+     for m in FROM_R50 + EXTRA_FROM_R50]
     + [("retinanet_best", f"{S}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
         "retinanet_R34", "digitsdet")]
     + [(f"faster_rcnn_{m}", f"{S}/faster_rcnn_R18_from_R50_{m}.yaml", "faster_rcnn_R50",
-        "digitsdet") for m in FROM_R50]
+        "digitsdet") for m in FROM_R50 + EXTRA_FROM_R50]
     + [("faster_rcnn_best", f"{S}/faster_rcnn_R18_from_R34_detkds_searched_gk_1000.yaml",
         "faster_rcnn_R34", "digitsdet")]
     + [(f"hard_retinanet_{m}", f"{H}/retinanet_R18_from_R50_{m}.yaml", "hard_retinanet_R50",
         "digitsdet_hard") for m in FROM_R50]
     + [("hard_retinanet_best", f"{H}/retinanet_R18_from_R34_detkds_searched_gk_1000.yaml",
         "hard_retinanet_R34", "digitsdet_hard")])
-#: certificates whose methods issue 29 changes (DetKDS ops, global knowledge's release
-#: defaults): queued last, after every teacher and the MGD / DFD certificates
-AFTER_FAITHFUL = ("_gk", "_detkds_searched", "_best")
+#: certificates of the methods issue 29 changed or added (DetKDS ops, global knowledge's
+#: release defaults, FGD): queued last, after every teacher and the MGD / DFD certificates
+AFTER_FAITHFUL = ("_gk", "_detkds_searched", "_best", "_fgd", "_detkds")
 BUDGET = ["SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "400"]
 #: the commit that measured the R-34/2 RetinaNet teacher at 48.32 (benchmarks/digitsdet/teachers_R34.md)
 COMMIT_48_32 = "681eb3828734cb9ca8a32abe56f8032339e4fc72"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import CONFIGS, distill_cfg, save_untrained_teacher, tiny_training_cfg
+from conftest import distill_cfg, save_untrained_teacher
 from d2kd.config import ConfigError
 from d2kd.engine.checkpoint import (AtomicCheckpointer, remove_torn_writes,
                                     resume_checkpoint)

@@ -174,3 +174,38 @@ def test_imports_given_on_the_command_line_are_imported(tmp_path, monkeypatch):
     cfg = load_config(os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_student.yaml"),
                       ["D2KD.IMPORTS", "['extension.py']", "D2KD.CLI_EXTENSION_KEY", "7"])
     assert cfg.D2KD.CLI_EXTENSION_KEY == 7
+
+
+def _saved_without_semantics(cfg, folder: str) -> None:
+    """``folder``/config.yaml as a distillation run of before issue 29 saved it."""
+    import yaml
+    saved = yaml.safe_load(cfg.dump())
+    del saved["DISTILL"]["SEMANTICS"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved, f)
+
+
+def test_a_distillation_of_the_former_semantics_is_not_resumed(cfg):
+    import torch
+    _saved_without_semantics(cfg, cfg.OUTPUT_DIR)
+    torch.save({"model": {}, "trainer": {}, "iteration": 4},
+               os.path.join(cfg.OUTPUT_DIR, "model_0000004.pth"))
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_0000004.pth")
+    with pytest.raises(ConfigError, match=r"trained with DISTILL.SEMANTICS 1 and this d2kd "
+                                          r"computes 2 .* would mix two losses") as error:
+        check_run(cfg, resume=True)
+    assert "\n" not in str(error.value) and len(str(error.value)) <= MAX_LINE
+
+
+def test_a_finished_run_of_the_former_semantics_no_longer_matches_its_config(cfg, tmp_path):
+    from d2kd.config.saved import changed_settings
+    distilled, plain = str(tmp_path / "distilled"), str(tmp_path / "plain")
+    _saved_without_semantics(cfg, distilled)
+    assert changed_settings(os.path.join(distilled, "config.yaml"), cfg) == [
+        "DISTILL.SEMANTICS: 1 -> 2"]
+    control = cfg.clone()  # no heads: nothing it computes changed, so it still matches
+    control.DISTILL.HEADS = []
+    _saved_without_semantics(control, plain)
+    assert changed_settings(os.path.join(plain, "config.yaml"), control) == []

@@ -4,6 +4,8 @@ from typing import Callable, List
 from detectron2.config import CfgNode as CN
 
 _CONFIG_EXTENSIONS: List[Callable[[CN], None]] = []
+#: ``DISTILL.SEMANTICS`` of this d2kd (what the heads compute; see the key's comment)
+SEMANTICS = 2
 
 
 def register_config_extension(add_keys: Callable[[CN], None]) -> Callable[[CN], None]:
@@ -64,6 +66,11 @@ def _add_own_keys(cfg: CN) -> None:
     cfg.DISTILL.TEACHER.CASCADE_STAGE = "mean"
     # Distillation heads by name in DISTILL_HEAD_REGISTRY; they combine freely.
     cfg.DISTILL.HEADS = []
+    # A record, not a switch: the version of what the heads compute for the same keys.
+    # 2: the authors' DetKDS ops and global-knowledge release rules (issue 29,
+    # docs/methods/README.md, "Fidelity"); 1 (a saved distillation config without this key):
+    # d2kd's former variants. A finished run of another version is not reused, nor resumed.
+    cfg.DISTILL.SEMANTICS = SEMANTICS
     # FPN levels that feature heads distil, by the student's names; each must exist in the
     # student and match a teacher level (same name and stride, else the same stride).
     cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]

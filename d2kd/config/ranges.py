@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Tuple
 
 from detectron2.config import CfgNode
 
+from .defaults import SEMANTICS
 from .loading import ConfigError
 
 #: (is the value valid, what a valid value is)
@@ -75,6 +76,7 @@ def check_key_ranges(cfg: CfgNode) -> None:
 
 
 register_key_rules({
+    "DISTILL.SEMANTICS": one_of(SEMANTICS),
     "SOLVER.IMS_PER_BATCH": at_least(1),
     "SOLVER.MAX_ITER": at_least(1),
     "SOLVER.BASE_LR": POSITIVE,

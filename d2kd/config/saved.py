@@ -1,7 +1,7 @@
 """Comparing the config a run saved (detectron2's ``OUTPUT_DIR/config.yaml``) with a config
 built now, to tell whether the run's results still belong to it."""
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 from detectron2.config import CfgNode
@@ -31,14 +31,26 @@ def _same_setting(saved: object, current: object) -> bool:
     return by_name(saved) == by_name(current)
 
 
+def _saved_settings(saved_config_file: str) -> Dict[str, object]:
+    """The flat settings of a saved config; a distillation run saved before
+    ``DISTILL.SEMANTICS`` existed computed version 1 (d2kd/config/defaults.py)."""
+    with open(saved_config_file) as f:
+        saved = _flat(yaml.safe_load(f))
+    distils = (saved.get("MODEL.META_ARCHITECTURE") == "DistillationDetector"
+               and bool(saved.get("DISTILL.HEADS")))
+    if distils:
+        saved.setdefault("DISTILL.SEMANTICS", 1)
+    return saved
+
+
 def changed_settings(saved_config_file: str, cfg: CfgNode,
                      ignored: Sequence[str] = ()) -> List[str]:
     """``KEY: saved -> now`` for each setting of ``saved_config_file`` that ``cfg`` no longer
     has. Compared are the keys both configs have except OUTPUT_DIR and those starting with an
     ``ignored`` prefix: a key added to d2kd after the run took what is now its default, a
-    removed one is no setting any more."""
-    with open(saved_config_file) as f:
-        saved = _flat(yaml.safe_load(f))
+    removed one is no setting any more; except ``DISTILL.SEMANTICS``, which a distillation
+    run saved without it had at 1."""
+    saved = _saved_settings(saved_config_file)
     current = _flat(yaml.safe_load(cfg.dump()))
     keys = sorted(k for k in (set(saved) & set(current)) - {"OUTPUT_DIR"}
                   if not k.startswith(tuple(ignored)))
@@ -54,3 +66,14 @@ def config_mismatches(output_dir: str, config_file: str, opts: Sequence[str],
     if not os.path.isfile(saved_config) or config_file.endswith(".py"):
         return []  # a LazyConfig recipe: Python, compared by its file only
     return changed_settings(saved_config, load_config(config_file, opts), ignored)
+
+
+def semantics_change(output_dir: str, cfg: CfgNode) -> Optional[str]:
+    """``"saved -> now"`` when the distillation run saved in ``output_dir`` computed another
+    ``DISTILL.SEMANTICS`` than ``cfg`` does, else None (no saved config, or no distillation)."""
+    saved_config = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved_config):
+        return None
+    saved = _saved_settings(saved_config).get("DISTILL.SEMANTICS")
+    now = cfg.DISTILL.SEMANTICS
+    return None if saved is None or saved == now else f"{saved} -> {now}"

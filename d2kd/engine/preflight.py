@@ -29,6 +29,7 @@ from torch import nn
 from ..compat.checkpoint import summarize
 from ..config import ConfigError, check_inputs
 from ..config.ranges import check_key_ranges
+from ..config.saved import semantics_change
 from ..config.validation import num_classes_of
 from ..config.schedule import TeacherSchedule
 from ..modeling import deployed_detector, load_for_evaluation, load_initialisation
@@ -143,6 +144,19 @@ def check_model_weights(cfg: CfgNode, model: Optional[nn.Module], eval_only: boo
             load_initialisation(deployed_detector(model), cfg.MODEL.WEIGHTS)
 
 
+def check_resumed_semantics(cfg: CfgNode) -> None:
+    """A resumed distillation must compute what its first iterations computed
+    (``DISTILL.SEMANTICS``, d2kd/config/defaults.py)."""
+    change = semantics_change(cfg.OUTPUT_DIR, cfg)
+    if change is not None:
+        raise ConfigError(
+            f"{cfg.OUTPUT_DIR} was trained with DISTILL.SEMANTICS {change.split()[0]} and this "
+            f"d2kd computes {cfg.DISTILL.SEMANTICS} (the authors' DetKDS ops and global-knowledge "
+            "rules, docs/methods/README.md, Fidelity): resuming would mix two losses in one "
+            "run. Finish it with the d2kd that started it, or train it again in a new "
+            "OUTPUT_DIR.")
+
+
 def check_run(cfg: CfgNode, resume: bool = False, eval_only: bool = False,
               before_weights: Callable[[], None] = lambda: None, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first bad input of a run of ``cfg`` on
@@ -151,5 +165,7 @@ def check_run(cfg: CfgNode, resume: bool = False, eval_only: bool = False,
     check_inputs(cfg, resume=resume, world_size=world_size)
     model = check_model(cfg) if not eval_only else None
     checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if resume else None
+    if checkpoint is not None:
+        check_resumed_semantics(cfg)
     before_weights()
     check_model_weights(cfg, model, eval_only, checkpoint)

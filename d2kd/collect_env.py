@@ -3,14 +3,17 @@ import os
 import platform
 import sys
 
+import detectron2
 import torch
 import torchvision
 
-import detectron2
-
 from d2kd import __version__
 from d2kd.compat import has_compiled_extension
-from d2kd.compat.projects import missing_transformer_backbones, projects_dir, projects_dir_candidates
+from d2kd.compat.projects import (
+    missing_transformer_backbones,
+    projects_dir,
+    projects_dir_candidates,
+)
 
 
 def _transformer_teachers() -> str:

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONFIGS, REPO, tiny_training_cfg
 
 from d2kd.config import ConfigError, check_inputs, load_config
 from d2kd.data import register_digitsdet
-
-from conftest import CONFIGS, REPO, tiny_training_cfg
 
 STUDENT = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_student.yaml")
 

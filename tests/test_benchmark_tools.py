@@ -106,10 +106,9 @@ def test_benchmark_processes_get_the_same_training_batches(tiny_digitsdet, tmp_p
     """The sampler's shuffle seed and the resize augmentation draw from NumPy: a benchmark
     process whose NumPy state differs (another process) must still see the same batches."""
     import numpy as np
+    from conftest import tiny_training_cfg
 
     from d2kd.benchmark.batches import seeded_training_batches
-
-    from conftest import tiny_training_cfg
 
     cfg = tiny_training_cfg("DigitsDet/retinanet_R18_student.yaml", str(tmp_path))
 

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-
 from conftest import CONFIGS, save_untrained_teacher
+
 from d2kd.certify.__main__ import main as certify
 from d2kd.certify.runs import control_config
 from d2kd.config import load_config

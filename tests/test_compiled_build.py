@@ -14,8 +14,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import annotations_to_instances
-from detectron2.evaluation import COCOEvaluator
-from detectron2.evaluation import coco_evaluation
+from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from detectron2.structures import Boxes, Instances
 
 from d2kd.compat import has_compiled_extension

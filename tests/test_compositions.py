@@ -5,7 +5,6 @@ sampler detectron2 offers."""
 import json
 
 import pytest
-
 from conftest import launch_two_processes, save_untrained_teacher
 
 pytestmark = pytest.mark.slow

@@ -17,15 +17,15 @@ import tempfile
 from typing import Dict, List, Tuple
 
 import pytest
+from conftest import CONFIGS, save_untrained_teacher
 from detectron2.config import CfgNode
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, save_untrained_teacher
 from d2kd.config import ConfigError, get_d2kd_cfg, load_config
+from d2kd.config.loading import MAX_LINE
 from d2kd.engine import DistillTrainer
 from d2kd.engine.preflight import check_run
-from d2kd.config.loading import MAX_LINE
 
 pytestmark = pytest.mark.slow
 

@@ -5,17 +5,21 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import CONFIGS
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 import d2kd.search  # noqa: F401  (the search config's keys, DISTILL.DETKDS.SEARCH)
 from d2kd.compat.projects import missing_transformer_backbones, projects_dir
 from d2kd.config import load_config
-from d2kd.config.teachers import (PROJECTS_PREFIX, YACS, TeacherSpec, load_teacher_config,
-                                  teacher_specs)
+from d2kd.config.teachers import (
+    PROJECTS_PREFIX,
+    YACS,
+    TeacherSpec,
+    load_teacher_config,
+    teacher_specs,
+)
 from d2kd.modeling.teacher import build_teacher_model
-
-from conftest import CONFIGS
 
 CONFIG_FILES = sorted(
     os.path.relpath(path, CONFIGS)

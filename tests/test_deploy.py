@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, REPO, distill_cfg, save_untrained_teacher, tiny_training_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -26,8 +27,6 @@ from d2kd.engine.tracing import (
     trace_safe_dense_decode,
 )
 from d2kd.utils.io import atomic_save
-
-from conftest import CONFIGS, REPO, distill_cfg, save_untrained_teacher, tiny_training_cfg
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import export_student as export_tool  # noqa: E402

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
@@ -46,21 +47,25 @@ from d2kd.config.loading import import_extensions
 from d2kd.engine.teacher_order import AdapterFit
 from d2kd.heads import DISTILL_HEAD_REGISTRY, TeacherOutputs
 from d2kd.heads.alignment import FeatureAligner
-from d2kd.heads.global_knowledge import KDInstances
-from d2kd.heads.masks import (box_area_masks, box_cell_masks, box_weight_maps,
-                              gt_boxes_and_images, near_object_masks, random_keep_mask,
-                              valid_cell_masks)
-from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
-from d2kd.structures import StudentTaps
-from d2kd.modeling.teacher import FrozenTeacher
-from d2kd.prototypes import PrototypeBank, batched_box_pool, box_cells, box_pool
-from d2kd.prototypes.selection import coupled_coefficients, density
 from d2kd.heads.detkds.genome import Formula, apply_formula, draw_mask
 from d2kd.heads.detkds.ops import DISTRIBUTION_OPS
 from d2kd.heads.detkds.registry import DISTANCES, SLOT_OPS
+from d2kd.heads.global_knowledge import KDInstances
+from d2kd.heads.masks import (
+    box_area_masks,
+    box_cell_masks,
+    box_weight_maps,
+    gt_boxes_and_images,
+    near_object_masks,
+    random_keep_mask,
+    valid_cell_masks,
+)
+from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
+from d2kd.modeling.teacher import FrozenTeacher
+from d2kd.prototypes import PrototypeBank, batched_box_pool, box_cells, box_pool
+from d2kd.prototypes.selection import coupled_coefficients, density
+from d2kd.structures import StudentTaps
 from d2kd.utils.step_scalars import flush_tensor_scalars, pending_tensor_scalars
-
-from conftest import CONFIGS, REPO
 
 # The project head registered outside d2kd, so that the registry is the same in every run.
 import_extensions([(os.path.join(REPO, "projects", "AttentionKD", "attention_head.py"), "")])

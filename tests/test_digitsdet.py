@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from d2kd.data.digitsdet import generator as digitsdet
 from d2kd.data.digitsdet import (
     AREA_MEDIUM_MAX,
     AREA_SMALL_MAX,
@@ -19,6 +18,7 @@ from d2kd.data.digitsdet import (
     digit_pool_indices,
     generate_digitsdet,
 )
+from d2kd.data.digitsdet import generator as digitsdet
 
 TINY = DigitsDetSpec(seed=3, num_train=40, num_val=20, num_test=20)
 MEDIUM = DigitsDetSpec(seed=5, num_train=120, num_val=60, num_test=60)

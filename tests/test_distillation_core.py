@@ -3,14 +3,19 @@ import os
 
 import pytest
 import torch
+from conftest import (
+    CONFIGS,
+    DISTILL,
+    TEACHER,
+    distill_cfg,
+    save_untrained_teacher,
+    tiny_training_cfg,
+)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from d2kd.config import ConfigError, load_config
 from d2kd.engine import DistillTrainer
-
-from conftest import (CONFIGS, DISTILL, TEACHER, distill_cfg, save_untrained_teacher,
-                      tiny_training_cfg)
 
 
 def test_teacher_is_frozen_locked_and_outside_the_state_dict(tiny_digitsdet, tmp_path,
@@ -293,9 +298,8 @@ def test_overhead_ratio_interval_brackets_the_ratio_of_medians():
 ])
 def test_global_knowledge_head_trains_and_weights_instances_with_the_bank(
         tiny_digitsdet, tmp_path, config, teacher):
-    from detectron2.utils.events import EventStorage
-
     from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
 
     weights = save_untrained_teacher(teacher, tmp_path / "teacher")
     cfg = distill_cfg(str(tmp_path / "run"), weights, heads=("GlobalKnowledgeHead",),

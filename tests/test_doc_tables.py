@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("doc_tables",

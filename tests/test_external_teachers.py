@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import tiny_training_cfg
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -19,8 +20,6 @@ from d2kd.config.validation import check_teachers
 from d2kd.engine import DistillTrainer
 from d2kd.heads import DISTILL_HEAD_REGISTRY
 from d2kd.modeling.teacher import build_teacher_model
-
-from conftest import tiny_training_cfg
 
 # Heads that read features only, and the response heads of each family.
 FEATURE_HEADS = ["FitNetHead", "FGFIHead", "FgBgHead", "MGDHead", "DFDHead",

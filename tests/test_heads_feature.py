@@ -8,8 +8,8 @@ from torch import nn
 
 from d2kd.config import get_d2kd_cfg
 from d2kd.heads import FitNetHead, MGDHead, TeacherOutputs
-from d2kd.structures import StudentTaps
 from d2kd.modeling.teacher import FrozenTeacher
+from d2kd.structures import StudentTaps
 
 LEVELS = ["p3", "p4"]
 

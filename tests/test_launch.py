@@ -2,7 +2,6 @@
 import os
 
 import pytest
-
 from conftest import launch_two_processes, save_untrained_teacher
 
 pytestmark = pytest.mark.slow

@@ -18,13 +18,12 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 import torch
+from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from d2kd.config import load_config
 from d2kd.config.teachers import load_teacher_config, teacher_specs
-
-from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "d2kd")
 CORE = {"compat", "utils", "structures", "config", "data", "model_zoo", "modeling", "heads",

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CONFIGS
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier
@@ -19,8 +20,6 @@ from d2kd.config import load_config
 from d2kd.engine import DistillTrainer
 from d2kd.engine.optimizer import build_optimizer
 from d2kd.launch.lazy_train_net import do_train
-
-from conftest import CONFIGS
 
 RECIPE = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.py")
 YACS_TWIN = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.yaml")

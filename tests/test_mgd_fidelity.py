@@ -15,8 +15,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.events import EventStorage
 
 from d2kd.config import get_d2kd_cfg
-from d2kd.heads import MGDHead, TeacherOutputs
-from d2kd.heads import feature_imitation
+from d2kd.heads import MGDHead, TeacherOutputs, feature_imitation
 from d2kd.structures import StudentTaps
 
 LEVELS = ("p3", "p4")

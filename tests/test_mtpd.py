@@ -6,6 +6,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    CONFIGS,
+    TEACHER,
+    TEACHER_R34,
+    distill_cfg,
+    launch_two_processes,
+    save_untrained_teacher,
+)
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
@@ -16,9 +24,6 @@ from d2kd.config import ConfigError
 from d2kd.config.schedule import TeacherSchedule
 from d2kd.engine import DistillTrainer
 from d2kd.engine.teacher_order import AdapterFit, greedy_order, normalized_residual
-
-from conftest import (CONFIGS, TEACHER, TEACHER_R34, distill_cfg, launch_two_processes,
-                      save_untrained_teacher)
 
 MID, TARGET = TEACHER, TEACHER_R34  # the chain's order, as conftest's ``teachers``
 PROGRESSIVE = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"

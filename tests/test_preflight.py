@@ -4,14 +4,13 @@ import os
 
 import pytest
 import torch
+from conftest import CONFIGS, distill_cfg, save_untrained_teacher, tiny_training_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from d2kd.config import ConfigError, load_config
 from d2kd.engine.checkpoint import AtomicCheckpointer, resume_checkpoint
 from d2kd.engine.preflight import check_run
-
-from conftest import CONFIGS, distill_cfg, save_untrained_teacher, tiny_training_cfg
 
 MGD = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
 MTPD = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"

@@ -3,14 +3,13 @@ import os
 
 import pytest
 import torch
+from conftest import CONFIGS, tiny_training_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from d2kd.config import load_config
 from d2kd.launch.pretrain import ensure_pretrained_backbone
-
-from conftest import CONFIGS, tiny_training_cfg
 
 
 def _instances(h, w, masks, classes):

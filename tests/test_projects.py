@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, save_untrained_teacher
 
 PROJECT_CONFIG = os.path.join(REPO, "projects", "AttentionKD", "configs",

@@ -1,17 +1,17 @@
 """Instance index, instance-feature extraction and the distributed prototype refresh."""
 import os
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import REPO, distill_cfg, save_untrained_teacher
 from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from conftest import REPO, distill_cfg, save_untrained_teacher
 from d2kd.engine import DistillTrainer
 from d2kd.engine.prototype_hook import PrototypeRefreshHook
 from d2kd.prototypes.extraction import extract_features
@@ -261,8 +261,7 @@ def test_prototype_weighting_fills_gt_cells_with_the_hand_computed_weight(tiny_d
                                                                          tmp_path):
     from detectron2.structures import Boxes, Instances
 
-    from d2kd.structures import TeacherOutputs
-    from d2kd.structures import StudentTaps
+    from d2kd.structures import StudentTaps, TeacherOutputs
 
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     cfg = distill_cfg(str(tmp_path), weights, heads=("FitNetHead",))

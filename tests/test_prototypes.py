@@ -4,11 +4,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from d2kd.prototypes import (batched_box_pool, box_pool, coupled_coefficients, density_candidates,
-                             select_prototypes)
-
 from conftest import cosine
+
+from d2kd.prototypes import (
+    batched_box_pool,
+    box_pool,
+    coupled_coefficients,
+    density_candidates,
+    select_prototypes,
+)
 
 
 def _naive_box_pool(feature, boxes, stride):

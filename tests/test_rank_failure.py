@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from d2kd.compat.distributed import free_local_port
 
 pytestmark = pytest.mark.slow

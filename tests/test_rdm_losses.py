@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import cosine
 
 from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from d2kd.prototypes import PrototypeBank
-
-from conftest import cosine
 
 
 def _smooth_l1(x):

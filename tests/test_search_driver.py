@@ -15,6 +15,7 @@ import time
 
 import optuna
 import pytest
+from conftest import CONFIGS, REPO, TEACHER, save_untrained_teacher
 from optuna.trial import TrialState
 
 from d2kd.config import load_config
@@ -23,12 +24,15 @@ from d2kd.search.driver import DetKDSSearch
 from d2kd.search.outputs import idle_at_end_seconds, trial_rows
 from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
 from d2kd.search.report import best_so_far, breeding, compare, full_schedule_aps
-from d2kd.search.samplers import (GENERATION_KEY, GeneticSampler, mutate, tournament,
-                                  uniform_crossover)
+from d2kd.search.samplers import (
+    GENERATION_KEY,
+    GeneticSampler,
+    mutate,
+    tournament,
+    uniform_crossover,
+)
 from d2kd.search.space import FormulaSpace, WeightSpace
 from d2kd.search.storage import open_storage
-
-from conftest import CONFIGS, REPO, TEACHER, save_untrained_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
@@ -494,9 +498,9 @@ def test_the_random_arm_has_no_seeds_and_proposes_valid_new_genomes(tmp_path):
 
 
 def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
+    from conftest import CONFIGS
     from detectron2.data import DatasetCatalog
 
-    from conftest import CONFIGS
     from d2kd.search.proxy import proxy_config
 
     cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml"))

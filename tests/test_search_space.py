@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from d2kd.search import (DISTANCES, SLOT_OPS, GenomeError, apply_formula, dry_run, format_genome,
-                         parse_genome)
 from d2kd.heads.detkds.genome import Formula
+from d2kd.search import (
+    DISTANCES,
+    SLOT_OPS,
+    GenomeError,
+    apply_formula,
+    dry_run,
+    format_genome,
+    parse_genome,
+)
 
 X = torch.randn(4, 3, 6, 5, generator=torch.Generator().manual_seed(0))
 

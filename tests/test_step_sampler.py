@@ -3,11 +3,10 @@ import itertools
 from collections import Counter
 
 import torch
+from conftest import tiny_training_cfg
 
 from d2kd.data.step_loader import build_step_train_loader
 from d2kd.data.step_sampler import StepBatchSampler
-
-from conftest import tiny_training_cfg
 
 
 def _take(sampler: StepBatchSampler, count: int):

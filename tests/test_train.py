@@ -3,10 +3,9 @@ import json
 import os
 
 import pytest
+from conftest import tiny_training_cfg
 
 from d2kd.engine import DistillTrainer
-
-from conftest import tiny_training_cfg
 
 pytestmark = pytest.mark.slow
 

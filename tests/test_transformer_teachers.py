@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS, tiny_training_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, build_model
@@ -29,8 +30,6 @@ from d2kd.engine.preflight import check_model
 from d2kd.heads import DISTILL_HEAD_REGISTRY, FitNetHead
 from d2kd.heads.alignment import match_levels
 from d2kd.modeling.teacher import FrozenTeacher, build_teacher_model
-
-from conftest import CONFIGS, tiny_training_cfg
 
 RCNN_STUDENT = "DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml"
 RETINANET_STUDENT = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONFIGS, REPO, distill_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from conftest import CONFIGS, REPO, distill_cfg
 from d2kd.config import ConfigError
 from d2kd.config.loading import MAX_LINE
 from d2kd.engine.preflight import check_run

@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import distill_cfg, save_untrained_teacher
 from detectron2.modeling import build_model
 
-from conftest import distill_cfg, save_untrained_teacher
 from d2kd.config import ConfigError
-from d2kd.engine.checkpoint import (AtomicCheckpointer, remove_torn_writes,
-                                    resume_checkpoint)
+from d2kd.engine.checkpoint import AtomicCheckpointer, remove_torn_writes, resume_checkpoint
 from d2kd.engine.preflight import check_run
 from d2kd.modeling import load_for_evaluation, load_initialisation
 from d2kd.modeling.distillation_detector import student_config

@@ -19,8 +19,8 @@ from tabulate import tabulate
 import d2kd  # noqa: F401
 from d2kd.config import load_config
 from d2kd.data import digitsdet_root, ensure_digitsdet
-from d2kd.utils.io import atomic_save_figure
 from d2kd.launch.process import run_train_net
+from d2kd.utils.io import atomic_save_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("d2kd.demo")

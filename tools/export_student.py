@@ -19,12 +19,13 @@ import importlib.util
 import logging
 import sys
 
+from detectron2.data import DatasetCatalog
+
 import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from d2kd.config import ConfigError, load_config
 from d2kd.engine.export import build_student, export_student
 from d2kd.engine.student_config import load_student_config
 from d2kd.engine.tracing import export_onnx, export_torchscript, read_test_image
-from detectron2.data import DatasetCatalog
 
 TRACED = {"torchscript": export_torchscript, "onnx": export_onnx}
 

@@ -12,6 +12,8 @@ picture per input image is written to --output under the image's name.
 import argparse
 import sys
 
+from detectron2.utils.logger import setup_logger
+
 import d2kd  # noqa: F401  (registers d2kd's backbones, meta-architectures and datasets)
 from d2kd.config import ConfigError
 from d2kd.engine.predict import (
@@ -21,7 +23,6 @@ from d2kd.engine.predict import (
     set_score_threshold,
 )
 from d2kd.engine.student_config import load_student_config
-from detectron2.utils.logger import setup_logger
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ import time
 import uuid
 
 import optuna
+from detectron2.utils.logger import setup_logger
 
 import d2kd  # noqa: F401  (registrations)
 from d2kd.config import ConfigError, load_config
@@ -36,10 +37,8 @@ from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
 from d2kd.search.proxy_start import train_proxy_start
 from d2kd.search.report import compare, full_schedule_aps
 from d2kd.search.space import BASELINE
-from d2kd.search.storage import (SearchInUse, journal_path, lock_output, open_storage,
-                                 repair_journal)
+from d2kd.search.storage import SearchInUse, journal_path, lock_output, open_storage, repair_journal
 from d2kd.utils.io import atomic_write_json, atomic_write_text
-from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("d2kd.search")
 

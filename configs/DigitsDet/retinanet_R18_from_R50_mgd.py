@@ -10,8 +10,12 @@ checks that the student is the yacs one, tensor for tensor and output for output
 import torch
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
-from detectron2.data import (DatasetMapper, build_detection_test_loader,
-                             build_detection_train_loader, get_detection_dataset_dicts)
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec

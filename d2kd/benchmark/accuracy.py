@@ -13,11 +13,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from ..config import ConfigError, load_config
 from ..certify.provenance import provenance
+from ..config import ConfigError, load_config
 from ..config.saved import config_mismatches
-from ..utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_options, run_train_net
+from ..utils.io import atomic_write_json, atomic_write_text
 from .accuracy_plot import plot_accuracy
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence
 from tabulate import tabulate
 
 from ..config import load_config
-from ..utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_train_net
+from ..utils.io import atomic_write_json, atomic_write_text
 
 
 def steady_step_seconds(metrics_lines: Sequence[str]) -> float:

@@ -21,9 +21,9 @@ from typing import List, Optional, Sequence
 
 from ..compat.checkpoint import summarize
 from ..config import ConfigError, load_config
+from ..config.loading import one_line
 from ..config.validation import check_datasets
 from ..engine.preflight import check_run
-from ..config.loading import one_line
 from ..launch.pretrain import ensure_pretrained_weights
 from . import report
 from .provenance import code_version, software_stack

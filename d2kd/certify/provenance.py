@@ -10,6 +10,7 @@ import torch
 from detectron2.data import MetadataCatalog
 
 import d2kd
+
 from ..compat import has_compiled_extension
 from ..config.teachers import load_teacher_config, teacher_specs, teacher_weights
 from ..utils.hashing import file_sha256, weights_sha256

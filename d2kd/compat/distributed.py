@@ -8,10 +8,9 @@ the entry points' ``launch``.)
 """
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DataParallel, DistributedDataParallel
-
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 
 def free_local_port() -> int:

@@ -8,8 +8,7 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
-from detectron2.engine import DefaultTrainer, TrainerBase
-from detectron2.engine import defaults
+from detectron2.engine import DefaultTrainer, TrainerBase, defaults
 from detectron2.engine.hooks import LRScheduler
 from detectron2.solver import LRMultiplier
 from fvcore.common.param_scheduler import ParamScheduler

@@ -14,7 +14,6 @@ import sys
 from typing import Iterator, List, Sequence, Tuple
 
 import yaml
-
 from detectron2.config import CfgNode, get_cfg
 
 from .defaults import add_d2kd_config

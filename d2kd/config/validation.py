@@ -10,9 +10,9 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import OmegaConf
 
-from ..model_zoo import PRETRAINED_PREFIX, pretrain_config
 from ..data import ensure_digitsdet
 from ..data.digitsdet import DigitsDetSpec
+from ..model_zoo import PRETRAINED_PREFIX, pretrain_config
 from .loading import ConfigError
 from .ranges import check_key_ranges
 from .schedule import TeacherSchedule

@@ -25,8 +25,7 @@ from typing import Dict, List, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .digitsdet import (SPLITS, THING_CLASSES, DigitsDetSpec, add_split,
-                        generate_digitsdet)
+from .digitsdet import SPLITS, THING_CLASSES, DigitsDetSpec, add_split, generate_digitsdet
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from ..compat.checkpoint import summarize
 from ..config import ConfigError, check_inputs
 from ..config.ranges import check_key_ranges
 from ..config.saved import semantics_change
-from ..config.validation import num_classes_of
 from ..config.schedule import TeacherSchedule
+from ..config.validation import num_classes_of
 from ..modeling import deployed_detector, load_for_evaluation, load_initialisation
 from ..modeling.distillation_detector import student_config
 from ..prototypes.index import build_instance_index, instances_per_class

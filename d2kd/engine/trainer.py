@@ -17,8 +17,8 @@ from .checkpoint import AtomicCheckpointer, remove_torn_writes, resume_checkpoin
 from .exact_resume import ExactResumeHook
 from .export import StudentExportHook
 from .optimizer import build_optimizer
-from .stages import build_stage_lr_scheduler, insert_schedule_hooks, schedule_of
 from .prototype_hook import PrototypeRefreshHook
+from .stages import build_stage_lr_scheduler, insert_schedule_hooks, schedule_of
 
 
 class DistillTrainer(DefaultTrainer):

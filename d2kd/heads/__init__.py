@@ -1,12 +1,12 @@
 """Distillation heads. Importing this package registers d2kd's heads."""
+from ..structures import StudentTaps, TeacherOutputs
 from .detkds import DetKDSHead
 from .dfd import DFDHead
-from .global_knowledge import GlobalKnowledgeHead
 from .feature_imitation import FgBgHead, FGFIHead, FitNetHead, MGDHead
 from .fgd import FGDHead
-from .response import LocKDHead, LogitKDHead
-from ..structures import StudentTaps, TeacherOutputs
+from .global_knowledge import GlobalKnowledgeHead
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead, build_distill_heads
+from .response import LocKDHead, LogitKDHead
 
 __all__ = [
     "DetKDSHead",

@@ -33,8 +33,14 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config.defaults import register_config_extension
-from ..config.ranges import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, at_least, one_of,
-                             register_key_rules)
+from ..config.ranges import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    at_least,
+    one_of,
+    register_key_rules,
+)
 from ..structures import StudentTaps, TeacherOutputs
 from .feature_imitation import FeatureHead, generation_block
 from .masks import box_cell_masks, random_keep_mask, valid_cell_masks

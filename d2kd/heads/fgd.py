@@ -28,6 +28,7 @@ from .feature_imitation import FeatureHead
 from .masks import BOX_MAPPINGS, focal_masks, grid_boxes
 from .registry import DISTILL_HEAD_REGISTRY
 
+
 def attention_maps(x: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """FGD's attention of ``x`` (N, C, H, W): spatial (N, 1, H, W) and channel (N, C, 1, 1).
 

@@ -16,6 +16,7 @@ from ..config.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, one_of, regis
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 
+
 def flatten_dense(per_level: List[torch.Tensor], dim: int) -> torch.Tensor:
     """Per-level (N, A*dim, H, W) -> (N, sum(H*W*A), dim), detectron2's anchor order."""
     return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)

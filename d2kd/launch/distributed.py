@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 

@@ -7,6 +7,7 @@ from detectron2.engine import default_argument_parser
 from ..config.loading import one_line
 from .distributed import launch
 
+
 def run_cli(main: Callable, prepare: Callable, argv: Optional[Sequence[str]] = None) -> None:
     """Parse detectron2's arguments; ``prepare(args)`` in the launching process (bad input:
     one line and exit status 1, before any process starts); then ``main(args)`` on every

@@ -1,5 +1,8 @@
-from .backbone import (build_scalable_resnet_backbone, build_scalable_resnet_fpn_backbone,
-                       scalable_resnet)
+from .backbone import (
+                       build_scalable_resnet_backbone,
+                       build_scalable_resnet_fpn_backbone,
+                       scalable_resnet,
+)
 from .distillation_detector import DistillationDetector, deployed_detector
 from .fcos import FCOS
 from .pretext import SegmentationPretext

@@ -35,8 +35,14 @@ from optuna.trial import FrozenTrial, TrialState
 from ..heads.detkds.genome import Formula, parse_genome
 from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
-from .samplers import (SURPLUS, GeneticSampler, GenomeSampler, GridGenomeSampler,
-                       RandomGenomeSampler, fitness)
+from .samplers import (
+    SURPLUS,
+    GeneticSampler,
+    GenomeSampler,
+    GridGenomeSampler,
+    RandomGenomeSampler,
+    fitness,
+)
 from .space import BASELINE, FormulaSpace, GenomeSpace, WeightSpace, genome_inputs, search_inputs
 from .storage import Heartbeat, fail_and_requeue, is_stale, record_worker
 

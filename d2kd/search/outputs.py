@@ -22,7 +22,6 @@ from .samplers import GENERATION_KEY, SURPLUS, fitness
 from .space import genome_inputs
 
 
-
 class SearchState(Protocol):
     """What these writers read of a search (:class:`d2kd.search.driver.DetKDSSearch`)."""
 

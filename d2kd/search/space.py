@@ -15,9 +15,18 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from optuna.distributions import CategoricalDistribution
 
-from ..heads.detkds.genome import (RESHAPING_SLOT3, SIZE_CHANGING_SLOT2, SLOT3_ONLY_INPUTS,
-                                   Formula, Genome, GenomeError, check_rules, dry_run,
-                                   format_genome, parse_genome)
+from ..heads.detkds.genome import (
+    RESHAPING_SLOT3,
+    SIZE_CHANGING_SLOT2,
+    SLOT3_ONLY_INPUTS,
+    Formula,
+    Genome,
+    GenomeError,
+    check_rules,
+    dry_run,
+    format_genome,
+    parse_genome,
+)
 from ..heads.detkds.registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
 from ..structures import StudentKind
 

@@ -21,7 +21,6 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "search.lock"

@@ -47,8 +47,8 @@ def torch_info():
 
 
 def detectron2_info():
-    import torch
     import detectron2
+    import torch
 
     info = {"detectron2": detectron2.__version__, "file": detectron2.__file__}
     from d2kd.compat import has_compiled_extension

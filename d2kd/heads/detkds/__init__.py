@@ -5,8 +5,15 @@ distances (``ops.py``), their registries (``registry.py``) — is what a trainin
 lives with its head; the search over formulas (Optuna driver, proxy, samplers, reports) is an
 application on top of it, ``d2kd.search``.
 """
-from .genome import (Formula, Genome, GenomeError, apply_formula, dry_run, format_genome,
-                     parse_genome)
+from .genome import (
+                     Formula,
+                     Genome,
+                     GenomeError,
+                     apply_formula,
+                     dry_run,
+                     format_genome,
+                     parse_genome,
+)
 from .head import DetKDSHead
 from .registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
 

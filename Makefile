@@ -17,7 +17,7 @@ PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
 	d2kd/provision/build.py d2kd/provision/detectron2_C_standin.py
 
-.PHONY: setup demo test collect-env clean-venv test-upstream setup-upstream clean-upstream
+.PHONY: setup demo test lint collect-env clean-venv test-upstream setup-upstream clean-upstream
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ruff.toml: detectron2's line length (100) and import order; CI runs it
+lint: setup
+	$(PY) -m ruff check .
 
 collect-env: setup
 	$(PY) -m d2kd.collect_env

@@ -57,8 +57,8 @@ setup(
         "optuna>=4.0",
     ],
     extras_require={
-        # the config-surface property test (tests/test_config_surface.py)
-        "test": ["pytest>=7", "hypothesis>=6.100"],
+        # the config-surface property test (tests/test_config_surface.py); `make lint`
+        "test": ["pytest>=7", "hypothesis>=6.100", "ruff>=0.6"],
         # tools/predict.py (detectron2's Visualizer imports cv2) and ONNX export; headless
         # OpenCV is not a hard requirement: it conflicts with an installed opencv-python
         "deploy": ["opencv-python-headless", "onnx>=1.14", "onnxruntime>=1.16"],

@@ -60,7 +60,8 @@ HEADLINE = (
 #: release defaults, FGD): queued last, after every teacher and the MGD / DFD certificates
 AFTER_FAITHFUL = ("_gk", "_detkds_searched", "_best", "_fgd", "_detkds")
 BUDGET = ["SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "400"]
-#: the commit that measured the R-34/2 RetinaNet teacher at 48.32 (benchmarks/digitsdet/teachers_R34.md)
+#: the commit that measured the R-34/2 RetinaNet teacher at 48.32
+#: (benchmarks/digitsdet/teachers_R34.md)
 COMMIT_48_32 = "681eb3828734cb9ca8a32abe56f8032339e4fc72"
 V06_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 

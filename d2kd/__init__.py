@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 # Deprecation notices that detectron2 triggers at import time in modern torch / setuptools;
 # a user cannot act on them, and they would bury d2kd's one-line input errors.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                        category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
 
 if importlib.util.find_spec("detectron2") is not None:

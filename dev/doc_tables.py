@@ -15,21 +15,22 @@ A rendered table is a template in an HTML comment, followed by its rendering::
     <!-- /table -->
 
 Lines ``ALIAS = FILE`` name result files (paths from the repository root; JSON, or CSV read as
-a list of rows with numeric cells as numbers); every other line of
-the template is copied with each ``{{ EXPRESSION | FORMAT }}`` replaced by its value
-(``FORMAT`` is Python's format spec, ``.2f`` when left out; ``s`` renders a text value,
-such as a verdict, from one reference). An expression adds and subtracts
-terms; a term is a number, a reference, or ``mean``, ``spread`` (max - min), ``count``,
-``min`` or ``max`` of one or more references (comma-separated: the values of several files). A reference starts at an alias and walks the file's JSON:
-``.key`` or ``["any key"]`` (mapped over a list), ``[key=value]`` (the list items whose ``key`` is ``value``; one
-match is that item itself), ``[0]`` (an index). A reference must end at a number unless it is aggregated; a missing
-file, key or match is an error that names the table. Differences are computed from the
-files' values, never from rounded ones. A decimal number typed into a template's table rows
-is an error: measured numbers come from files, config values go in backticks.
+a list of rows with numeric cells as numbers); every other line of the template is copied with
+each ``{{ EXPRESSION | FORMAT }}`` replaced by its value (``FORMAT`` is Python's format spec,
+``.2f`` when left out; ``s`` renders a text value, such as a verdict, from one reference). An
+expression adds and subtracts terms; a term is a number, a reference, or ``mean``, ``spread``
+(max - min), ``count``, ``min`` or ``max`` of one or more references (comma-separated: the
+values of several files). A reference starts at an alias and walks the file's JSON: ``.key`` or
+``["any key"]`` (mapped over a list), ``[key=value]`` (the list items whose ``key`` is
+``value``; one match is that item itself), ``[0]`` (an index). A reference must end at a number
+unless it is aggregated; a missing file, key or match is an error that names the table.
+Differences are computed from the files' values, never from rounded ones. A decimal number
+typed into a template's table rows is an error: measured numbers come from files, config values
+go in backticks.
 
 ``python dev/doc_tables.py [DOCUMENT ...]`` re-renders every table (of those documents) in
-place; ``--check`` only reports the tables that differ from their files (tests/test_doc_tables.py runs it, and also fails on an
-AP table that is not rendered).
+place; ``--check`` only reports the tables that differ from their files
+(tests/test_doc_tables.py runs it, and also fails on an AP table that is not rendered).
 """
 import argparse
 import csv

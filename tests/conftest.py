@@ -1,10 +1,11 @@
 """Shared fixtures and helpers of the test suite (test modules import nothing from each other).
 
-Fixtures: ``tiny_digitsdet`` (a tiny DigitsDet copy registered as ``digitsdet_tiny_{train,val,test}``),
-``teacher_weights`` (an untrained R-50/2 RetinaNet teacher), ``teachers`` (untrained R-50/2
-and R-34/2 RetinaNet teachers) and ``module_tmp_path_factory`` (folders for a module's shared
-fixtures, removed when its tests end). Helpers: ``tiny_training_cfg``, ``distill_cfg``,
-``save_untrained_teacher``, ``launch_two_processes``, ``cosine``.
+Fixtures: ``tiny_digitsdet`` (a tiny DigitsDet copy registered as
+``digitsdet_tiny_{train,val,test}``), ``teacher_weights`` (an untrained R-50/2 RetinaNet
+teacher), ``teachers`` (untrained R-50/2 and R-34/2 RetinaNet teachers) and
+``module_tmp_path_factory`` (folders for a module's shared fixtures, removed when its tests
+end). Helpers: ``tiny_training_cfg``, ``distill_cfg``, ``save_untrained_teacher``,
+``launch_two_processes``, ``cosine``.
 
 Tests that train (a ``DistillTrainer``, ``tools/*.py`` or another subprocess, a benchmark, pip's
 resolver) are marked ``slow`` (pytest.ini): ``pytest -m "not slow"`` runs the rest in under a
@@ -39,7 +40,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_digitsdet(tmp_path_factory) -> str:
-    """Root of a tiny DigitsDet (24 train / 8 val / 4 test images), registered as digitsdet_tiny_*."""
+    """Root of a tiny DigitsDet (24 train / 8 val / 4 test images), registered as
+    digitsdet_tiny_*."""
     root = str(tmp_path_factory.mktemp("datasets") / "digitsdet")
     generate_digitsdet(root, TINY_SPEC, show_progress=False)
     register_digitsdet(root, name_prefix="digitsdet_tiny")

@@ -143,7 +143,8 @@ def test_finished_run_of_an_edited_config_is_an_error_before_anything_trains(tmp
     config = tmp_path / "my_gk.yaml"
 
     def write_config(feature_weight):
-        config.write_text(f"_BASE_: {base}\nDISTILL:\n  GK:\n    FEATURE_WEIGHT: {feature_weight}\n")
+        config.write_text(f"_BASE_: {base}\nDISTILL:\n  GK:\n"
+                          f"    FEATURE_WEIGHT: {feature_weight}\n")
 
     write_config(0.5)
     _finished_run(tmp_path / "runs" / "my_gk" / "seed0", str(config), ["SEED", "0"])

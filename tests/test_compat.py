@@ -96,7 +96,8 @@ def test_private_detectron2_attributes_are_used_only_in_compat():
                           if a.name.startswith("_")]
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
                     and not node.attr.startswith("__") and node.attr not in _NOT_DETECTRON2
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                    and not (isinstance(node.value, ast.Name)
+                             and node.value.id in ("self", "cls"))):
                 found.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
     assert not found, found
 

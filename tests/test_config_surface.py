@@ -122,7 +122,8 @@ def teacher_weights_by_config(module_tmp_path_factory):
 def _base_cfg(config: str, weights_of, output_dir: str) -> List[str]:
     """Overrides that shrink ``config`` to the tiny dataset and untrained teachers."""
     cfg = load_config(os.path.join(CONFIGS, "DigitsDet", config))
-    opts = ["DATASETS.TRAIN", "('digitsdet_tiny_train',)", "DATASETS.TEST", "('digitsdet_tiny_val',)",
+    opts = ["DATASETS.TRAIN", "('digitsdet_tiny_train',)",
+            "DATASETS.TEST", "('digitsdet_tiny_val',)",
             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
             "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
             "MODEL.WEIGHTS", "", "OUTPUT_DIR", output_dir,

@@ -553,7 +553,8 @@ def test_prototype_bank(env):
                                       torch.rand(BATCH, 1, 6, 8, device=DEVICE), 1.0, 2.0)
             resp = weighted_response_kl(f_s, f_t[:, :STUDENT_CHANNELS], w, 2.0)
         assert_on_device(*bank.buffers(), w, relations, valid, glob, feat, resp)
-        assert relations.shape == (5, NUM_CLASSES * PROTOTYPES) and valid.shape == (NUM_CLASSES * PROTOTYPES,)
+        assert (relations.shape == (5, NUM_CLASSES * PROTOTYPES)
+                and valid.shape == (NUM_CLASSES * PROTOTYPES,))
         _backward(env, glob + feat + resp, [f_s])
 
 

@@ -194,7 +194,8 @@ def test_fresh_run_loads_student_weights_and_optionally_teacher_neck_and_heads(
     for name, value in student.items():
         if ".bottom_up." in name:
             assert torch.equal(value, donor_state[name]), name
-        elif name in teacher and teacher[name].shape == value.shape and not name.startswith("pixel"):
+        elif (name in teacher and teacher[name].shape == value.shape
+              and not name.startswith("pixel")):
             assert torch.equal(value, teacher[name]), name
     copied = [n for n in student if n in teacher and teacher[n].shape == student[n].shape
               and ".bottom_up." not in n and not n.startswith("pixel")]

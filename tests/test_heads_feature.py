@@ -23,7 +23,8 @@ def _cfg(**mgd):
 
 
 def _shapes(channels):
-    return {"p3": ShapeSpec(channels=channels, stride=8), "p4": ShapeSpec(channels=channels, stride=16)}
+    return {"p3": ShapeSpec(channels=channels, stride=8),
+            "p4": ShapeSpec(channels=channels, stride=16)}
 
 
 def _maps(channels, seed):
@@ -39,7 +40,8 @@ def test_fitnet_is_mean_squared_error_summed_over_levels():
         loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_fitnet_feat"]
     expected = 0.0
     for level in LEVELS:  # written out element by element
-        diff = [(a - b) ** 2 for a, b in zip(s[level].flatten().tolist(), t[level].flatten().tolist())]
+        diff = [(a - b) ** 2
+                for a, b in zip(s[level].flatten().tolist(), t[level].flatten().tolist())]
         expected += sum(diff) / len(diff)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -103,8 +105,10 @@ def test_teacher_sees_the_student_batch_in_its_own_normalisation():
     teacher.model = Stub()
     teacher.input_format = "BGR"
     raw = torch.rand(2, 3, 5, 7) * 255
-    s_mean, s_std = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1), torch.tensor([5.0, 6.0, 7.0]).view(3, 1, 1)
-    student_batch = ImageList.from_tensors([(raw[0] - s_mean) / s_std, ((raw[1] - s_mean) / s_std)[:, :4, :6]])
+    s_mean, s_std = (torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1),
+                     torch.tensor([5.0, 6.0, 7.0]).view(3, 1, 1))
+    student_batch = ImageList.from_tensors([(raw[0] - s_mean) / s_std,
+                                            ((raw[1] - s_mean) / s_std)[:, :4, :6]])
     out = teacher.normalize(student_batch, s_mean, s_std, "RGB")
     assert out.shape == (2, 3, 8, 8)
     expected0 = (raw[0].flip(0) - Stub.pixel_mean) / Stub.pixel_std

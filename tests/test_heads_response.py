@@ -99,7 +99,8 @@ def test_dense_logit_kd_at_positive_anchors():
     terms = []
     for i, label in enumerate(labels):
         if 0 <= label < 2:
-            for sv, tv in zip(_anchor_values(s_pred[0][0], 2, i), _anchor_values(t_pred[0][0], 2, i)):
+            for sv, tv in zip(_anchor_values(s_pred[0][0], 2, i),
+                              _anchor_values(t_pred[0][0], 2, i)):
                 p, q = 1 / (1 + math.exp(-tv / 2)), 1 / (1 + math.exp(-sv / 2))
                 terms.append(p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q)))
     assert loss.item() == pytest.approx(4.0 * sum(terms) / len(terms), rel=1e-5)
@@ -117,7 +118,8 @@ def test_dense_loc_kd_at_positive_anchors():
     terms = []
     for i, label in enumerate(labels):
         if 0 <= label < 2:
-            for sv, tv in zip(_anchor_values(s_pred[1][0], 4, i), _anchor_values(t_pred[1][0], 4, i)):
+            for sv, tv in zip(_anchor_values(s_pred[1][0], 4, i),
+                              _anchor_values(t_pred[1][0], 4, i)):
                 d = abs(sv - tv)
                 terms.append(0.5 * d * d / 0.5 if d < 0.5 else d - 0.25)
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)

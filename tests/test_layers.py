@@ -193,7 +193,8 @@ def test_checkers_find_planted_violations(tmp_path):
         "from pathlib import Path\nP = Path(__file__).resolve().parents[2]\n"
         "Q = Path(__file__).parent.parent\n") == [2, 3, 5, 6]
     # a package's own data folder is fine
-    assert checkout_paths("import os\nC = os.path.join(os.path.dirname(__file__), 'configs')\n") == []
+    assert checkout_paths(
+        "import os\nC = os.path.join(os.path.dirname(__file__), 'configs')\n") == []
     assert process_launches(
         "import subprocess\nimport torch.multiprocessing as mp\nfrom torch import multiprocessing\n"
         "from multiprocessing import Pool\nimport os\nos.system('ls')\nos.execvp('ls', [])\n"
@@ -232,12 +233,14 @@ def test_application_keys_stay_out_of_model_configs():
     """Without the search application, configs have no DISTILL.DETKDS.SEARCH node, and a config
     that sets one is an error that names the application (a fresh process: the test session
     has imported d2kd.search)."""
+    search_config = os.path.join(REPO, "configs", "DigitsDet",
+                                 "retinanet_R18_from_R50_detkds_search.yaml")
     code = ("import d2kd\n"
             "from d2kd.config import ConfigError, get_d2kd_cfg, load_config\n"
             "assert 'SEARCH' not in get_d2kd_cfg().DISTILL.DETKDS\n"
             "assert 'GENOME' in get_d2kd_cfg().DISTILL.DETKDS\n"
             "try:\n"
-            f"    load_config({os.path.join(REPO, 'configs', 'DigitsDet', 'retinanet_R18_from_R50_detkds_search.yaml')!r})\n"
+            f"    load_config({search_config!r})\n"
             "except ConfigError as e:\n"
             "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,

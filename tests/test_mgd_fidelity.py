@@ -48,7 +48,8 @@ def test_mgd_head_equals_the_released_feature_loss(student_channels, teacher_cha
     cfg.DISTILL.IN_FEATURES = list(LEVELS)
     cfg.DISTILL.MGD.ALPHA, cfg.DISTILL.MGD.MASK_RATIO = alpha, ratio
     strides = {"p3": 8, "p4": 16}
-    head = MGDHead(cfg, {l: ShapeSpec(channels=student_channels, stride=strides[l]) for l in LEVELS},
+    head = MGDHead(cfg,
+                   {l: ShapeSpec(channels=student_channels, stride=strides[l]) for l in LEVELS},
                    {l: ShapeSpec(channels=teacher_channels, stride=strides[l]) for l in LEVELS})
     head = head.double()
     s = {l: torch.randn(3, student_channels, *SIZES[l], dtype=torch.float64) for l in LEVELS}

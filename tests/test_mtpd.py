@@ -194,7 +194,8 @@ def test_stage_opts_override_head_options_per_stage(tiny_digitsdet, teachers, tm
 
 @pytest.mark.slow
 def test_joint_mode_weights_every_teachers_losses(tiny_digitsdet, teachers, tmp_path):
-    cfg = progressive_cfg(tmp_path, teachers, MODE="joint", STAGE_ITERS=[], JOINT_WEIGHTS=[1.0, 1.0])
+    cfg = progressive_cfg(tmp_path, teachers, MODE="joint", STAGE_ITERS=[],
+                          JOINT_WEIGHTS=[1.0, 1.0])
     cfg.SOLVER.MAX_ITER = 2
     unit = build_model(cfg)
     cfg.DISTILL.SCHEDULE.JOINT_WEIGHTS = [0.25, 0.75]

@@ -39,7 +39,8 @@ def test_project_head_is_zero_for_identical_maps():
     cfg = load_config(PROJECT_CONFIG)  # imports the project, which registers the head
     from detectron2.layers import ShapeSpec
 
-    shapes = {level: ShapeSpec(channels=4, stride=2 ** int(level[1])) for level in cfg.DISTILL.IN_FEATURES}
+    shapes = {level: ShapeSpec(channels=4, stride=2 ** int(level[1]))
+              for level in cfg.DISTILL.IN_FEATURES}
     head = DISTILL_HEAD_REGISTRY.get("AttentionTransferHead")(cfg, shapes, shapes)
     maps = {level: torch.randn(2, 4, 5, 5) for level in cfg.DISTILL.IN_FEATURES}
     other = {level: torch.randn(2, 4, 5, 5) for level in cfg.DISTILL.IN_FEATURES}

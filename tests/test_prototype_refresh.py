@@ -165,7 +165,8 @@ def test_resumed_run_keeps_the_checkpointed_bank_and_refresh_times(tiny_digitsde
     first = DistillTrainer(cfg)
     first.resume_or_load(resume=False)
     first.train()
-    saved = {k: v.clone() for k, v in first.model.heads["GlobalKnowledgeHead"].bank.state_dict().items()}
+    saved = {k: v.clone()
+             for k, v in first.model.heads["GlobalKnowledgeHead"].bank.state_dict().items()}
     cfg.SOLVER.MAX_ITER = 5
     second = DistillTrainer(cfg)
     second.resume_or_load(resume=True)
@@ -252,7 +253,8 @@ def test_box_weight_maps_match_a_loop_over_boxes():
     for box, w, i in zip(boxes.tolist(), weights.tolist(), images.tolist()):
         for y in range(10):
             for x in range(12):  # cell (x, y) spans [8x, 8x + 8): covered by floor rule
-                if int(box[0]) // 8 <= x <= int(box[2]) // 8 and int(box[1]) // 8 <= y <= int(box[3]) // 8:
+                if (int(box[0]) // 8 <= x <= int(box[2]) // 8
+                        and int(box[1]) // 8 <= y <= int(box[3]) // 8):
                     expected[i, 0, y, x] = max(expected[i, 0, y, x], w)
     assert torch.equal(maps, expected)
 

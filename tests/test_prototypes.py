@@ -72,7 +72,8 @@ def _objective_terms(rt, rs, at, as_, wt, ws, alpha):
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 10.0])
 def test_closed_form_coefficients_are_the_minimiser(alpha):
     g = torch.Generator().manual_seed(2)
-    rt, rs = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    rt, rs = (torch.randn(6, 4, generator=g, dtype=torch.float64),
+              torch.randn(6, 3, generator=g, dtype=torch.float64))
     at = F.normalize(torch.randn(4, generator=g, dtype=torch.float64), dim=0)
     as_ = F.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0)
     wt, ws = coupled_coefficients(rt @ at, rs @ as_, alpha)
@@ -119,7 +120,8 @@ def test_cheap_rule_picks_what_brute_force_objective_picks(seed, alpha):
     ours = select_prototypes(x_t, x_s, k=6, alpha=alpha, density_filter=False)
     assert ours.tolist() == _brute_force_selection(x_t, x_s, 6, alpha, torch.arange(40))
     with_filter = select_prototypes(x_t, x_s, k=6, alpha=alpha)
-    candidates = density_candidates(F.normalize(x_t.double(), dim=1), F.normalize(x_s.double(), dim=1))
+    candidates = density_candidates(F.normalize(x_t.double(), dim=1),
+                                    F.normalize(x_s.double(), dim=1))
     assert with_filter.tolist() == _brute_force_selection(x_t, x_s, 6, alpha, candidates)
 
 

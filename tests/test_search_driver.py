@@ -187,7 +187,8 @@ def test_infrastructure_failure_is_retried_not_scored(tmp_path):
     seed = "logit:no|no|softmax_C|kl|w=1"
     evaluator = FakeEvaluator(fail=[seed])
     search = fake_search(tmp_path, evaluator, 2)
-    search.stage1_study("logit").enqueue_trial({"slot3": "softmax_C", "distance": "kl", "weight": 1})
+    search.stage1_study("logit").enqueue_trial(
+        {"slot3": "softmax_C", "distance": "kl", "weight": 1})
     search.run_worker()
     trials = search.trials("stage1-logit")
     assert [t.state for t in trials][:2] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -206,8 +207,10 @@ def test_a_genome_failing_every_attempt_is_recorded_failed(tmp_path):
             return super().__call__(genome, output_dir, report)
 
     evaluator = AlwaysFails()
-    search = fake_search(tmp_path, evaluator, 2, "['logit']", "DISTILL.DETKDS.SEARCH.MAX_ATTEMPTS", "2")
-    search.stage1_study("logit").enqueue_trial({"slot3": "softmax_C", "distance": "kl", "weight": 1})
+    search = fake_search(tmp_path, evaluator, 2, "['logit']",
+                         "DISTILL.DETKDS.SEARCH.MAX_ATTEMPTS", "2")
+    search.stage1_study("logit").enqueue_trial(
+        {"slot3": "softmax_C", "distance": "kl", "weight": 1})
     search.run_worker()
     statuses = [t.user_attrs["status"] for t in search.trials("stage1-logit")]
     assert statuses[:2] == ["infra_failure", "failed"] and statuses.count("ok") == 2
@@ -509,9 +512,11 @@ def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
     search.PROXY_ITERS, search.PROXY_WARMUP_ITERS, search.PROXY_IMS_PER_BATCH = 30, 10, 4
     search.TRAIN_IMAGES, search.VAL_IMAGES = 12, 5
     proxy = proxy_config(cfg, "global:catt|scale_r2|norm_N|l1|w=5", str(tmp_path))
-    assert (proxy.SOLVER.MAX_ITER, proxy.SOLVER.WARMUP_ITERS, proxy.SOLVER.IMS_PER_BATCH) == (30, 10, 4)
+    assert (proxy.SOLVER.MAX_ITER, proxy.SOLVER.WARMUP_ITERS,
+            proxy.SOLVER.IMS_PER_BATCH) == (30, 10, 4)
     assert proxy.DISTILL.DETKDS.GENOME == "global:catt|scale_r2|norm_N|l1|w=5"
-    train, val = DatasetCatalog.get(proxy.DATASETS.TRAIN[0]), DatasetCatalog.get(proxy.DATASETS.TEST[0])
+    train, val = (DatasetCatalog.get(proxy.DATASETS.TRAIN[0]),
+                  DatasetCatalog.get(proxy.DATASETS.TEST[0]))
     assert len(train) == 12 and len(val) == 5
     # the default validation images: held out of the training split, never the reported split
     everything = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train")}
@@ -560,7 +565,8 @@ TEST: {{EVAL_PERIOD: 0}}
     assert os.path.isfile(weights)  # the checkpoint after 2 of 4 iterations
     with open(tmp_path / "start" / "config.yaml") as f:
         trained_on = CfgNode.load_cfg(f).DATASETS.TRAIN
-    held_out = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train_proxy_holdout_5_0")}
+    held_out = {d["file_name"]
+                for d in DatasetCatalog.get("digitsdet_tiny_train_proxy_holdout_5_0")}
     seen = {d["file_name"] for d in DatasetCatalog.get(trained_on[0])}
     everything = {d["file_name"] for d in DatasetCatalog.get("digitsdet_tiny_train")}
     assert len(held_out) == 5 and not held_out & seen and seen | held_out == everything

@@ -65,7 +65,8 @@ def test_a_transient_storage_error_does_not_stop_the_heartbeat():
 
 def test_one_output_folder_serves_one_search(tmp_path):
     held = lock_output(str(tmp_path))
-    with pytest.raises(SearchInUse, match=rf"another search runs on {tmp_path} \(pid {os.getpid()} "):
+    with pytest.raises(SearchInUse,
+                       match=rf"another search runs on {tmp_path} \(pid {os.getpid()} "):
         lock_output(str(tmp_path))
     held.close()  # the first search ends (a kill releases it as well)
     lock_output(str(tmp_path)).close()

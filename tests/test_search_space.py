@@ -67,7 +67,8 @@ def test_attention_ops_match_their_formulas():
         expected = x[n] * torch.sqrt(30 * weights)
         assert torch.allclose(SLOT_OPS[1].get("satt")(x)[n], expected, atol=1e-6)
     g = torch.softmax(x.abs().mean(dim=(2, 3)) / 0.5, dim=1)
-    assert torch.allclose(SLOT_OPS[1].get("catt")(x), x * torch.sqrt(3 * g)[:, :, None, None], atol=1e-6)
+    assert torch.allclose(SLOT_OPS[1].get("catt")(x), x * torch.sqrt(3 * g)[:, :, None, None],
+                          atol=1e-6)
     # natt (the release's): every value replaced by N * its softmax over the batch
     e = torch.exp(x / 0.5)
     assert torch.allclose(SLOT_OPS[1].get("natt")(x), 4 * e / e.sum(dim=0), atol=1e-6)
@@ -103,7 +104,8 @@ def test_normalisations_and_distributions():
     assert mm.min().item() == 0.0 and mm.max().item() == pytest.approx(1.0)
     assert (mm.flatten(1).max(1).values < 1 - 1e-6).any()
     mm = SLOT_OPS[3].get("min_max_sample")(X).flatten(1)  # per sample
-    assert torch.allclose(mm.min(1).values, torch.zeros(4)) and torch.allclose(mm.max(1).values, torch.ones(4))
+    assert (torch.allclose(mm.min(1).values, torch.zeros(4))
+            and torch.allclose(mm.max(1).values, torch.ones(4)))
 
 
 @pytest.mark.parametrize("name", ["l1", "l2", "smooth_l1", "cos", "cos_flat", "pearson",
@@ -115,8 +117,10 @@ def test_identical_inputs_give_zero(name):
 
 def test_kl_is_a_true_kl_and_cos_is_one_minus_cosine():
     g = torch.Generator().manual_seed(1)
-    s, t = torch.softmax(torch.randn(2, 3, generator=g), 1), torch.softmax(torch.randn(2, 3, generator=g), 1)
-    expected = sum(sum(t[i, c] * math.log(t[i, c] / s[i, c]) for c in range(3)) for i in range(2)) / 2
+    s, t = (torch.softmax(torch.randn(2, 3, generator=g), 1),
+            torch.softmax(torch.randn(2, 3, generator=g), 1))
+    expected = sum(sum(t[i, c] * math.log(t[i, c] / s[i, c]) for c in range(3))
+                   for i in range(2)) / 2
     assert DISTANCES.get("kl")(s, t, axis="C").item() == pytest.approx(float(expected), rel=1e-5)
     a, b = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     cos = [float(a[i] @ b[i]) / float(a[i].norm() * b[i].norm()) for i in range(3)]
@@ -222,7 +226,8 @@ def test_bad_genome_in_a_config_fails_at_build_time():
     cfg.DISTILL.IN_FEATURES = ["p3"]
     cfg.DISTILL.DETKDS.GENOME = "global:catt|scale_r2|norm_Q|l1|w=6"
     shapes = {"p3": ShapeSpec(channels=4, stride=8)}
-    with pytest.raises(ValueError, match="DISTILL.DETKDS.GENOME: global: unknown slot-3 op 'norm_Q'"):
+    with pytest.raises(ValueError,
+                       match="DISTILL.DETKDS.GENOME: global: unknown slot-3 op 'norm_Q'"):
         DetKDSHead(cfg, shapes, shapes)
 
 
@@ -244,8 +249,10 @@ def test_global_input_is_the_formula_on_the_aligned_maps():
     loss = head(StudentTaps(features=s), TeacherOutputs(features=t))["loss_kd_detkds_global"]
     expected = 0.0
     for l in ("p3", "p4"):  # catt -> 2x2 max-pool -> L2 over the batch axis -> mean |.| x 6
-        cs = s[l] * torch.sqrt(4 * torch.softmax(s[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
-        ct = t[l] * torch.sqrt(4 * torch.softmax(t[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
+        cs = s[l] * torch.sqrt(
+            4 * torch.softmax(s[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
+        ct = t[l] * torch.sqrt(
+            4 * torch.softmax(t[l].abs().mean((2, 3)) / 0.5, 1))[:, :, None, None]
         ps, pt = torch.nn.functional.max_pool2d(cs, 2), torch.nn.functional.max_pool2d(ct, 2)
         ns, nt = ps / ps.norm(dim=0, keepdim=True), pt / pt.norm(dim=0, keepdim=True)
         expected += 6 * (ns - nt).abs().mean().item()

@@ -132,7 +132,8 @@ def main(argv=None) -> None:
     pgm.add_argument("--n", type=int, default=4000)
     pgm.add_argument("--d", type=int, default=256)
     pgm.add_argument("--k", type=int, default=10)
-    rtm = sub.add_parser("run-time", help="wall time of a run: measured, or projected from a short run")
+    rtm = sub.add_parser("run-time",
+                         help="wall time of a run: measured, or projected from a short run")
     rtm.add_argument("--configs", nargs="+", required=True)
     rtm.add_argument("--json", required=True)
     rtm.add_argument("--markdown", required=True)

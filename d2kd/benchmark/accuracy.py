@@ -149,7 +149,8 @@ def run_accuracy_benchmark(configs: Sequence[str], seeds: Sequence[int], output:
             if finished_only:
                 continue
             record = train_and_evaluate(config, seed, out, opts, threads)
-        runs.append(dict(record, name=name, prototype_refresh_seconds=prototype_refresh_seconds(out)))
+        runs.append(dict(record, name=name,
+                         prototype_refresh_seconds=prototype_refresh_seconds(out)))
         summary = summarize(runs)
         atomic_write_json(json_path, {"opts": list(opts), "runs": runs, "summary": summary})
         atomic_write_text(markdown_path, markdown_table(summary))

@@ -11,7 +11,8 @@ from ..prototypes.selection import coupled_coefficients, density_candidates, sel
 from ..utils.io import atomic_write_json, atomic_write_text
 
 
-def brute_force_selection(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+def brute_force_selection(x_t: torch.Tensor, x_s: torch.Tensor, k: int,
+                          alpha: float) -> torch.Tensor:
     """Reference: for every candidate, the closed-form coefficients and the full objective
     ``||R^t - w^t a^t||^2 + ||R^s - w^s a^s||^2 + alpha ||w^t - w^s||^2`` (vectorised over
     instances only)."""
@@ -22,7 +23,8 @@ def brute_force_selection(x_t: torch.Tensor, x_s: torch.Tensor, k: int, alpha: f
         values = []
         for j in candidates.tolist():
             wt, ws = coupled_coefficients(rt @ xt[j], rs @ xs[j], alpha)
-            values.append(((rt - wt[:, None] * xt[j]) ** 2).sum() + ((rs - ws[:, None] * xs[j]) ** 2).sum()
+            values.append(((rt - wt[:, None] * xt[j]) ** 2).sum()
+                          + ((rs - ws[:, None] * xs[j]) ** 2).sum()
                           + alpha * ((wt - ws) ** 2).sum())
         best = int(candidates[int(torch.stack(values).argmin())])
         wt, ws = coupled_coefficients(rt @ xt[best], rs @ xs[best], alpha)

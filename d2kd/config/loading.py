@@ -84,7 +84,8 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     except KeyError as e:
         raise _unknown_key_error(cfg, _key_from_yacs_error(e), config_file) from None
     except FileNotFoundError as e:
-        raise ConfigError(f"{config_file}: {e.strerror}: {e.filename} (check its _BASE_).") from None
+        raise ConfigError(f"{config_file}: {e.strerror}: {e.filename} "
+                          "(check its _BASE_).") from None
     except ValueError as e:
         raise ConfigError(f"{config_file}: {e}") from None
     opts = list(opts)
@@ -94,7 +95,8 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         cfg.merge_from_list(opts)
     except (KeyError, AssertionError, ValueError) as e:
         if "Non-existent" in str(e):
-            raise _unknown_key_error(cfg, _key_from_yacs_error(e), "command-line override") from None
+            raise _unknown_key_error(cfg, _key_from_yacs_error(e),
+                                     "command-line override") from None
         raise ConfigError(f"command-line override: {e}") from None
     _resolve_teacher_configs(cfg, chain)
     return cfg
@@ -147,7 +149,8 @@ def import_extensions(declared: Sequence[Tuple[str, str]]) -> None:
     """Import dotted module names, or ``.py`` files relative to the declaring config."""
     for entry, directory in declared:
         if entry.endswith(".py"):
-            path = os.path.normpath(entry if os.path.isabs(entry) else os.path.join(directory, entry))
+            path = os.path.normpath(
+                entry if os.path.isabs(entry) else os.path.join(directory, entry))
             if not os.path.isfile(path):
                 raise ConfigError(f"D2KD.IMPORTS: {entry} not found (looked at {path}).")
             name = "d2kd_ext_" + re.sub(r"\W", "_", os.path.splitext(path)[0].lstrip(os.sep))

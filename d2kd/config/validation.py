@@ -76,7 +76,8 @@ def check_annotation_file(json_file: str, dataset_name: str) -> Optional[Dict]:
     """The file exists and, unless huge, is valid JSON; returns it parsed (None: too large
     to parse up front)."""
     if not os.path.isfile(json_file):
-        raise ConfigError(f"Annotation file {json_file} of dataset '{dataset_name}' does not exist.")
+        raise ConfigError(f"Annotation file {json_file} of dataset '{dataset_name}' "
+                          "does not exist.")
     if os.path.getsize(json_file) > _MAX_PARSED_ANNOTATION_BYTES:
         return None
     try:

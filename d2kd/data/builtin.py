@@ -41,7 +41,8 @@ HARD_SPEC = DigitsDetSpec(seed=1, min_digits=3, max_digits=8, large_image_prob=0
 
 def digitsdet_root() -> str:
     """Directory of the registered DigitsDet copy (``$DETECTRON2_DATASETS/digitsdet``)."""
-    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "digitsdet")
+    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")),
+                        "digitsdet")
 
 
 def ensure_digitsdet(root: str, spec: Optional[DigitsDetSpec] = None) -> None:

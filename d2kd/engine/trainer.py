@@ -27,10 +27,10 @@ class DistillTrainer(DefaultTrainer):
     Differences from the parent: ``--resume`` is exact and its cost does not grow with the
     iteration (the training data is a stream addressed by iteration, every step is seeded
     from ``(SEED, iteration, rank)``: :class:`ExactResumeHook`), freed host memory may stay
-    in the process between steps (``D2KD.RETAIN_HOST_MEMORY``), DDP also works on CPU (gloo), ``SOLVER.OPTIMIZER`` may be
-    AdamW, checkpoints hold the optimizer state on every detectron2 version, fresh
-    distillation runs initialise the student from ``MODEL.WEIGHTS``, and evaluation is a
-    :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
+    in the process between steps (``D2KD.RETAIN_HOST_MEMORY``), DDP also works on CPU (gloo),
+    ``SOLVER.OPTIMIZER`` may be AdamW, checkpoints hold the optimizer state on every detectron2
+    version, fresh distillation runs initialise the student from ``MODEL.WEIGHTS``, and evaluation
+    is a :class:`COCOEvaluator` (box AP, plus mask AP when ``MODEL.MASK_ON``) that uses the fast
     C++ implementation only when detectron2's compiled extension exists. Every evaluation
     also writes its results to ``OUTPUT_DIR/inference/results.json`` (machine-readable); a
     completed distillation run writes ``OUTPUT_DIR/model_final_student.pth``.

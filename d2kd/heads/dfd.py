@@ -84,7 +84,8 @@ def upper_quantile(values: torch.Tensor, mask: torch.Tensor, rho: float) -> torc
     return torch.where(count == 0, inf, thresholds)  # (N,)
 
 
-def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+def shifted_pseudo_huber(e: torch.Tensor, e_theta: torch.Tensor,
+                         kappa: torch.Tensor) -> torch.Tensor:
     """``e_theta + 2 kappa (sqrt(1 + (e - e_theta) / kappa) - 1)``: value e_theta and slope 1
     at e = e_theta, sqrt growth beyond. Evaluated as ``e_theta + 2 x / (sqrt(1 + x / kappa) + 1)``
     (x = e - e_theta), which is exact for any kappa, including huge ones."""
@@ -258,7 +259,8 @@ def add_dfd_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DFD.ALPHA = 2e-5
     # rho: fraction of valid cells per image and level treated as hard (largest disparity).
     cfg.DISTILL.DFD.HARD_FRACTION = 0.3
-    # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel" (mse / teacher energy).
+    # Per-cell disparity that ranks cells: "mse", "cos" (1 - cosine) or "rel"
+    # (mse / teacher energy).
     cfg.DISTILL.DFD.DISPARITY = "mse"
     # Constraint on hard cells: "pseudo_huber" (shifted to the threshold: continuous value and
     # slope), "pseudo_huber_unshifted" (the unshifted form), "downweight", "cosine" or

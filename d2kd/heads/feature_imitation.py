@@ -228,11 +228,14 @@ class FgBgHead(FeatureHead):
             fg = box_cell_masks(student.gt_instances, t.shape, self.strides[level])
             bg = 1.0 - fg
             channels = t.shape[1]
-            fg_terms[level] = self.fg_weight * (squared * fg).sum() / (fg.sum() * channels).clamp(min=1)
-            bg_terms[level] = self.bg_weight * (squared * bg).sum() / (bg.sum() * channels).clamp(min=1)
+            fg_terms[level] = (self.fg_weight * (squared * fg).sum()
+                               / (fg.sum() * channels).clamp(min=1))
+            bg_terms[level] = (self.bg_weight * (squared * bg).sum()
+                               / (bg.sum() * channels).clamp(min=1))
         self.log("fg", fg_terms)
         self.log("bg", bg_terms)
-        return {"loss_kd_fgbg_fg": sum(fg_terms.values()), "loss_kd_fgbg_bg": sum(bg_terms.values())}
+        return {"loss_kd_fgbg_fg": sum(fg_terms.values()),
+                "loss_kd_fgbg_bg": sum(bg_terms.values())}
 
 
 @register_config_extension

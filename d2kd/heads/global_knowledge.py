@@ -129,7 +129,8 @@ class GlobalKnowledgeHead(DistillHead):
     Returns 0-dim losses ``loss_kd_gk_global`` (GLOBAL_WEIGHT * a * L_glob),
     ``loss_kd_gk_feat`` (FEATURE_WEIGHT * a * L_feat) and ``loss_kd_gk_resp``
     (RESPONSE_WEIGHT * L_resp), with a = max(0, 1 - iter / ATTENUATION_ITERS) (1 when
-    ATTENUATION is off). Logs ``kd/gk/feat/<level>``, ``kd/gk/weight_mean`` and ``kd/gk/weight_min``.
+    ATTENUATION is off). Logs ``kd/gk/feat/<level>``, ``kd/gk/weight_mean`` and
+    ``kd/gk/weight_min``.
     """
 
     name = "gk"

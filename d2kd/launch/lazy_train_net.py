@@ -1,7 +1,8 @@
 """Train a distillation (or any detector) written as a LazyConfig ``.py`` recipe, like
 detectron2's tools/lazyconfig_train_net.py.
 
-    python -m d2kd.launch.lazy_train_net --config-file configs/DigitsDet/retinanet_R18_from_R50_mgd.py \
+    python -m d2kd.launch.lazy_train_net \
+        --config-file configs/DigitsDet/retinanet_R18_from_R50_mgd.py \
         [--num-gpus 2] [--resume] [train.seed=1 train.output_dir=... ...]
 
 The recipe provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,

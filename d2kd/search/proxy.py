@@ -2,10 +2,10 @@
 
 A trial trains with :class:`ProxyTrainer` (the same :class:`DistillTrainer` as normal
 training, without checkpoints) for ``DISTILL.DETKDS.SEARCH.PROXY_ITERS`` iterations on a fixed,
-seeded subset of ``DATASETS.TRAIN[0]`` and is evaluated with ``COCOEvaluator`` on a fixed set of validation
-images: by default (``VAL_SOURCE: train_holdout``) training images held out of the proxy's
-training subset, so that the split every reported AP uses (``DATASETS.TEST``) takes no part
-in the search; with ``VAL_SOURCE: test`` a subset of ``DATASETS.TEST[0]`` (see
+seeded subset of ``DATASETS.TRAIN[0]`` and is evaluated with ``COCOEvaluator`` on a fixed set of
+validation images: by default (``VAL_SOURCE: train_holdout``) training images held out of the
+proxy's training subset, so that the split every reported AP uses (``DATASETS.TEST``) takes no
+part in the search; with ``VAL_SOURCE: test`` a subset of ``DATASETS.TEST[0]`` (see
 :func:`register_proxy_datasets`).
 
 Every trial runs in its own process, forked from a per-worker fork server that has torch and
@@ -192,7 +192,8 @@ class KDGuardHook(HookBase):
         kd = [v for k, (v, it) in storage.latest().items()
               if k.startswith("loss_kd_") and it == storage.iter]
         total = float(sum(kd))
-        if not math.isfinite(total) or (self.trainer.iter >= self.warmup and total > self.threshold):
+        if not math.isfinite(total) or (self.trainer.iter >= self.warmup
+                                        and total > self.threshold):
             raise CandidateRejected(f"KD loss {total:.4g} at iteration {self.trainer.iter} "
                                     f"(threshold {self.threshold:g} after {self.warmup}).")
 

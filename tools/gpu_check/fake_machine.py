@@ -40,7 +40,8 @@ def main() -> None:
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     source = os.path.abspath(args.source)
-    dists = {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions(path=[source])}
+    dists = {canonicalize_name(d.metadata["Name"]): d
+             for d in metadata.distributions(path=[source])}
     # the machine's packages and what they require (torch's CUDA libraries, ...): a pip-built
     # environment is consistent, and pip's resolver checks installed packages' requirements
     wanted, todo = set(), [n for n in dists if n in machine]
@@ -63,7 +64,8 @@ def main() -> None:
             if os.path.exists(src) and not os.path.lexists(dst) and top != "__pycache__":
                 os.symlink(src, dst)
         linked.append(f"{name}=={dist.version}")
-    print(f"{args.dest}: linked {len(linked)} distributions from {source}:", ", ".join(sorted(linked)))
+    print(f"{args.dest}: linked {len(linked)} distributions from {source}:",
+          ", ".join(sorted(linked)))
     print("left out:", ", ".join(sorted(left)))
 
 

@@ -107,28 +107,34 @@ def wheel_name(filename: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--python-version", default="3.12", help="target Python (3.12 on the GPU machine)")
+    p.add_argument("--python-version", default="3.12",
+                   help="target Python (3.12 on the GPU machine)")
     p.add_argument("--dest", default=os.path.join(REPO, "gpu_wheels"))
-    p.add_argument("--cache", default="", help="download cache (default build/gpu_check_cache/pyXY)")
+    p.add_argument("--cache", default="",
+                   help="download cache (default build/gpu_check_cache/pyXY)")
     p.add_argument("--detectron2-src", default=os.getenv("DETECTRON2_SRC", DEFAULT_D2_SRC))
     p.add_argument("--limit-mib", type=float, default=40.0)
     p.add_argument("--small-kib", type=float, default=600.0,
                    help="also carry wheels of machine packages up to this size (insurance)")
-    p.add_argument("--all", action="store_true", help="carry every wheel (ignore machine_packages.txt)")
+    p.add_argument("--all", action="store_true",
+                   help="carry every wheel (ignore machine_packages.txt)")
     args = p.parse_args(argv)
 
     pyver = args.python_version
     abi = "cp" + pyver.replace(".", "")
-    cache = args.cache or os.path.join(REPO, "build", "gpu_check_cache", "py" + pyver.replace(".", ""))
+    cache = args.cache or os.path.join(REPO, "build", "gpu_check_cache",
+                                       "py" + pyver.replace(".", ""))
     built, downloaded = os.path.join(cache, "built"), os.path.join(cache, "downloaded")
     os.makedirs(built, exist_ok=True)
     os.makedirs(downloaded, exist_ok=True)
     if not os.path.isfile(args.detectron2_src):
-        sys.exit(f"error: detectron2 source tarball {args.detectron2_src} not found (--detectron2-src)")
+        sys.exit(f"error: detectron2 source tarball {args.detectron2_src} not found "
+                 "(--detectron2-src)")
 
     reqs = requirements(args.detectron2_src)
     cons = constraints(os.path.join(REPO, "requirements", "constraints.txt"))
-    req_file, con_file = os.path.join(cache, "requirements.txt"), os.path.join(cache, "constraints.txt")
+    req_file, con_file = (os.path.join(cache, "requirements.txt"),
+                          os.path.join(cache, "constraints.txt"))
     with open(req_file, "w") as f:
         f.write("\n".join(reqs) + "\n")
     with open(con_file, "w") as f:
@@ -157,7 +163,8 @@ def main(argv=None) -> None:
             sys.exit("error: pip download failed (see above)")
         name = missing.group(1)
         pin = next((c for c in cons if requirement_name(c) == canonicalize_name(name)), name)
-        if any(wheel_name(w) == canonicalize_name(name) for w in glob.glob(os.path.join(built, "*.whl"))):
+        if any(wheel_name(w) == canonicalize_name(name)
+               for w in glob.glob(os.path.join(built, "*.whl"))):
             sys.exit(f"error: {name} was built here already and still cannot be resolved")
         print(f"{name}: no binary wheel for Python {pyver}; building one from source ({pin})")
         if run(pip + ["wheel", "--no-deps", "-w", built, pin]).returncode != 0:

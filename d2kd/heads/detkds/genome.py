@@ -59,7 +59,8 @@ def _parse_formula(text: str) -> Formula:
         raise GenomeError(f"Formula {text!r} has no '<input>:' prefix.")
     name, body = text.split(":", 1)
     if name not in KNOWLEDGE_INPUTS:
-        raise GenomeError(f"Unknown knowledge input {name!r}; choose from {list(KNOWLEDGE_INPUTS)}.")
+        raise GenomeError(f"Unknown knowledge input {name!r}; "
+                          f"choose from {list(KNOWLEDGE_INPUTS)}.")
     tokens = body.split("|")
     if len(tokens) != 5:
         raise GenomeError(f"{name}: expected slot1|slot2|slot3|distance|w=<weight>, got {body!r}.")

@@ -65,8 +65,11 @@ def test_a_failure_on_rank_1_stops_rank_0_within_a_minute(name, tiny_digitsdet, 
                "D2KD.IMPORTS", f"['{fault}']", "OUTPUT_DIR", str(tmp_path / "out"), *opts]
         if "mtpd" in config:
             cmd += ["DISTILL.SCHEDULE.STAGE_ITERS", "[2, 2]"]
-        launchers.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+        # output to files: an undrained pipe fills (64 KB of logs) and blocks the writer
+        output = open(tmp_path / f"machine{machine}.txt", "w")
+        launchers.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=output,
+                                          stderr=subprocess.STDOUT, text=True))
+        output.close()  # the child holds its own descriptor
     ended = {}
     deadline = time.monotonic() + 1200  # a hang guard; the claim is the 60 s below
     while len(ended) < 2 and time.monotonic() < deadline:
@@ -77,7 +80,9 @@ def test_a_failure_on_rank_1_stops_rank_0_within_a_minute(name, tiny_digitsdet, 
     for proc in launchers:
         if proc.poll() is None:
             proc.kill()
-    errors = [proc.communicate()[1] for proc in launchers]
+    for proc in launchers:
+        proc.wait()
+    errors = [(tmp_path / f"machine{machine}.txt").read_text() for machine in (0, 1)]
     assert sorted(ended) == [0, 1], f"a launcher did not end: {errors[0][-2000:]}"
     assert all(proc.returncode != 0 for proc in launchers), [e[-1500:] for e in errors]
     assert f"RuntimeError: injected failure in {name}" in errors[1]

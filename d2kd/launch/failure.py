@@ -30,38 +30,55 @@ logger = logging.getLogger(__name__)
 
 FAILED_KEY = "d2kd/failed"
 POLL_SECONDS = 2.0
+#: the longest a stopping rank spends writing its last lines before it ends
+STOP_GRACE_SECONDS = 5.0
+
+
+#: consecutive polls whose store access fails before a watcher concludes rank 0 has ended
+STORE_GONE_POLLS = 3
+STORE_GONE = "rank 0's process ended (the rendezvous store is gone)"
 
 
 def _failure_in_store(store) -> Optional[str]:
-    """The failure another rank reported, or None; the store lives in rank 0's process, so a
-    store that cannot be reached means rank 0 has ended."""
-    try:
-        return store.get(FAILED_KEY).decode() if store.check([FAILED_KEY]) else None
-    except Exception:
-        return "rank 0's process ended (the rendezvous store is gone)"
+    """The failure a rank reported, or None; raises when the store cannot be reached."""
+    return store.get(FAILED_KEY).decode() if store.check([FAILED_KEY]) else None
 
 
 def _stop(rank: int, reason: str) -> None:
+    # Ends the process within STOP_GRACE_SECONDS even if writing the lines below blocks: the
+    # main thread may hold the log handler's lock while its own write waits (a full pipe).
+    threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(1,)).start()
     message = f"d2kd: rank {rank} stops because {reason}"
-    logger.error(message)  # log.txt
-    # and the console: detectron2 gives ranks other than 0 no console handler, and the
+    # the console first: detectron2 gives ranks other than 0 no console handler, and the
     # process ends now, so this line must not depend on how logging is set up
     print(message, file=sys.stderr, flush=True)
+    logger.error(message)  # log.txt
     os._exit(1)  # a watcher thread has no other way to end the main thread's collective
 
 
 def _watch(store, stop: threading.Event, rank: int) -> None:
+    """Poll the store; a reported failure, or a store that stays unreachable (it lives in
+    rank 0's process) for :data:`STORE_GONE_POLLS` polls, ends this process."""
+    unreachable = 0
     while not stop.wait(POLL_SECONDS):
-        reason = _failure_in_store(store)
+        try:
+            reason, unreachable = _failure_in_store(store), 0
+        except Exception:  # one failed access is not yet rank 0's end (a busy host)
+            unreachable += 1
+            reason = STORE_GONE if unreachable >= STORE_GONE_POLLS else None
         if reason is not None and not stop.is_set():  # stop set: this rank has finished
             _stop(rank, reason)
 
 
 def _failure_of_another_rank(store) -> Optional[str]:
-    """Another rank's reported failure, waiting up to :data:`POLL_SECONDS` for it."""
+    """Another rank's reported failure, waiting up to :data:`POLL_SECONDS` for it; None
+    when there is none or the store cannot tell (this rank then reports its own)."""
     deadline = time.monotonic() + POLL_SECONDS
     while True:
-        reason = _failure_in_store(store)
+        try:
+            reason = _failure_in_store(store)
+        except Exception:
+            return None
         if reason is not None or time.monotonic() >= deadline:
             return reason
         time.sleep(0.1)

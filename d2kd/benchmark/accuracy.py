@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from ..certify.provenance import provenance
+from ..certify.provenance import record_start, run_provenance
 from ..config import ConfigError, load_config
 from ..config.saved import config_mismatches
 from ..launch.process import run_options, run_train_net
@@ -60,11 +60,13 @@ def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Seque
     (training + evaluation) and what they depend on (:func:`d2kd.certify.provenance.provenance`)
     in ``benchmark_run.json``."""
     run_opts = [*run_options(config_file, seed, output_dir), *opts]
+    recorded = not config_file.endswith(".py")  # a LazyConfig recipe: no yacs config to read
+    if recorded:
+        record_start(load_config(config_file, run_opts), output_dir, threads)
     seconds = run_train_net(config_file, ["--resume", *run_opts], threads=threads)
     with open(os.path.join(output_dir, "inference", "results.json")) as f:
         results = json.load(f)
-    depends_on = None if config_file.endswith(".py") else provenance(
-        load_config(config_file, run_opts), threads)
+    depends_on = run_provenance(output_dir) if recorded else None
     record = {"config": config_file, "seed": seed, "opts": list(opts), "results": results,
               "wall_seconds": round(seconds, 1), "provenance": depends_on}
     atomic_write_json(os.path.join(output_dir, "benchmark_run.json"), record)

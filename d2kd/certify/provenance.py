@@ -1,6 +1,7 @@
 """What a result depends on, recorded beside it: the code (d2kd version and git commit), the
 software stack (detectron2 build, torch), the threads, and the content hashes of every file
 the run started from (pre-trained backbone, teachers' weights, datasets' annotations)."""
+import json
 import os
 import subprocess
 from typing import Dict, List, Optional
@@ -14,8 +15,11 @@ import d2kd
 from ..compat import has_compiled_extension
 from ..config.teachers import load_teacher_config, teacher_specs, teacher_weights
 from ..utils.hashing import file_sha256, weights_sha256
+from ..utils.io import atomic_write_json
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(d2kd.__file__))
+#: the provenance of every start of a run, in its folder (:func:`record_start`)
+STARTS = "provenance_starts.json"
 
 
 def code_version() -> Dict[str, object]:
@@ -66,3 +70,30 @@ def inputs_of(cfg) -> Dict[str, object]:
 def provenance(cfg, threads: int = 0) -> Dict[str, object]:
     """Everything above for one run of ``cfg`` with ``threads`` torch threads (JSON-ready)."""
     return {"code": code_version(), "software": software_stack(threads), "inputs": inputs_of(cfg)}
+
+
+def record_start(cfg, output_dir: str, threads: int = 0) -> None:
+    """Append what this start (or resume) of the run in ``output_dir`` depends on to
+    ``output_dir/STARTS``: taken when training starts, so that a checkout or a teacher file
+    changed while it trained is not what its result file names."""
+    starts = _starts(output_dir)
+    starts.append(provenance(cfg, threads))
+    atomic_write_json(os.path.join(output_dir, STARTS), starts)
+
+
+def run_provenance(output_dir: str) -> Dict[str, object]:
+    """The provenance of the run's first start; ``later_starts_differ``: the records of the
+    resumes that ran with other code, software or inputs (absent when none did)."""
+    starts = _starts(output_dir)
+    if not starts:
+        raise FileNotFoundError(f"{output_dir}: no {STARTS} (record_start was not called)")
+    first, differing = starts[0], [s for s in starts[1:] if s != starts[0]]
+    return {**first, "later_starts_differ": differing} if differing else first
+
+
+def _starts(output_dir: str) -> List[Dict[str, object]]:
+    path = os.path.join(output_dir, STARTS)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)

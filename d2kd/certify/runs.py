@@ -25,7 +25,7 @@ from ..config.teachers import YACS, load_teacher_config, teacher_specs, teacher_
 from ..launch.process import run_options, run_train_net
 from ..modeling.distillation_detector import student_config
 from ..utils.io import atomic_write_json, atomic_write_text
-from .provenance import provenance
+from .provenance import record_start, run_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +174,12 @@ def train(plan: CertifyPlan, arm: Arm, seed: int) -> str:
                                   "away or certify into another --output.")
             return os.path.join(out, "model_final.pth")
         logger.info("certify: training %s seed %d in %s", arm.name, seed, out)
+        record_start(load_config(arm.config_file, opts), out, plan.threads)
         seconds = run_train_net(arm.config_file, ["--resume", *plan.launch_args, *opts],
                                 threads=plan.threads)
-        cfg = load_config(arm.config_file, opts)
         atomic_write_json(record, {"config": arm.config_file, "seed": seed, "opts": arm.opts,
                                    "wall_seconds": round(seconds, 1),
-                                   "provenance": provenance(cfg, plan.threads)})
+                                   "provenance": run_provenance(out)})
     return os.path.join(out, "model_final.pth")
 
 

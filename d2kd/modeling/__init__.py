@@ -1,7 +1,7 @@
 from .backbone import (
-                       build_scalable_resnet_backbone,
-                       build_scalable_resnet_fpn_backbone,
-                       scalable_resnet,
+    build_scalable_resnet_backbone,
+    build_scalable_resnet_fpn_backbone,
+    scalable_resnet,
 )
 from .distillation_detector import DistillationDetector, deployed_detector
 from .fcos import FCOS

@@ -2,10 +2,10 @@
 from .bank import PrototypeBank
 from .pooling import batched_box_pool, box_cells, box_pool, roi_align_mean
 from .selection import (
-                        coupled_coefficients,
-                        density_candidates,
-                        kmeans_prototypes,
-                        select_prototypes,
+    coupled_coefficients,
+    density_candidates,
+    kmeans_prototypes,
+    select_prototypes,
 )
 
 __all__ = ["PrototypeBank", "batched_box_pool", "box_cells", "box_pool", "coupled_coefficients",

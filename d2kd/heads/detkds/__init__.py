@@ -6,13 +6,13 @@ lives with its head; the search over formulas (Optuna driver, proxy, samplers, r
 application on top of it, ``d2kd.search``.
 """
 from .genome import (
-                     Formula,
-                     Genome,
-                     GenomeError,
-                     apply_formula,
-                     dry_run,
-                     format_genome,
-                     parse_genome,
+    Formula,
+    Genome,
+    GenomeError,
+    apply_formula,
+    dry_run,
+    format_genome,
+    parse_genome,
 )
 from .head import DetKDSHead
 from .registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS

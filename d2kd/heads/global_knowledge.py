@@ -60,6 +60,11 @@ class KDInstances:
             *((p.boxes, p.classes, p.images, p.rows) for p in parts))))
 
 
+def level_id(name: str) -> int:
+    """An FPN level's index from its name: "p3" -> 3 (log2 of its stride)."""
+    return int(name[1:])
+
+
 @dataclass(frozen=True)
 class RoIAlignSpec:
     """The student's box pooler, for the R-CNN response weights: RoIAlign with ``resolution``
@@ -88,8 +93,8 @@ class RoIAlignSpec:
         choosing among another range of levels: the nearest pooler level (the assignment
         clamps to the range's ends). Exact where that range contains the pooler's; else a
         box the pooler would put beyond that range stays on the range's end."""
-        ids = [int(l[1:]) for l in self.levels]
-        return f"p{min(max(int(level[1:]), min(ids)), max(ids))}"
+        ids = [level_id(l) for l in self.levels]
+        return f"p{min(max(level_id(level), min(ids)), max(ids))}"
 
 
 @DISTILL_HEAD_REGISTRY.register()
@@ -193,7 +198,7 @@ class GlobalKnowledgeHead(DistillHead):
         self.fg_lambda, self.bg_lambda = fg_lambda, bg_lambda
         self.level_mean = level_reduction == "mean"
         self.attenuation_iters = attenuation_iters
-        self.level_ids = [int(l[1:]) for l in self.levels]  # "p3" -> 3
+        self.level_ids = [level_id(l) for l in self.levels]
         if self.dense:  # positive anchors come per head level
             head_levels = list(student_kind.anchor_levels)
             missing = [l for l in self.levels if l not in head_levels]

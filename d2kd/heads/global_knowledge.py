@@ -16,9 +16,10 @@ models (the space of the prototypes). Per instance the robustness weight (Eq. 8)
   at the positive anchors, aligned per image and anchor).
 
 ``L = GLOBAL_WEIGHT * a * L_glob + FEATURE_WEIGHT * a * L_feat + RESPONSE_WEIGHT * L_resp``
-with the attenuation ``a = 1 - iter / ATTENUATION_ITERS`` (the release decays per epoch;
-switchable). The prototype bank (``self.bank``) is rebuilt by the prototype refresh; with an
-empty bank every weight is 1 and the global loss is 0.
+with the attenuation ``a = 1 - iter / ATTENUATION_ITERS``, decayed every iteration or held per
+block of ``ATTENUATION_STEP_ITERS`` (the release's per-epoch decay). The prototype bank
+(``self.bank``) is rebuilt by the prototype refresh; with an empty bank every weight is 1 and
+the global loss is 0.
 """
 import itertools
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..config.ranges import NON_NEGATIVE, POSITIVE, at_least, one_of, register_k
 from ..prototypes import PrototypeBank, batched_box_pool, roi_align_mean
 from ..structures import StudentKind, StudentTaps, TeacherOutputs
 from .alignment import check_levels
-from .masks import box_weight_maps
+from .masks import box_weight_maps, released_box_weight_maps
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 from .response import dense_num_classes, flatten_dense
@@ -133,9 +134,10 @@ class GlobalKnowledgeHead(DistillHead):
 
     Returns 0-dim losses ``loss_kd_gk_global`` (GLOBAL_WEIGHT * a * L_glob),
     ``loss_kd_gk_feat`` (FEATURE_WEIGHT * a * L_feat) and ``loss_kd_gk_resp``
-    (RESPONSE_WEIGHT * L_resp), with a = max(0, 1 - iter / ATTENUATION_ITERS) (1 when
-    ATTENUATION is off). Logs ``kd/gk/feat/<level>``, ``kd/gk/weight_mean`` and
-    ``kd/gk/weight_min``.
+    (RESPONSE_WEIGHT * L_resp), with a = max(0, 1 - i / ATTENUATION_ITERS) (1 when
+    ATTENUATION is off), i the iteration, or with ``ATTENUATION_STEP_ITERS`` = P > 0 the start
+    of its block, P * floor(iter / P) (the release: P one epoch). Logs ``kd/gk/feat/<level>``,
+    ``kd/gk/weight_mean`` and ``kd/gk/weight_min``.
     """
 
     name = "gk"
@@ -146,6 +148,7 @@ class GlobalKnowledgeHead(DistillHead):
                  num_prototypes: int, global_weight: float, feature_weight: float,
                  response_weight: float, temperature: float, fg_lambda: float,
                  bg_lambda: float, level_reduction: str = "mean", attenuation_iters: int = 0,
+                 attenuation_step_iters: int = 0, weight_map: str = "max",
                  global_instances: str = "all_levels",
                  response_pooler: Optional[RoIAlignSpec] = None):
         """
@@ -157,6 +160,12 @@ class GlobalKnowledgeHead(DistillHead):
                 bg_lambda, level_reduction: ``DISTILL.GK`` keys in lower case.
             attenuation_iters: the loss attenuation's length in iterations (0: off;
                 ``DISTILL.GK.ATTENUATION`` / ``ATTENUATION_ITERS``).
+            attenuation_step_iters: 0, the attenuation decays every iteration; P > 0, it is
+                held constant over blocks of P iterations
+                (``DISTILL.GK.ATTENUATION_STEP_ITERS``).
+            weight_map: how KD boxes fill the feature loss's foreground mask: "max" or
+                "released" (:func:`~d2kd.heads.masks.released_box_weight_maps`);
+                ``DISTILL.GK.WEIGHT_MAP``.
             global_instances: "all_levels" (every KD instance in every level's global term,
                 as released) or "assigned" (each level's own); ``DISTILL.GK.GLOBAL_INSTANCES``.
             response_pooler: an R-CNN student's box pooler: the response weights come from
@@ -198,6 +207,8 @@ class GlobalKnowledgeHead(DistillHead):
         self.fg_lambda, self.bg_lambda = fg_lambda, bg_lambda
         self.level_mean = level_reduction == "mean"
         self.attenuation_iters = attenuation_iters
+        self.attenuation_step_iters = attenuation_step_iters
+        self.weight_map = weight_map
         self.level_ids = [level_id(l) for l in self.levels]
         if self.dense:  # positive anchors come per head level
             head_levels = list(student_kind.anchor_levels)
@@ -221,6 +232,8 @@ class GlobalKnowledgeHead(DistillHead):
                 "level_reduction": gk.LEVEL_REDUCTION,
                 "attenuation_iters": ((gk.ATTENUATION_ITERS or cfg.SOLVER.MAX_ITER)
                                       if gk.ATTENUATION else 0),
+                "attenuation_step_iters": gk.ATTENUATION_STEP_ITERS,
+                "weight_map": gk.WEIGHT_MAP,
                 "global_instances": gk.GLOBAL_INSTANCES,
                 "response_pooler": (RoIAlignSpec.from_config(cfg)
                                     if gk.RESPONSE_POOLING == "roi" and gk.RESPONSE_WEIGHT != 0
@@ -317,11 +330,11 @@ class GlobalKnowledgeHead(DistillHead):
         f_t = batched_box_pool(t_map, kd.boxes, kd.images, self.teacher_strides[level])
         return f_s, f_t, self.bank.robustness_weight(f_s, f_t, kd.classes, level_index)
 
-    @staticmethod
-    def _foreground(kd: KDInstances, w: torch.Tensor, t_map: torch.Tensor,
+    def _foreground(self, kd: KDInstances, w: torch.Tensor, t_map: torch.Tensor,
                     stride: int) -> torch.Tensor:
-        """(N, 1, H, W): each KD box's cells filled with its weight (max over boxes)."""
-        return box_weight_maps(kd.boxes, w, kd.images, t_map.shape, stride)
+        """(N, 1, H, W): each KD box's cells filled with its weight (``WEIGHT_MAP``)."""
+        fill = released_box_weight_maps if self.weight_map == "released" else box_weight_maps
+        return fill(kd.boxes, w, kd.images, t_map.shape, stride)
 
     def _response(self, student: StudentTaps, teacher: TeacherOutputs,
                   instances: Dict[str, KDInstances], weights: List[torch.Tensor]
@@ -366,7 +379,10 @@ class GlobalKnowledgeHead(DistillHead):
     def _attenuation(self) -> float:
         if self.attenuation_iters <= 0:
             return 1.0
-        return max(0.0, 1.0 - get_event_storage().iter / self.attenuation_iters)
+        i = get_event_storage().iter
+        if self.attenuation_step_iters > 0:
+            i -= i % self.attenuation_step_iters
+        return max(0.0, 1.0 - i / self.attenuation_iters)
 
 
 def _set_entries(masks: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -404,6 +420,15 @@ def add_global_knowledge_config(cfg: CfgNode) -> None:
     cfg.DISTILL.GK.ATTENUATION = True
     # Iterations over which the attenuation decays to 0; 0: SOLVER.MAX_ITER (the whole run).
     cfg.DISTILL.GK.ATTENUATION_ITERS = 0
+    # 0: the attenuation decays every iteration (d2kd); P > 0: it is held over blocks of P
+    # iterations, a = 1 - P * floor(iter / P) / ATTENUATION_ITERS. The release decays per
+    # epoch: P = one epoch's iterations, ceil(training images / SOLVER.IMS_PER_BATCH).
+    cfg.DISTILL.GK.ATTENUATION_STEP_ITERS = 0
+    # How KD boxes fill the feature loss's foreground mask: "max", each box's cells (the floor
+    # rule of the box pooling, inclusive) hold the largest weight of the boxes covering them
+    # (d2kd); "released", the release's get_gt_mask: exclusive end cells, a box without cells
+    # marks one, a later box overwrites an earlier one, negative weights kept.
+    cfg.DISTILL.GK.WEIGHT_MAP = "max"
     # Instances of each level's global loss: "all_levels", every KD instance of the batch
     # pooled on every level (released); "assigned", each level's own (d2kd's earlier rule).
     cfg.DISTILL.GK.GLOBAL_INSTANCES = "all_levels"
@@ -419,6 +444,8 @@ register_key_rules({
     "DISTILL.GK.BG_LAMBDA": NON_NEGATIVE,
     "DISTILL.GK.LEVEL_REDUCTION": one_of("mean", "sum"),
     "DISTILL.GK.ATTENUATION_ITERS": at_least(0),
+    "DISTILL.GK.ATTENUATION_STEP_ITERS": at_least(0),
+    "DISTILL.GK.WEIGHT_MAP": one_of("max", "released"),
     "DISTILL.GK.GLOBAL_INSTANCES": one_of("all_levels", "assigned"),
     "DISTILL.GK.RESPONSE_POOLING": one_of("roi", "box"),
 })

@@ -113,6 +113,41 @@ def box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Te
     return _max_per_image(_inside(ys, xs, x0, y0, x1, y1), weights, images, n)
 
 
+def released_box_weight_maps(boxes: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,
+                             shape: torch.Size, stride: int) -> torch.Tensor:
+    """(N, 1, H, W): the global-knowledge release's foreground mask (``get_gt_mask`` of
+    ``kd/strategy/kd_one_stage_strategy.py``), boxes taken in their order. A box covers rows
+    floor(y1/s) .. floor(y2/s) - 1 and columns floor(x1/s) .. floor(x2/s) - 1 (exclusive ends,
+    clamped to the map) and overwrites what earlier boxes wrote there; a box whose range is
+    empty in either direction marks the one cell (floor(y1/s), floor(x1/s)) with the maximum
+    of its weight and the cell's value. The map starts at 0; negative weights stay.
+
+    Args: as :func:`box_weight_maps`.
+    """
+    n, _, h, w = shape
+    order = torch.arange(len(boxes), device=boxes.device)
+    cells = torch.div(boxes, stride, rounding_mode="floor").long()
+    x0, y0 = cells[:, 0].clamp(min=0), cells[:, 1].clamp(min=0)
+    x1, y1 = cells[:, 2].clamp(max=w), cells[:, 3].clamp(max=h)
+    single = (x0 == x1) | (y0 == y1)
+    ys = torch.arange(h, device=boxes.device)
+    xs = torch.arange(w, device=boxes.device)
+    # exclusive ends: the inclusive ranges of _inside end one cell earlier
+    rectangle = _inside(ys, xs, x0, y0, x1 - 1, y1 - 1) & ~single[:, None, None]
+    corner = (_inside(ys, xs, x0, y0, x0, y0) & single[:, None, None]).flatten(1)
+    by_image = images[:, None].expand(-1, h * w)
+    # the last rectangle over each cell (-1: none) writes its weight ...
+    last = torch.full((n, h * w), -1, dtype=torch.long, device=boxes.device).scatter_reduce_(
+        0, by_image, torch.where(rectangle.flatten(1), order[:, None], -1), "amax")
+    written = torch.where(last >= 0, weights[last.clamp(min=0)], weights.new_zeros(()))
+    # ... then the one-cell boxes after it take the maximum with it
+    later = corner & (order[:, None] > last[images])
+    lowest = torch.finfo(weights.dtype).min
+    marked = torch.full((n, h * w), lowest, dtype=weights.dtype, device=boxes.device)
+    marked.scatter_reduce_(0, by_image, torch.where(later, weights[:, None], lowest), "amax")
+    return torch.maximum(written, marked).view(n, 1, h, w)
+
+
 #: How GT boxes reach a level's grid for FGD's and DetKDS's released fg/bg masks
 #: (``DISTILL.FGD.BOX_MAPPING``): the authors' stretch over the padded grid, or the stride.
 BOX_MAPPINGS = ("image_size", "stride")

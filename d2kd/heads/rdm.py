@@ -35,10 +35,11 @@ def local_feature_loss(student: torch.Tensor, teacher: torch.Tensor, fg_weights:
 
     ``fg_lambda * sum(d^2 M) / max(1, 2 D sum M) + bg_lambda * sum(d^2 B) / max(1, 2 D sum B)``
     with d = adapted student - teacher (N, D, H, W), M (N, 1, H, W) the foreground mask holding
-    each KD box's robustness weight, and B the cells where M = 0 (background).
+    each KD box's robustness weight, and B the cells where M <= 0 (background; as released, a
+    cell holding a negative weight is in both terms).
     """
     channels = student.shape[1]
-    background = (fg_weights == 0).to(fg_weights.dtype)
+    background = (fg_weights <= 0).to(fg_weights.dtype)
     # Both terms as one per-cell weight on the channel-summed squares (N, 1, H, W): the masks
     # do not depend on the channel, and full-size products would cost more than the loss.
     cell_weights = (fg_lambda * fg_weights / torch.clamp(2 * channels * fg_weights.sum(), min=1.0)

@@ -10,12 +10,12 @@ STAMP := $(VENV)/.d2kd-setup-stamp
 
 # Exact versions of the embedded environments. setup.py has lower bounds only (installing d2kd
 # never replaces a user's torch / detectron2); the pins live here and reach every pip call:
-# with -c for the Makefile's own calls, through PIP_CONSTRAINT for d2kd.provision's.
+# with -c for the Makefile's own calls, through PIP_CONSTRAINT for d2kd.apps.provision's.
 CONSTRAINTS := requirements/constraints.txt
 PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
-	d2kd/provision/build.py d2kd/provision/detectron2_C_standin.py
+	d2kd/apps/provision/build.py d2kd/apps/provision/detectron2_C_standin.py
 
 .PHONY: setup demo test lint collect-env clean-venv test-upstream setup-upstream clean-upstream
 
@@ -25,8 +25,8 @@ $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(PY)) "setuptools<81" wheel
 	$(call PIP,$(PY)) -e ".[test,deploy]"
-	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.provision
-	$(PY) -m d2kd.collect_env
+	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.apps.provision
+	$(PY) -m d2kd.apps.collect_env
 	touch $(STAMP)
 
 demo: setup
@@ -40,7 +40,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 collect-env: setup
-	$(PY) -m d2kd.collect_env
+	$(PY) -m d2kd.apps.collect_env
 
 clean-venv:
 	rm -rf $(VENV) build
@@ -83,7 +83,7 @@ $(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
 
 $(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
 	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet]"
-	$(UPSTREAM_PY) -m d2kd.collect_env
+	$(UPSTREAM_PY) -m d2kd.apps.collect_env
 	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
 	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"
 	touch $(UPSTREAM_STAMP)

@@ -1,7 +1,7 @@
 """d2kd: knowledge distillation of object detectors on Detectron2.
 
 detectron2 itself is not on PyPI, so it is not an install requirement here: `make setup`
-provisions it (see d2kd/provision/build.py) or uses the one already installed.
+provisions it (see d2kd/apps/provision/build.py) or uses the one already installed.
 
 install_requires states what d2kd needs with lower bounds only, so that `pip install d2kd`
 leaves an installed torch / torchvision / detectron2 in place (tests/test_install.py checks

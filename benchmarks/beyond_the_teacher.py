@@ -56,7 +56,7 @@ def jobs(out: str) -> List[Job]:
         return f"{out}/{parent}/{os.path.basename(config)[:-5]}/seed0"
 
     queue = [
-        Job(f"pretrain_{name}", (), [[sys.executable, "-m", "d2kd.launch.pretrain", name]])
+        Job(f"pretrain_{name}", (), [[sys.executable, "-m", "d2kd.apps.launch.pretrain", name]])
         for name in ("R50_FPN128", "R18_FPN64", "R34_FPN96")
     ]
     queue += [

@@ -82,7 +82,7 @@ def teacher_run(out: str, config: str, seed: int) -> str:
 def evaluate(config: str, run: str, dataset: str) -> List[str]:
     """Evaluate a finished run's ``model_final.pth`` on ``dataset`` into ``RUN/eval/DATASET``
     (``inference/results.json``), as a user would with ``--eval-only``."""
-    return [sys.executable, "-m", "d2kd.launch.train_net", "--config-file", config,
+    return [sys.executable, "-m", "d2kd.apps.launch.train_net", "--config-file", config,
             "--eval-only", "MODEL.WEIGHTS", f"{run}/model_final.pth",
             "DATASETS.TEST", f"('{dataset}',)", "OUTPUT_DIR", f"{run}/eval/{dataset}"]
 
@@ -106,7 +106,7 @@ def certify_job(out: str, name: str, config: str, teacher: str, teacher_config: 
     runs = [teacher_run(out, teacher_config, k) for k in SEEDS]
     budget = [] if config.endswith("_1000.yaml") else BUDGET
     return Job(f"certify_{name}", (f"teacher_{teacher}", "pretrain_R18_FPN64"), [[
-        sys.executable, "-m", "d2kd.certify", config, "--seeds", str(len(SEEDS)),
+        sys.executable, "-m", "d2kd.apps.certify", config, "--seeds", str(len(SEEDS)),
         "--splits", f"{data}_test", f"{data}_val", "--teacher-runs", *runs,
         "--output", f"{out}/certify/{name}", "--threads", "1", *budget]])
 
@@ -114,7 +114,8 @@ def certify_job(out: str, name: str, config: str, teacher: str, teacher_config: 
 def jobs(out: str) -> List[Job]:
     """The queue, in the order lanes take it (every job after its dependencies)."""
     deferred: List[Job] = []
-    queue = [Job(f"pretrain_{name}", (), [[sys.executable, "-m", "d2kd.launch.pretrain", name]])
+    queue = [Job(f"pretrain_{name}", (),
+                 [[sys.executable, "-m", "d2kd.apps.launch.pretrain", name]])
              for name in ("R34_FPN96", "R50_FPN128", "R18_FPN64")]
     r34 = TEACHERS[0][1]
     # What moved the R-34/2 RetinaNet teacher (48.32 -> 43.79): the v0.6 build on today's code,

@@ -2,7 +2,7 @@
 
 ``import d2kd`` registers d2kd's backbones, meta-architectures and datasets in detectron2's
 registries. While detectron2 is not installed yet (only during ``make setup``, which runs
-``d2kd.provision``) the registrations are skipped.
+``d2kd.apps.provision``) the registrations are skipped.
 """
 import importlib.util
 import warnings

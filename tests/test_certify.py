@@ -6,8 +6,8 @@ import os
 import pytest
 from conftest import CONFIGS, save_untrained_teacher
 
-from d2kd.certify.__main__ import main as certify
-from d2kd.certify.runs import control_config
+from d2kd.apps.certify.__main__ import main as certify
+from d2kd.apps.certify.runs import control_config
 from d2kd.config import load_config
 from d2kd.data import register_builtin_datasets
 

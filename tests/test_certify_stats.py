@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from d2kd.certify.stats import one_sample_interval, paired_interval, welch_interval
+from d2kd.apps.certify.stats import one_sample_interval, paired_interval, welch_interval
 
 
 def test_paired_interval_by_hand():

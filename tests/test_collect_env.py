@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_collect_env_reports_detectron2_and_extension():
-    out = subprocess.run([sys.executable, "-m", "d2kd.collect_env"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "d2kd.apps.collect_env"], capture_output=True,
                          text=True, check=True).stdout
     match = re.search(r"^detectron2: (\S+) compiled: (yes|no)$", out, re.MULTILINE)
     assert match, out

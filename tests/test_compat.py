@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from d2kd.apps.provision.build import SOURCE_FIXES, apply_source_fixes
 from d2kd.compat import has_compiled_extension
-from d2kd.provision.build import SOURCE_FIXES, apply_source_fixes
 
 needs_standin = pytest.mark.skipif(
     has_compiled_extension(), reason="detectron2 has its compiled extension"

@@ -9,7 +9,7 @@ from conftest import CONFIGS
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-import d2kd.search  # noqa: F401  (the search config's keys, DISTILL.DETKDS.SEARCH)
+import d2kd.apps.search  # noqa: F401  (the search config's keys, DISTILL.DETKDS.SEARCH)
 from d2kd.compat.projects import missing_transformer_backbones, projects_dir
 from d2kd.config import load_config
 from d2kd.config.teachers import (

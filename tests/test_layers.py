@@ -6,7 +6,7 @@
   package): everything a training needs comes with an installed d2kd.
 - ``pip install .`` (not editable) into a scratch folder trains a DigitsDet distillation with
   the packaged configs (``d2kd.model_zoo.get_config_file``) and ``python -m
-  d2kd.launch.train_net``, from a directory that is not the checkout.
+  d2kd.apps.launch.train_net``, from a directory that is not the checkout.
 
 Each checker is also run on a small bad example, so that it is known to fail.
 """
@@ -26,9 +26,12 @@ from d2kd.config import load_config
 from d2kd.config.teachers import load_teacher_config, teacher_specs
 
 PACKAGE = os.path.join(REPO, "d2kd")
+#: the library: d2kd's top-level packages (``search``: the public name of the genome language)
 CORE = {"compat", "utils", "structures", "config", "data", "model_zoo", "modeling", "heads",
-        "prototypes", "engine"}
-APPLICATIONS = {"search", "benchmark", "certify", "launch", "collect_env", "provision"}
+        "prototypes", "engine", "search"}
+#: the applications, each under d2kd/apps/
+APPLICATIONS = {"apps.search", "apps.certify", "apps.launch", "apps.collect_env",
+                "apps.provision", "benchmark"}
 
 
 def _module_name(path: str) -> str:
@@ -58,8 +61,11 @@ def imports_of(source: str, module: str, is_package: bool) -> Iterator[Tuple[str
 
 
 def package_of(module: str) -> str:
-    """``d2kd.heads.detkds.head`` -> ``heads``; ``d2kd`` -> ``""``."""
+    """``d2kd.heads.detkds.head`` -> ``heads``; ``d2kd.apps.search.driver`` -> ``apps.search``;
+    ``d2kd`` and ``d2kd.apps`` -> ``""``."""
     parts = module.split(".")
+    if len(parts) > 1 and parts[1] == "apps":
+        return f"apps.{parts[2]}" if len(parts) > 2 else ""
     return parts[1] if len(parts) > 1 else ""
 
 
@@ -178,15 +184,18 @@ def process_launches(source: str) -> List[int]:
 # ---- the checkers catch what they should -----------------------------------------------------
 def test_checkers_find_planted_violations(tmp_path):
     bad = [
-        (os.path.join(PACKAGE, "heads", "x.py"), "from ..search.driver import run\n", False),
+        (os.path.join(PACKAGE, "heads", "x.py"), "from ..apps.search.driver import run\n",
+         False),
         (os.path.join(PACKAGE, "engine", "y.py"),
-         "def f():\n    from d2kd.benchmark import accuracy\n", False),
-        (os.path.join(PACKAGE, "search", "z.py"), "from ..heads import DistillHead\n", False),
+         "def f():\n    from d2kd.apps.certify import runs\n", False),
+        (os.path.join(PACKAGE, "apps", "search", "z.py"), "from ...heads import DistillHead\n",
+         False),
     ]
     edges = package_edges(bad)
     assert core_to_application(edges) == [
-        "engine -> benchmark (d2kd/engine/y.py:2)", "heads -> search (d2kd/heads/x.py:1)"]
-    assert package_cycles(edges) == [["heads", "search", "heads"]]
+        "engine -> apps.certify (d2kd/engine/y.py:2)",
+        "heads -> apps.search (d2kd/heads/x.py:1)"]
+    assert package_cycles(edges) == [["apps.search", "heads", "apps.search"]]
     assert checkout_paths(
         "import os\nREPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))\n"
         "T = os.path.join(REPO, 'tools', 'train_net.py')\n"
@@ -202,10 +211,16 @@ def test_checkers_find_planted_violations(tmp_path):
 
 
 # ---- the tree ---------------------------------------------------------------------------------
-def test_every_package_is_classified():
-    packages = {name[:-3] if name.endswith(".py") else name for name in os.listdir(PACKAGE)
-                if not name.startswith(("_", ".")) and name != "__pycache__"}
-    assert packages == CORE | APPLICATIONS
+def _entries(folder: str) -> Set[str]:
+    return {name[:-3] if name.endswith(".py") else name for name in os.listdir(folder)
+            if not name.startswith(("_", ".")) and name != "__pycache__"}
+
+
+def test_the_tree_shows_the_layers():
+    """The library's packages at the top of d2kd/, every application under d2kd/apps/."""
+    assert _entries(PACKAGE) - {"apps", "benchmark"} == CORE
+    assert {f"apps.{name}" for name in _entries(os.path.join(PACKAGE, "apps"))} \
+        == APPLICATIONS - {"benchmark"}
 
 
 def test_core_never_imports_an_application():
@@ -232,7 +247,7 @@ def test_library_computes_no_paths_into_the_checkout():
 def test_application_keys_stay_out_of_model_configs():
     """Without the search application, configs have no DISTILL.DETKDS.SEARCH node, and a config
     that sets one is an error that names the application (a fresh process: the test session
-    has imported d2kd.search)."""
+    has imported d2kd.apps.search)."""
     search_config = os.path.join(REPO, "configs", "DigitsDet",
                                  "retinanet_R18_from_R50_detkds_search.yaml")
     code = ("import d2kd\n"
@@ -276,7 +291,7 @@ def test_non_editable_install_trains_a_distillation_with_packaged_configs(tmp_pa
     DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(work)).save("teacher")
     out = work / "out"
     subprocess.run(
-        [sys.executable, "-m", "d2kd.launch.train_net", "--config-file", where[1],
+        [sys.executable, "-m", "d2kd.apps.launch.train_net", "--config-file", where[1],
          "DISTILL.TEACHER.WEIGHTS", f"['{weights}']", "MODEL.WEIGHTS", "",
          "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
          "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)],

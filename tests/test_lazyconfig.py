@@ -1,5 +1,6 @@
 """The LazyConfig distillation recipe (configs/DigitsDet/retinanet_R18_from_R50_mgd.py) is the
-twin of its yacs config, and it trains with the lazy train script (d2kd/launch/lazy_train_net.py).
+twin of its yacs config, and it trains with the lazy train script
+(d2kd/apps/launch/lazy_train_net.py).
 
 Twin, checked piece by piece against the yacs build: the student (every tensor name and shape,
 and the same outputs given the same weights), the MGD head (its losses on the same inputs),
@@ -16,10 +17,10 @@ from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier
 from detectron2.utils.events import EventStorage
 
+from d2kd.apps.launch.lazy_train_net import do_train
 from d2kd.config import load_config
 from d2kd.engine import DistillTrainer
 from d2kd.engine.optimizer import build_optimizer
-from d2kd.launch.lazy_train_net import do_train
 
 RECIPE = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.py")
 YACS_TWIN = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_mgd.yaml")
@@ -158,7 +159,7 @@ def test_recipe_trains_in_two_processes(teacher_weights, tmp_path):
 
     out = tmp_path / "out"
     subprocess.run(
-        [sys.executable, "-m", "d2kd.launch.lazy_train_net", "--num-gpus", "2",
+        [sys.executable, "-m", "d2kd.apps.launch.lazy_train_net", "--num-gpus", "2",
          "--config-file", RECIPE, "train.max_iter=2", "train.init_checkpoint=",
          f"train.output_dir={out}", f"model.teacher.weights={teacher_weights}",
          "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0",

@@ -8,8 +8,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
+from d2kd.apps.launch.pretrain import ensure_pretrained_backbone
 from d2kd.config import load_config
-from d2kd.launch.pretrain import ensure_pretrained_backbone
 
 
 def _instances(h, w, masks, classes):

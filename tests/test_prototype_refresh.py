@@ -192,7 +192,7 @@ import sys, torch
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from d2kd.launch.distributed import launch
+from d2kd.apps.launch.distributed import launch
 
 def main(world):
     from conftest import tiny_training_cfg

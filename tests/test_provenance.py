@@ -6,7 +6,7 @@ import shutil
 import pytest
 from conftest import distill_cfg
 
-from d2kd.certify import provenance
+from d2kd.apps.certify import provenance
 
 
 def test_the_provenance_is_taken_at_the_start_and_later_differing_starts_are_listed(

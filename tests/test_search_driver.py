@@ -18,21 +18,21 @@ import pytest
 from conftest import CONFIGS, REPO, TEACHER, save_untrained_teacher
 from optuna.trial import TrialState
 
-from d2kd.config import load_config
-from d2kd.search import dry_run, parse_genome
-from d2kd.search.driver import DetKDSSearch
-from d2kd.search.outputs import idle_at_end_seconds, trial_rows
-from d2kd.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
-from d2kd.search.report import best_so_far, breeding, compare, full_schedule_aps
-from d2kd.search.samplers import (
+from d2kd.apps.search.driver import DetKDSSearch
+from d2kd.apps.search.outputs import idle_at_end_seconds, trial_rows
+from d2kd.apps.search.proxy import InfrastructureFailure, ProxyEvaluator, TrialOutcome
+from d2kd.apps.search.report import best_so_far, breeding, compare, full_schedule_aps
+from d2kd.apps.search.samplers import (
     GENERATION_KEY,
     GeneticSampler,
     mutate,
     tournament,
     uniform_crossover,
 )
-from d2kd.search.space import FormulaSpace, WeightSpace
-from d2kd.search.storage import open_storage
+from d2kd.apps.search.space import FormulaSpace, WeightSpace
+from d2kd.apps.search.storage import open_storage
+from d2kd.config import load_config
+from d2kd.search import dry_run, parse_genome
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
@@ -504,7 +504,7 @@ def test_proxy_config_sets_budget_batch_and_subsets(tiny_digitsdet, tmp_path):
     from conftest import CONFIGS
     from detectron2.data import DatasetCatalog
 
-    from d2kd.search.proxy import proxy_config
+    from d2kd.apps.search.proxy import proxy_config
 
     cfg = load_config(os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml"))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("digitsdet_tiny_train",), ("digitsdet_tiny_val",)
@@ -547,8 +547,8 @@ def test_the_proxy_start_trains_on_the_training_split_without_the_held_out_image
     from detectron2.config import CfgNode
     from detectron2.data import DatasetCatalog
 
+    from d2kd.apps.search.proxy_start import train_proxy_start
     from d2kd.config import ConfigError
-    from d2kd.search.proxy_start import train_proxy_start
 
     student = tmp_path / "student.yaml"
     student.write_text(f"""_BASE_: "{os.path.join(CONFIGS, 'DigitsDet/retinanet_R18_student.yaml')}"

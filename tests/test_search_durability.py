@@ -9,7 +9,13 @@ import optuna
 import pytest
 from conftest import REPO
 
-from d2kd.search.storage import Heartbeat, SearchInUse, lock_output, open_storage, repair_journal
+from d2kd.apps.search.storage import (
+    Heartbeat,
+    SearchInUse,
+    lock_output,
+    open_storage,
+    repair_journal,
+)
 
 
 def _journal_with_trials(output_dir, count: int) -> str:

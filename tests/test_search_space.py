@@ -35,7 +35,7 @@ def test_d2kds_variants_are_tokens_of_their_own():
 
 
 def test_a_search_draws_from_the_papers_space_unless_told_otherwise():
-    from d2kd.search.space import FormulaSpace
+    from d2kd.apps.search.space import FormulaSpace
 
     paper, extended = FormulaSpace("global", 4), FormulaSpace("global", 4, extra_ops=True)
     assert paper.genes["slot2"] == tuple(SLOT_OPS[2].names(paper_only=True))

@@ -10,10 +10,10 @@ from conftest import CONFIGS, REPO, distill_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from d2kd.apps.launch.entry import run_cli
 from d2kd.config import ConfigError
 from d2kd.config.loading import MAX_LINE
 from d2kd.engine.preflight import check_run
-from d2kd.launch.entry import run_cli
 
 GK = "DigitsDet/retinanet_R18_from_R50_gk.yaml"
 MTPD = "DigitsDet/retinanet_R18_from_R50_R34_mtpd_mgd.yaml"

@@ -17,9 +17,9 @@ from typing import Dict
 from tabulate import tabulate
 
 import d2kd  # noqa: F401
+from d2kd.apps.launch.process import run_train_net
 from d2kd.config import load_config
 from d2kd.data import digitsdet_root, ensure_digitsdet
-from d2kd.launch.process import run_train_net
 from d2kd.utils.io import atomic_save_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -159,7 +159,7 @@ if [[ ${1:-} == _detectron2_fallback ]]; then
   cp "$WHEELS"/src/pb1-detectron2-0.6.tar.gz "$WORK/provision/downloads/"
   unset PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT
   PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS" \
-    "$VPY" -m d2kd.provision --work-dir "$WORK/provision"
+    "$VPY" -m d2kd.apps.provision --work-dir "$WORK/provision"
   exit 0
 fi
 
@@ -301,7 +301,7 @@ if [[ $SKIP_INSTALL == 0 ]]; then
 else
   skip_step detectron2 "--skip-install" ""
 fi
-run_step collect_env 60 "$(q "$VPY" -m d2kd.collect_env) && $(q "$VPY" "$H/env_info.py" detectron2 "$LOGS/detectron2.json")"
+run_step collect_env 60 "$(q "$VPY" -m d2kd.apps.collect_env) && $(q "$VPY" "$H/env_info.py" detectron2 "$LOGS/detectron2.json")"
 wait "$DIGITS_PID"
 
 # ---- 3. tests, distillation runs ---------------------------------------------------------------

@@ -27,20 +27,26 @@ import optuna
 from detectron2.utils.logger import setup_logger
 
 import d2kd  # noqa: F401  (registrations)
+from d2kd.apps.launch.pretrain import ensure_pretrained_weights
+from d2kd.apps.search.driver import DetKDSSearch
+from d2kd.apps.search.outputs import finalize
+from d2kd.apps.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
+from d2kd.apps.search.proxy_start import train_proxy_start
+from d2kd.apps.search.report import compare, full_schedule_aps
+from d2kd.apps.search.space import BASELINE
+from d2kd.apps.search.storage import (
+    SearchInUse,
+    journal_path,
+    lock_output,
+    open_storage,
+    repair_journal,
+)
 from d2kd.config import ConfigError, load_config
 from d2kd.config.validation import check_weights
 from d2kd.engine.preflight import check_run
-from d2kd.launch.pretrain import ensure_pretrained_weights
-from d2kd.search.driver import DetKDSSearch
-from d2kd.search.outputs import finalize
-from d2kd.search.proxy import ProxyEvaluator, die_with_parent, proxy_config
-from d2kd.search.proxy_start import train_proxy_start
-from d2kd.search.report import compare, full_schedule_aps
-from d2kd.search.space import BASELINE
-from d2kd.search.storage import SearchInUse, journal_path, lock_output, open_storage, repair_journal
 from d2kd.utils.io import atomic_write_json, atomic_write_text
 
-logger = logging.getLogger("d2kd.search")
+logger = logging.getLogger("d2kd.apps.search")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from ..certify.provenance import record_start, run_provenance
+from ..apps.certify.provenance import record_start, run_provenance
+from ..apps.launch.process import run_options, run_train_net
 from ..config import ConfigError, load_config
 from ..config.saved import config_mismatches
-from ..launch.process import run_options, run_train_net
 from ..utils.io import atomic_write_json, atomic_write_text
 from .accuracy_plot import plot_accuracy
 
@@ -57,8 +57,8 @@ def load_finished_run(config_file: str, seed: int, output_dir: str,
 def train_and_evaluate(config_file: str, seed: int, output_dir: str, opts: Sequence[str],
                        threads: int = 0) -> Dict:
     """Train (resuming an interrupted run) and evaluate; record the results, the wall time
-    (training + evaluation) and what they depend on (:func:`d2kd.certify.provenance.provenance`)
-    in ``benchmark_run.json``."""
+    (training + evaluation) and what they depend on
+    (:func:`d2kd.apps.certify.provenance.provenance`) in ``benchmark_run.json``."""
     run_opts = [*run_options(config_file, seed, output_dir), *opts]
     recorded = not config_file.endswith(".py")  # a LazyConfig recipe: no yacs config to read
     if recorded:

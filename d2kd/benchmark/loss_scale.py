@@ -14,8 +14,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
+from ..apps.launch.pretrain import ensure_pretrained_weights
 from ..config import load_config
-from ..launch.pretrain import ensure_pretrained_weights
 from ..utils.io import atomic_write_json, atomic_write_text
 from .batches import seeded_training_batches
 

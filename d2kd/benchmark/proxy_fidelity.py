@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 from tabulate import tabulate
 
-from ..search.proxy import ProxyEvaluator
-from ..search.report import full_schedule_by_seed, markdown_cell
+from ..apps.search.proxy import ProxyEvaluator
+from ..apps.search.report import full_schedule_by_seed, markdown_cell
 from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from .accuracy import run_accuracy_benchmark
 

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
+from ..apps.launch.process import run_train_net
 from ..config import load_config
-from ..launch.process import run_train_net
 from ..utils.io import atomic_write_json, atomic_write_text
 
 

@@ -56,7 +56,7 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> ConfigError:
     hint = f" Did you mean {close[0]}?" if close else ""
     if key.split(".")[:3] == ["DISTILL", "DETKDS", "SEARCH"]:
         hint = (" The DetKDS search's keys belong to its application: run the config with "
-                "tools/search_net.py (or import d2kd.search first).")
+                "tools/search_net.py (or import d2kd.apps.search first).")
     return ConfigError(f"{source}: unknown config key {key}.{hint}")
 
 

@@ -4,7 +4,7 @@
 repository's ``configs/`` files inside the installed package (``setup.py`` ships them as
 package data, like detectron2's model zoo), so ``pip install .`` users train with them:
 
-    python -m d2kd.launch.train_net --config-file \\
+    python -m d2kd.apps.launch.train_net --config-file \\
         $(python -c "from d2kd.model_zoo import get_config_file as f; \\
                      print(f('DigitsDet/retinanet_R18_from_R50_mgd.yaml'))")
 
@@ -13,7 +13,7 @@ package data, like detectron2's model zoo), so ``pip install .`` users train wit
 through a handler in detectron2's ``PathManager``, to
 ``$DETECTRON2_DATASETS/digitsdet/pretrained/R18_FPN64.pth``. Producing a missing one is a
 training, which the core never starts: the launchers do it before a run starts
-(``d2kd.launch.pretrain``; ``tools/train_net.py`` and the demo call it); a missing file here
+(``d2kd.apps.launch.pretrain``; ``tools/train_net.py`` and the demo call it); a missing file here
 is an error that says so.
 """
 import os
@@ -69,7 +69,7 @@ class DigitsDetPretrainedHandler(PathHandler):
         if not os.path.isfile(local):
             raise FileNotFoundError(
                 f"{path} is not pre-trained yet ({local} does not exist): run "
-                f"`python -m d2kd.launch.pretrain {name}` (tools/train_net.py and "
+                f"`python -m d2kd.apps.launch.pretrain {name}` (tools/train_net.py and "
                 "tools/benchmark.py do it before a run starts)."
             )
         return local

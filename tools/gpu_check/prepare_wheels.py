@@ -16,7 +16,7 @@ DEST (default ``gpu_wheels/``, git-ignored) with:
   Wheels of packages the machine already has are left out (pip keeps the installed ones),
   except small ones (``--small-kib``) and ``FORCE_INCLUDE``, as insurance;
 - ``src/``: the detectron2 source tarball (compiled there) and the ``pb1-detectron2==0.6``
-  sdist (the pure-Python fallback of ``d2kd.provision`` if the CUDA build fails);
+  sdist (the pure-Python fallback of ``d2kd.apps.provision`` if the CUDA build fails);
 - ``requirements.txt``, ``manifest.json`` (what was carried and what was left to the machine,
   with sizes).
 
@@ -200,12 +200,13 @@ def main(argv=None) -> None:
             left.append(entry)
     shutil.copy2(args.detectron2_src, src_dir)
     sdists = [os.path.join(src_dir, os.path.basename(args.detectron2_src))]
-    # The pure-Python detectron2 fallback: the sdist d2kd.provision would download.
+    # The pure-Python detectron2 fallback: the sdist d2kd.apps.provision would download.
     pb1 = os.path.join(REPO, "build", "downloads", "pb1-detectron2-0.6.tar.gz")
     if not os.path.isfile(pb1):
         venv_py = os.path.join(REPO, ".venv", "bin", "python")
         py = venv_py if os.path.exists(venv_py) else sys.executable
-        run([py, "-c", "from pathlib import Path; from d2kd.provision.build import download_sdist;"
+        run([py, "-c", "from pathlib import Path; "
+             "from d2kd.apps.provision.build import download_sdist;"
              f" download_sdist(Path({os.path.dirname(pb1)!r}))"])
     if os.path.isfile(pb1):
         shutil.copy2(pb1, src_dir)

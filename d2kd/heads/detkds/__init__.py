@@ -3,7 +3,7 @@
 The language — genomes (``genome.py``), the operations of each transform slot and the
 distances (``ops.py``), their registries (``registry.py``) — is what a training needs, so it
 lives with its head; the search over formulas (Optuna driver, proxy, samplers, reports) is an
-application on top of it, ``d2kd.search``.
+application on top of it, ``d2kd.apps.search``.
 """
 from .genome import (
     Formula,

@@ -217,7 +217,7 @@ class DetKDSHead(DistillHead):
 @register_config_extension
 def add_detkds_config(cfg: CfgNode) -> None:
     """``DISTILL.DETKDS``: :class:`DetKDSHead` (the search's keys, ``DISTILL.DETKDS.SEARCH``, belong
-    to the search application, d2kd/search/config.py)."""
+    to the search application, d2kd/apps/search/config.py)."""
     if "DETKDS" in cfg.DISTILL:
         return
     # DetKDS: a searched distiller given as a genome string (d2kd/heads/detkds/genome.py).

@@ -1,17 +1,18 @@
 """Config keys of the DetKDS search application."""
 from detectron2.config import CfgNode
 
-from ..config.defaults import register_config_extension
-from ..config.ranges import BOOLEAN, register_key_rules
+from ...config.defaults import register_config_extension
+from ...config.ranges import BOOLEAN, register_key_rules
 
 
 @register_config_extension
 def add_detkds_search_config(cfg: CfgNode) -> None:
     """``DISTILL.DETKDS.SEARCH``: the DetKDS search (tools/search_net.py); registered when
-    :mod:`d2kd.search` is imported, so model configs do not carry them."""
+    :mod:`d2kd.apps.search` is imported, so model configs do not carry them."""
     if "SEARCH" in cfg.DISTILL.DETKDS:
         return
-    # The search over genomes (tools/search_net.py, d2kd/search/driver.py, docs/detkds_search.md).
+    # The search over genomes (tools/search_net.py, d2kd/apps/search/driver.py,
+    # docs/detkds_search.md).
     cfg.DISTILL.DETKDS.SEARCH = CfgNode()
     # Stage 1 runs one study per knowledge input listed here (inputs the student cannot use,
     # e.g. logit/loc without a dense head or an RPN, are skipped with a message).

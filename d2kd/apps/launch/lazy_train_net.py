@@ -1,7 +1,7 @@
 """Train a distillation (or any detector) written as a LazyConfig ``.py`` recipe, like
 detectron2's tools/lazyconfig_train_net.py.
 
-    python -m d2kd.launch.lazy_train_net \
+    python -m d2kd.apps.launch.lazy_train_net \
         --config-file configs/DigitsDet/retinanet_R18_from_R50_mgd.py \
         [--num-gpus 2] [--resume] [train.seed=1 train.output_dir=... ...]
 
@@ -27,15 +27,15 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..compat.distributed import create_ddp_model
-from ..config import ConfigError
-from ..engine.checkpoint import AtomicCheckpointer
-from ..engine.export import StudentExportHook, save_student
-from ..utils.io import atomic_write_json
+from ...compat.distributed import create_ddp_model
+from ...config import ConfigError
+from ...engine.checkpoint import AtomicCheckpointer
+from ...engine.export import StudentExportHook, save_student
+from ...utils.io import atomic_write_json
 from .entry import run_cli
 from .pretrain import ensure_pretrained_weights
 
-logger = logging.getLogger("d2kd.launch.lazy_train_net")
+logger = logging.getLogger("d2kd.apps.launch.lazy_train_net")
 
 
 def do_test(cfg, model):

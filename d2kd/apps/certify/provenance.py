@@ -12,10 +12,10 @@ from detectron2.data import MetadataCatalog
 
 import d2kd
 
-from ..compat import has_compiled_extension
-from ..config.teachers import load_teacher_config, teacher_specs, teacher_weights
-from ..utils.hashing import file_sha256, weights_sha256
-from ..utils.io import atomic_write_json
+from ...compat import has_compiled_extension
+from ...config.teachers import load_teacher_config, teacher_specs, teacher_weights
+from ...utils.hashing import file_sha256, weights_sha256
+from ...utils.io import atomic_write_json
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(d2kd.__file__))
 #: the provenance of every start of a run, in its folder (:func:`record_start`)

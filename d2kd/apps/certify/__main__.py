@@ -1,6 +1,7 @@
-"""``python -m d2kd.certify CONFIG --seeds N``: is a distillation's gain real? (docs/certify.md)
+"""``python -m d2kd.apps.certify CONFIG --seeds N`` (``tools/certify.py``): is a distillation's
+gain real? (docs/certify.md)
 
-    python -m d2kd.certify configs/DigitsDet/retinanet_R18_from_R50_mgd.yaml --seeds 3 \\
+    python -m d2kd.apps.certify configs/DigitsDet/retinanet_R18_from_R50_mgd.yaml --seeds 3 \\
         --splits digitsdet_test --teacher-seeds 3 [--num-gpus 8] [KEY VALUE ...]
 
 Trains N seeds of the distilled student and of its matched control (the same student,
@@ -19,21 +20,21 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from ..compat.checkpoint import summarize
-from ..config import ConfigError, load_config
-from ..config.loading import one_line
-from ..config.validation import check_datasets
-from ..engine.preflight import check_run
+from ...compat.checkpoint import summarize
+from ...config import ConfigError, load_config
+from ...config.loading import one_line
+from ...config.validation import check_datasets
+from ...engine.preflight import check_run
 from ..launch.pretrain import ensure_pretrained_weights
 from . import report
 from .provenance import code_version, software_stack
 from .runs import CertifyPlan, control_config, run_plan
 
-logger = logging.getLogger("d2kd.certify")
+logger = logging.getLogger("d2kd.apps.certify")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m d2kd.certify", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m d2kd.apps.certify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config_file", help="a distillation config")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from optuna.distributions import CategoricalDistribution
 
-from ..heads.detkds.genome import (
+from ...heads.detkds.genome import (
     RESHAPING_SLOT3,
     SIZE_CHANGING_SLOT2,
     SLOT3_ONLY_INPUTS,
@@ -27,8 +27,8 @@ from ..heads.detkds.genome import (
     format_genome,
     parse_genome,
 )
-from ..heads.detkds.registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
-from ..structures import StudentKind
+from ...heads.detkds.registry import DISTANCES, KNOWLEDGE_INPUTS, SLOT_OPS, WEIGHTS
+from ...structures import StudentKind
 
 Params = Dict[str, object]
 

@@ -9,11 +9,11 @@ detectron2 is not published on PyPI. Policy (README.md, "detectron2 provisioning
    - apply the fixes upstream made later for modern NumPy / Pillow
      (``np.bool|np.float|np.int`` -> builtins, ``Image.LINEAR`` -> ``Image.BILINEAR``) and
      for ``MODEL.RETINANET.NORM: GN`` (v0.6 builds a 1-channel GroupNorm(32) just to log it),
-   - add ``detectron2/_C.py`` from :mod:`d2kd.provision.detectron2_C_standin`,
+   - add ``detectron2/_C.py`` from :mod:`d2kd.apps.provision.detectron2_C_standin`,
    - install it with pip as the distribution ``detectron2==0.6+purepython`` so that
      ``pip show detectron2`` and ``pip uninstall detectron2`` work.
 
-Run as ``python -m d2kd.provision``; idempotent. Imports nothing from detectron2.
+Run as ``python -m d2kd.apps.provision``; idempotent. Imports nothing from detectron2.
 """
 
 import argparse
@@ -164,7 +164,7 @@ def provision(work_dir: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m d2kd.provision",
+    parser = argparse.ArgumentParser(prog="python -m d2kd.apps.provision",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="build", type=Path,
                         help="where the sdist is cached and the distribution is staged")

@@ -1,6 +1,6 @@
 """Pre-train the DigitsDet backbones a config names (``digitsdet-pretrained://NAME``).
 
-    python -m d2kd.launch.pretrain R18_FPN64 [R50_FPN128 ...]
+    python -m d2kd.apps.launch.pretrain R18_FPN64 [R50_FPN128 ...]
 
 A missing backbone is produced once by training ``configs/DigitsDet/pretrain/NAME.yaml``
 (dense digit segmentation, d2kd/modeling/pretext.py) in a child training process; concurrent
@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from ..config import ConfigError
-from ..data import digitsdet_root, ensure_digitsdet
-from ..model_zoo import PRETRAINED_PREFIX, pretrain_config, pretrained_backbone_path
-from ..utils.io import atomic_save
+from ...config import ConfigError
+from ...data import digitsdet_root, ensure_digitsdet
+from ...model_zoo import PRETRAINED_PREFIX, pretrain_config, pretrained_backbone_path
+from ...utils.io import atomic_save
 from .process import run_train_net
 
 logger = logging.getLogger(__name__)

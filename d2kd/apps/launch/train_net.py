@@ -1,13 +1,13 @@
 """Train and evaluate detectors and distilled students, like detectron2's tools/train_net.py.
 
-    python -m d2kd.launch.train_net --config-file CFG [--num-gpus 2] [KEY VALUE ...]
+    python -m d2kd.apps.launch.train_net --config-file CFG [--num-gpus 2] [KEY VALUE ...]
     python tools/train_net.py --config-file configs/DigitsDet/retinanet_R18_student.yaml
 
 Before any process starts, in the launching process: bad input (unknown config key,
 unregistered or empty dataset, missing or mismatching weights, corrupt annotations, bad head
 options, an unreadable checkpoint on --resume, ...) is reported in one line
 (d2kd/engine/preflight.py); the DigitsDet backbones the config names are pre-trained if not
-cached yet (:mod:`d2kd.launch.pretrain`) after the rest of the config passed, before its
+cached yet (:mod:`d2kd.apps.launch.pretrain`) after the rest of the config passed, before its
 weights are checked.
 """
 from typing import Optional, Sequence
@@ -16,11 +16,11 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import load_config
-from ..engine import DistillTrainer
-from ..engine.checkpoint import resume_checkpoint
-from ..engine.preflight import check_run, evaluated_config
-from ..modeling import load_for_evaluation
+from ...config import load_config
+from ...engine import DistillTrainer
+from ...engine.checkpoint import resume_checkpoint
+from ...engine.preflight import check_run, evaluated_config
+from ...modeling import load_for_evaluation
 from .entry import run_cli
 from .pretrain import ensure_pretrained_weights
 

@@ -11,7 +11,7 @@ in one storage, named ``<arm>/<stage>``:
 
 Any number of workers (processes, machines) run :meth:`DetKDSSearch.run_worker` against the
 same storage: each repeatedly picks the least advanced open study, asks Optuna for a trial,
-and trains it through the evaluator (:class:`d2kd.search.proxy.ProxyEvaluator`). Stage 2
+and trains it through the evaluator (:class:`d2kd.apps.search.proxy.ProxyEvaluator`). Stage 2
 starts when every stage-1 trial has finished. A genome already evaluated in any study of the
 arm is not trained again: the trial copies the earlier result (status ``cached``).
 
@@ -19,8 +19,8 @@ Resumption: every running trial carries its worker's host and pid and a heartbea
 running trial whose worker is dead (same host: the pid is gone; other hosts: no heartbeat for
 ``STALE_SECONDS``) is marked failed and its genome re-queued (``attempt`` + 1, at most
 ``MAX_ATTEMPTS``), so re-running a killed search loses nothing and trains nothing twice
-(d2kd/search/storage.py). What a search writes (tables, progress, best genome and config,
-summary) is d2kd/search/outputs.py.
+(d2kd/apps/search/storage.py). What a search writes (tables, progress, best genome and config,
+summary) is d2kd/apps/search/outputs.py.
 """
 import logging
 import math
@@ -32,7 +32,7 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
-from ..heads.detkds.genome import Formula, parse_genome
+from ...heads.detkds.genome import Formula, parse_genome
 from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
 from .samplers import (

@@ -1,4 +1,4 @@
-"""Print the software stack d2kd runs on: ``python -m d2kd.collect_env``."""
+"""Print the software stack d2kd runs on: ``python -m d2kd.apps.collect_env``."""
 import os
 import platform
 import sys

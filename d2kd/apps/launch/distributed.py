@@ -3,7 +3,7 @@
 detectron2 v0.6's ``launch`` asserts CUDA and always uses NCCL. On CUDA machines (and for one
 process) this defers to detectron2's ``launch``; on CPU it runs the same process layout with
 the gloo backend (``MODEL.DEVICE=cpu``), local process groups included. Either way every rank
-runs under :func:`~d2kd.launch.failure.run_guarded`: one rank's failure ends them all.
+runs under :func:`~d2kd.apps.launch.failure.run_guarded`: one rank's failure ends them all.
 """
 import functools
 from datetime import timedelta
@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-from ..compat.distributed import create_local_process_group, free_local_port
+from ...compat.distributed import create_local_process_group, free_local_port
 from .failure import run_guarded
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)

@@ -15,15 +15,15 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import load_config
-from ..utils.io import atomic_write_json, atomic_write_text
+from ...config import load_config
+from ...utils.io import atomic_write_json, atomic_write_text
 from .report import best_so_far, markdown_cell, plot_best_so_far, session_overhead
 from .samplers import GENERATION_KEY, SURPLUS, fitness
 from .space import genome_inputs
 
 
 class SearchState(Protocol):
-    """What these writers read of a search (:class:`d2kd.search.driver.DetKDSSearch`)."""
+    """What these writers read of a search (:class:`d2kd.apps.search.driver.DetKDSSearch`)."""
 
     arm: str
     output_dir: str

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
-from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from ...utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from .runs import Arm
 from .stats import one_sample_interval, paired_interval, welch_interval
 

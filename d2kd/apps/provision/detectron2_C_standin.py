@@ -1,7 +1,7 @@
 """Pure-Python stand-in for ``detectron2._C``, the compiled extension of detectron2.
 
 d2kd installs this file as ``detectron2/_C.py`` when it provisions detectron2 from the
-PyPI source distribution (which ships no C++ sources, see ``d2kd.provision.build``).
+PyPI source distribution (which ships no C++ sources, see ``d2kd.apps.provision.build``).
 detectron2 imports ``_C`` at module level in ``layers/deform_conv.py``,
 ``layers/rotated_boxes.py``, ``layers/roi_align_rotated.py`` and
 ``evaluation/fast_eval_api.py``, so every name those modules use must exist.

@@ -2,7 +2,7 @@
 over seeds, each evaluated on every split (docs/certify.md).
 
 Every run is an ordinary ``train_net`` output folder made by the command a user types
-(:func:`d2kd.launch.process.run_train_net`), with the launch options given to ``certify``
+(:func:`d2kd.apps.launch.process.run_train_net`), with the launch options given to ``certify``
 (``--num-gpus``, ``--num-machines``, ...). A finished run (``certify_run.json``) is reused
 unless its saved config differs from what the config gives now (then it is an error); an
 interrupted one is resumed (``--resume``); an evaluation whose ``results.json`` exists is
@@ -19,12 +19,12 @@ from typing import Dict, Iterator, List, Sequence
 
 from detectron2.config import CfgNode
 
-from ..config import ConfigError, load_config
-from ..config.saved import config_mismatches
-from ..config.teachers import YACS, load_teacher_config, teacher_specs, teacher_weights
+from ...config import ConfigError, load_config
+from ...config.saved import config_mismatches
+from ...config.teachers import YACS, load_teacher_config, teacher_specs, teacher_weights
+from ...modeling.distillation_detector import student_config
+from ...utils.io import atomic_write_json, atomic_write_text
 from ..launch.process import run_options, run_train_net
-from ..modeling.distillation_detector import student_config
-from ..utils.io import atomic_write_json, atomic_write_text
 from .provenance import record_start, run_provenance
 
 logger = logging.getLogger(__name__)

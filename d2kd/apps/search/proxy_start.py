@@ -13,7 +13,7 @@ import os
 import re
 from typing import Sequence
 
-from ..config import ConfigError, load_config
+from ...config import ConfigError, load_config
 from ..launch.entry import run_cli
 from ..launch.train_net import main as train_main
 from ..launch.train_net import prepare_run

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
-from ..utils.io import atomic_save_figure
+from ...utils.io import atomic_save_figure
 
 #: statuses of trials that count against the budget (a cached trial repeats an earlier AP)
 BUDGET_STATUSES = ("ok", "cached", "pruned", "rejected")

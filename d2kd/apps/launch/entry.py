@@ -4,7 +4,7 @@ from typing import Callable, Optional, Sequence
 
 from detectron2.engine import default_argument_parser
 
-from ..config.loading import one_line
+from ...config.loading import one_line
 from .distributed import launch
 
 

@@ -1,5 +1,5 @@
-"""Run a training as a child process: ``python -m d2kd.launch.train_net`` (a LazyConfig
-``.py`` recipe: ``d2kd.launch.lazy_train_net``), the one way d2kd launches a training from
+"""Run a training as a child process: ``python -m d2kd.apps.launch.train_net`` (a LazyConfig
+``.py`` recipe: ``d2kd.apps.launch.lazy_train_net``), the one way d2kd launches a training from
 Python (benchmarks, the demo, backbone pre-training), so that every such run is an ordinary
 detectron2 output directory made by the command a user types."""
 import logging
@@ -11,8 +11,8 @@ from typing import List, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-TRAIN_NET_MODULE = "d2kd.launch.train_net"
-LAZY_TRAIN_NET_MODULE = "d2kd.launch.lazy_train_net"
+TRAIN_NET_MODULE = "d2kd.apps.launch.train_net"
+LAZY_TRAIN_NET_MODULE = "d2kd.apps.launch.lazy_train_net"
 
 
 def run_options(config_file: str, seed: int, output_dir: str) -> List[str]:
@@ -25,7 +25,7 @@ def run_options(config_file: str, seed: int, output_dir: str) -> List[str]:
 
 def run_train_net(config_file: str, args: Sequence[str] = (), threads: int = 0,
                   env: Optional[Mapping[str, str]] = None, quiet: bool = True) -> float:
-    """``python -m d2kd.launch.train_net --config-file CONFIG ARGS...``; returns its wall time
+    """``python -m d2kd.apps.launch.train_net --config-file CONFIG ARGS...``; returns its wall time
     in seconds.
 
     Args:

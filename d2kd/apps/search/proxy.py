@@ -39,10 +39,10 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from ..config import load_config
-from ..data import register_builtin_datasets
-from ..engine import DistillTrainer
-from ..engine.export import StudentExportHook
+from ...config import load_config
+from ...data import register_builtin_datasets
+from ...engine import DistillTrainer
+from ...engine.export import StudentExportHook
 from .space import BASELINE
 
 logger = logging.getLogger(__name__)

@@ -1,2 +1,0 @@
-"""``certify``: matched-budget, multi-seed, paired evidence for a distillation's gain
-(``python -m d2kd.certify``, docs/certify.md). An application: the core never imports it."""

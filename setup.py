@@ -10,6 +10,7 @@ requirements/constraints.txt, which `make setup` passes to pip with `-c`.
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -25,9 +26,15 @@ def packaged_configs():
                   for path in glob.glob(os.path.join(folder, pattern), recursive=True))
 
 
+def version() -> str:
+    """``__version__`` of d2kd/__init__.py, read without importing the package."""
+    with open(os.path.join(HERE, "d2kd", "__init__.py")) as f:
+        return re.search(r'^__version__ = "(.+)"$', f.read(), re.M).group(1)
+
+
 setup(
     name="d2kd",
-    version="0.1.0",
+    version=version(),
     description="Detectron2 extension for knowledge distillation of object detectors",
     packages=find_packages(include=["d2kd", "d2kd.*"]),
     package_data={"d2kd.model_zoo": packaged_configs()},

@@ -7,7 +7,7 @@ registries. While detectron2 is not installed yet (only during ``make setup``, w
 import importlib.util
 import warnings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Deprecation notices that detectron2 triggers at import time in modern torch / setuptools;
 # a user cannot act on them, and they would bury d2kd's one-line input errors.

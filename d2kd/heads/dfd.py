@@ -129,22 +129,23 @@ class DFDHead(FeatureHead):
         ``mask_ratio``: MGD's mask ratio, for ``lenient="generative"``."""
         super().__init__(**feature_head)
         self.alpha = alpha
-        self.rho = hard_fraction
-        self.kind = disparity
+        self.hard_fraction = hard_fraction
+        self.disparity = disparity
         self.lenient = lenient
         self.reversed = reversed
         self.kappa_scale = kappa_scale
         self.downweight = downweight
         self.beta_easy, self.beta_hard = beta_easy, beta_hard
-        self.stratified = fg_bg_stratified
+        self.fg_bg_stratified = fg_bg_stratified
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.stats_period = stats_period
-        if self.kind not in DISPARITIES:
-            raise ValueError(f"DISTILL.DFD.DISPARITY={self.kind!r} is not one of {DISPARITIES}.")
+        if self.disparity not in DISPARITIES:
+            raise ValueError(f"DISTILL.DFD.DISPARITY={self.disparity!r} is not one of "
+                             f"{DISPARITIES}.")
         if self.lenient not in LENIENT_TYPES:
             raise ValueError(f"DISTILL.DFD.LENIENT={self.lenient!r} is not one of {LENIENT_TYPES}.")
-        if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.rho} must lie in [0, 1].")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise ValueError(f"DISTILL.DFD.HARD_FRACTION={self.hard_fraction} must lie in [0, 1].")
         self.mask_ratio = mask_ratio
         self.generators = nn.ModuleDict()
         if self.lenient == "generative":
@@ -166,10 +167,10 @@ class DFDHead(FeatureHead):
                   fg: torch.Tensor) -> torch.Tensor:
         """(N, H, W): each valid cell's (1 - rho) quantile of ``values`` over its image (and
         stratum, when stratified); 0 on padded cells."""
-        strata = [valid & fg, valid & ~fg] if self.stratified else [valid]
+        strata = [valid & fg, valid & ~fg] if self.fg_bg_stratified else [valid]
         theta = torch.zeros_like(values)
         for stratum in strata:
-            q = upper_quantile(values, stratum, self.rho)[:, None, None].expand_as(values)
+            q = upper_quantile(values, stratum, self.hard_fraction)[:, None, None].expand_as(values)
             theta = torch.where(stratum, q, theta)
         return theta
 
@@ -188,11 +189,12 @@ class DFDHead(FeatureHead):
             valid = valid_cell_masks(student.images.image_sizes, t.shape, stride, t.device)[:, 0]
             fg = box_cell_masks(student.gt_instances, t.shape, stride)[:, 0].bool()
             e = (t - s).pow(2).sum(dim=1)  # (N, H, W)
-            d = disparity(s, t, self.kind, squared_error=e.detach())
+            d = disparity(s, t, self.disparity, squared_error=e.detach())
             hard, theta = self.partition(d, valid, fg)
             easy = valid & ~hard
             strict_cells, lenient_cells = (hard, easy) if self.reversed else (easy, hard)
-            omega = torch.where(fg, self.fg_weight, self.bg_weight) if self.stratified else 1.0
+            omega = (torch.where(fg, self.fg_weight, self.bg_weight) if self.fg_bg_stratified
+                     else 1.0)
             strict = e * strict_cells
             lenient = self.lenient_loss(level, s, t, e, valid, fg) * lenient_cells
             beta_strict = self.beta_hard if self.reversed else self.beta_easy

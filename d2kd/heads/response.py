@@ -58,11 +58,11 @@ class LogitKDHead(_ResponseHead):
         super().__init__(dense=dense)
         self.weight = weight
         self.temperature = temperature
-        self.locations = dense_locations
+        self.dense_locations = dense_locations
         self.confidence = confidence
-        if self.locations not in ("positive", "teacher_confident"):
-            raise ValueError(f"DISTILL.LOGIT.DENSE_LOCATIONS={self.locations!r} is not one of "
-                             "'positive', 'teacher_confident'.")
+        if self.dense_locations not in ("positive", "teacher_confident"):
+            raise ValueError(f"DISTILL.LOGIT.DENSE_LOCATIONS={self.dense_locations!r} is not "
+                             "one of 'positive', 'teacher_confident'.")
 
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
@@ -77,7 +77,7 @@ class LogitKDHead(_ResponseHead):
             num_classes = dense_num_classes(student)
             s = flatten_dense(student.dense_predictions[0], num_classes)
             t = flatten_dense(teacher.dense_predictions[0], num_classes)
-            if self.locations == "positive":
+            if self.dense_locations == "positive":
                 selected = _positive_anchors(student)
             else:
                 selected = torch.sigmoid(t).amax(dim=-1) > self.confidence
@@ -109,10 +109,10 @@ class LocKDHead(_ResponseHead):
                  beta: float = 0.1):
         super().__init__(dense=dense)
         self.weight = weight
-        self.loss_type = loss
+        self.loss = loss
         self.beta = beta
-        if self.loss_type not in ("l1", "smooth_l1"):
-            raise ValueError(f"DISTILL.LOC.LOSS={self.loss_type!r} is not 'l1' or 'smooth_l1'.")
+        if self.loss not in ("l1", "smooth_l1"):
+            raise ValueError(f"DISTILL.LOC.LOSS={self.loss!r} is not 'l1' or 'smooth_l1'.")
 
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
@@ -129,7 +129,7 @@ class LocKDHead(_ResponseHead):
             positive, s, t = _rcnn_gt_class_deltas(student, teacher)  # (R,), (R, 4), (R, 4)
         # Mean over positives x 4 coordinates as a masked sum (no boolean indexing, no host
         # synchronisation); 0 without positives.
-        if self.loss_type == "l1":
+        if self.loss == "l1":
             elementwise = F.l1_loss(s, t, reduction="none")
         else:
             elementwise = F.smooth_l1_loss(s, t, reduction="none", beta=self.beta)

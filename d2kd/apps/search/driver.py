@@ -77,7 +77,7 @@ class DetKDSSearch:
         self.node = cfg.DISTILL.DETKDS.SEARCH
         self.storage = storage
         self.output_dir = output_dir
-        self.sampler_kind = sampler
+        self.sampler = sampler
         self.seed = seed
         self.trials_per_input = trials_per_input
         self.evaluate = evaluate
@@ -92,7 +92,7 @@ class DetKDSSearch:
     def _sampler(self, space: GenomeSpace, grid: bool = False) -> GenomeSampler:
         if grid:
             return GridGenomeSampler(space, self.seed)
-        if self.sampler_kind == "random":
+        if self.sampler == "random":
             return RandomGenomeSampler(space, self.seed)
         n = self.node
         return GeneticSampler(space, self.seed, n.POPULATION, n.ELITES, n.TOURNAMENT,
@@ -131,7 +131,7 @@ class DetKDSSearch:
     def stage1_study(self, knowledge_input: str) -> optuna.Study:
         space = FormulaSpace(knowledge_input, self.batch_size, self.node.EXTRA_OPS)
         seeds = []
-        if self.sampler_kind == "ga":
+        if self.sampler == "ga":
             for text in self.node.SEED_GENOMES:
                 params = space.params_of(text)
                 if params is not None and params not in seeds:

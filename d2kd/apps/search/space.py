@@ -116,7 +116,7 @@ class FormulaSpace(GenomeSpace):
         if knowledge_input not in KNOWLEDGE_INPUTS:
             raise ValueError(f"Unknown knowledge input {knowledge_input!r}; choose from "
                              f"{list(KNOWLEDGE_INPUTS)}.")
-        self.input = knowledge_input
+        self.knowledge_input = knowledge_input
         paper_only = not extra_ops
         slot2 = [op for op in SLOT_OPS[2].names(paper_only)
                  if not (knowledge_input == "instance" and op in SIZE_CHANGING_SLOT2)]
@@ -129,7 +129,7 @@ class FormulaSpace(GenomeSpace):
         self.genes = genes
 
     def formula(self, params: Params) -> Formula:
-        return Formula(self.input, params.get("slot1", "no"), params.get("slot2", "no"),
+        return Formula(self.knowledge_input, params.get("slot1", "no"), params.get("slot2", "no"),
                        params["slot3"], params["distance"], float(params["weight"]))
 
     def genome(self, params: Params) -> str:
@@ -144,7 +144,7 @@ class FormulaSpace(GenomeSpace):
         """The genes of this input's formula in ``genome_text`` (weight snapped to the weight
         set), or None when the genome has no valid formula for it."""
         genome = parse_genome(genome_text)
-        formula = next((f for f in genome.formulas if f.input == self.input), None)
+        formula = next((f for f in genome.formulas if f.input == self.knowledge_input), None)
         if formula is None:
             return None
         params = {"slot1": formula.slot1, "slot2": formula.slot2, "slot3": formula.slot3,

@@ -21,7 +21,7 @@ from detectron2.utils.events import EventStorage
 from d2kd.heads.global_knowledge import GlobalKnowledgeHead, KDInstances, RoIAlignSpec
 from d2kd.heads.rdm import local_feature_loss
 from d2kd.prototypes import density_candidates, roi_align_mean, select_prototypes
-from d2kd.structures import StudentKind, StudentTaps, TeacherOutputs
+from d2kd.structures import StudentKind, StudentTaps, TeacherOutputs, level_id
 
 RTOL = 1e-10  # float64 on both sides
 
@@ -226,8 +226,8 @@ def release_rcnn_response(proposals: List[Instances], num_classes: int, s_maps, 
 # ---- d2kd's side -----------------------------------------------------------------------------
 def _head(levels: Sequence[str], c_s: int, c_t: int, num_classes: int, k: int,
           response_weight: float = 0.0, **kwargs) -> GlobalKnowledgeHead:
-    shapes = {l: ShapeSpec(channels=c_s, stride=2 ** int(l[1:])) for l in levels}
-    t_shapes = {l: ShapeSpec(channels=c_t, stride=2 ** int(l[1:])) for l in levels}
+    shapes = {l: ShapeSpec(channels=c_s, stride=2 ** level_id(l)) for l in levels}
+    t_shapes = {l: ShapeSpec(channels=c_t, stride=2 ** level_id(l)) for l in levels}
     kind = StudentKind(dense=False, anchored=True, anchor_levels=tuple(levels),
                        num_classes=num_classes, has_rpn=True)
     return GlobalKnowledgeHead(
@@ -248,7 +248,7 @@ def _fill_bank(head: GlobalKnowledgeHead, g: torch.Generator):
             bank.set_prototypes(index, cls,
                                 torch.randn(k, bank.teacher.shape[3], generator=g).double(),
                                 torch.randn(k, bank.student.shape[3], generator=g).double())
-        stride = 2 ** int(level[1:])
+        stride = 2 ** level_id(level)
         protos_s[stride] = bank.student[index].flatten(0, 1)
         protos_t[stride] = bank.teacher[index].flatten(0, 1)
     return protos_s, protos_t
@@ -256,13 +256,13 @@ def _fill_bank(head: GlobalKnowledgeHead, g: torch.Generator):
 
 def _maps(levels, n, c, size, g):
     """Random maps of an input of ``size`` pixels per level: stride -> (N, C, H, W)."""
-    return {2 ** int(l[1:]): torch.randn(n, c, size[0] // 2 ** int(l[1:]),
-                                         size[1] // 2 ** int(l[1:]), generator=g).double()
+    return {2 ** level_id(l): torch.randn(n, c, size[0] // 2 ** level_id(l),
+                                         size[1] // 2 ** level_id(l), generator=g).double()
             for l in levels}
 
 
 def _by_level(maps, levels):
-    return {l: maps[2 ** int(l[1:])] for l in levels}
+    return {l: maps[2 ** level_id(l)] for l in levels}
 
 
 # ---- (a) the density filter and the pursuit ----------------------------------------------

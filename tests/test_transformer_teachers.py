@@ -30,6 +30,7 @@ from d2kd.engine.preflight import check_model
 from d2kd.heads import DISTILL_HEAD_REGISTRY, FitNetHead
 from d2kd.heads.alignment import match_levels
 from d2kd.modeling.teacher import FrozenTeacher, build_teacher_model
+from d2kd.structures import level_id
 
 RCNN_STUDENT = "DigitsDet/faster_rcnn_R18_from_R50_mgd.yaml"
 RETINANET_STUDENT = "DigitsDet/retinanet_R18_from_R50_mgd.yaml"
@@ -306,14 +307,14 @@ def test_teacher_levels_are_presented_under_the_student_names(tiny_digitsdet, tm
     teacher = FrozenTeacher(teacher_model, "RGB", "random", "renamed",
                             student.backbone.output_shape())
     levels = list(cfg.DISTILL.IN_FEATURES)
-    assert teacher.levels == {level: f"s{2 ** int(level[1:])}" for level in levels}
+    assert teacher.levels == {level: f"s{2 ** level_id(level)}" for level in levels}
     shapes = teacher.backbone_shapes
-    assert [shapes[l].stride for l in levels] == [2 ** int(l[1:]) for l in levels]
+    assert [shapes[l].stride for l in levels] == [2 ** level_id(l) for l in levels]
     head = FitNetHead(cfg, student.backbone.output_shape(), shapes)
     images = torch.randn(2, 3, 160, 192)
     raw = teacher.backbone_features(images)
     view = teacher.features(images)
-    assert all(torch.equal(view[l], raw[f"s{2 ** int(l[1:])}"]) for l in levels)
+    assert all(torch.equal(view[l], raw[f"s{2 ** level_id(l)}"]) for l in levels)
 
     class Taps:
         features = {l: f for l, f in student.backbone(images).items()}
@@ -325,7 +326,7 @@ def test_teacher_levels_are_presented_under_the_student_names(tiny_digitsdet, tm
     with EventStorage():
         loss = head(Taps, Outputs)["loss_kd_fitnet_feat"]
     expected = sum(cfg.DISTILL.FITNET.WEIGHT * (head.aligner.adapters[l](Taps.features[l])
-                                                - raw[f"s{2 ** int(l[1:])}"]).pow(2).mean()
+                                                - raw[f"s{2 ** level_id(l)}"]).pow(2).mean()
                    for l in levels)
     assert torch.allclose(loss, expected)
 

@@ -36,7 +36,7 @@ from torch import nn
 from ..config.defaults import register_config_extension
 from ..config.ranges import NON_NEGATIVE, POSITIVE, at_least, one_of, register_key_rules
 from ..prototypes import PrototypeBank, batched_box_pool, roi_align_mean
-from ..structures import StudentKind, StudentTaps, TeacherOutputs
+from ..structures import StudentKind, StudentTaps, TeacherOutputs, level_id
 from .alignment import check_levels
 from .masks import box_weight_maps, released_box_weight_maps
 from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
@@ -59,11 +59,6 @@ class KDInstances:
         """The instances of ``parts``, in order."""
         return cls(*(torch.cat(fields) for fields in zip(
             *((p.boxes, p.classes, p.images, p.rows) for p in parts))))
-
-
-def level_id(name: str) -> int:
-    """An FPN level's index from its name: "p3" -> 3 (log2 of its stride)."""
-    return int(name[1:])
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,15 @@ PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
 	d2kd/apps/provision/build.py d2kd/apps/provision/detectron2_C_standin.py
 
-.PHONY: setup demo test lint collect-env clean-venv test-upstream setup-upstream clean-upstream
+.PHONY: setup demo test lint docs collect-env clean-venv test-upstream setup-upstream \
+	clean-upstream
 
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(PY)) "setuptools<81" wheel
-	$(call PIP,$(PY)) -e ".[test,deploy]"
+	$(call PIP,$(PY)) -e ".[test,deploy,docs]"
 	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.apps.provision
 	$(PY) -m d2kd.apps.collect_env
 	touch $(STAMP)
@@ -38,6 +39,14 @@ test: setup
 # ruff.toml: detectron2's line length (100) and import order; CI runs it
 lint: setup
 	$(PY) -m ruff check .
+
+# The documentation site (mkdocs.yml: docs/ and the API reference from the docstrings) into
+# site/; --strict: a warning (a broken link or anchor, a page not in the nav, a malformed
+# docstring) fails the build. The `docs` extra comes with `make setup`, since `make test` builds
+# the site too (tests/test_docs_build.py); CI runs it. NO_MKDOCS_2_WARNING: mkdocs-material's
+# end-of-life banner (May 2027), printed on every build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 collect-env: setup
 	$(PY) -m d2kd.apps.collect_env
@@ -82,7 +91,7 @@ $(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
 	touch $(UPSTREAM_D2_STAMP)
 
 $(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
-	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet]"
+	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet,docs]"
 	$(UPSTREAM_PY) -m d2kd.apps.collect_env
 	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
 	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"

@@ -72,5 +72,10 @@ setup(
         # transformer teachers from detectron2's ViTDet project (docs/transformer_teachers.md):
         # detectron2 main's ViT, Swin and MViTv2 backbones import timm's DropPath / Mlp
         "vitdet": ["timm>=0.9"],
+        # the documentation site and its API reference (mkdocs.yml, `make docs`;
+        # tests/test_docs_build.py): mkdocstrings reads the docstrings through griffe's static
+        # analysis; pymdown-extensions: mkdocs.yml's pymdownx.* extensions
+        "docs": ["mkdocs>=1.6", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0",
+                 "mkdocs-material>=9.5", "pymdown-extensions>=10"],
     },
 )

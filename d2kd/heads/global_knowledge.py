@@ -148,11 +148,18 @@ class GlobalKnowledgeHead(DistillHead):
                  response_pooler: Optional[RoIAlignSpec] = None):
         """
         Args:
-            levels, student_shapes, teacher_shapes: as for the feature heads.
+            levels: as for the feature heads.
+            student_shapes: as for the feature heads.
+            teacher_shapes: as for the feature heads.
             student_kind: what the student is (dense or R-CNN, its anchor levels, classes).
             num_prototypes: prototypes per class (``DISTILL.PROTOTYPES.NUM_PROTOTYPES``).
-            global_weight, feature_weight, response_weight, temperature, fg_lambda,
-                bg_lambda, level_reduction: ``DISTILL.GK`` keys in lower case.
+            global_weight: ``DISTILL.GK.GLOBAL_WEIGHT``.
+            feature_weight: ``DISTILL.GK.FEATURE_WEIGHT``.
+            response_weight: ``DISTILL.GK.RESPONSE_WEIGHT``.
+            temperature: ``DISTILL.GK.TEMPERATURE``.
+            fg_lambda: ``DISTILL.GK.FG_LAMBDA``.
+            bg_lambda: ``DISTILL.GK.BG_LAMBDA``.
+            level_reduction: ``DISTILL.GK.LEVEL_REDUCTION``.
             attenuation_iters: the loss attenuation's length in iterations (0: off;
                 ``DISTILL.GK.ATTENUATION`` / ``ATTENUATION_ITERS``).
             attenuation_step_iters: 0, the attenuation decays every iteration; P > 0, it is

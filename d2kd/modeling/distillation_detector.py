@@ -122,9 +122,9 @@ class DistillationDetector(nn.Module):
         Args:
             student: the detector being trained (any detectron2 meta-architecture).
             input_format: the channel order of the student's input ("RGB" or "BGR").
-            teacher, heads: one frozen teacher and the heads that distil it, as a LazyConfig
-                gives them (``L(load_teacher)(...)``, ``[L(MGDHead)(...)]``); a head is named
-                by its class, as in ``DISTILL.HEADS``.
+            teacher: one frozen teacher, as a LazyConfig gives it (``L(load_teacher)(...)``).
+            heads: the heads that distil ``teacher``, as a LazyConfig gives them
+                (``[L(MGDHead)(...)]``); a head is named by its class, as in ``DISTILL.HEADS``.
             config: instead of ``teacher`` and ``heads``, the yacs config they are built
                 from: ``DISTILL.TEACHER`` (several teachers and teacher schedules) and
                 ``DISTILL.HEADS`` (rebuilt for every stage by :meth:`activate`).

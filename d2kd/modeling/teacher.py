@@ -200,7 +200,9 @@ class FrozenTeacher:
 
         Args:
             images: the student's normalised batch, tensor (N, 3, H, W).
-            pixel_mean, pixel_std, input_format: the student's normalisation.
+            pixel_mean: the student's normalisation mean.
+            pixel_std: the student's normalisation std.
+            input_format: the student's channel order ("RGB" or "BGR").
         Returns:
             (N, 3, H', W') with padding 0 in the teacher's space; H', W' follow the teacher
             backbone's padding (size divisibility, fixed square size).

@@ -64,10 +64,12 @@ def roi_align_mean(features: torch.Tensor, boxes: torch.Tensor, images: torch.Te
 
     Args:
         features: (N, C, H, W) a level's maps of stride ``stride``.
-        boxes: (M, 4) XYXY in input-image pixels; images: (M,) the image of each box.
-        resolution, sampling_ratio, aligned: RoIAlign's output size, samples per bin side
-            (0: ceil(bin size) adaptively) and half-pixel alignment (detectron2's ROIAlignV2,
-            mmcv's default).
+        boxes: (M, 4) XYXY in input-image pixels.
+        images: (M,) the image of each box.
+        stride: the stride of ``features``.
+        resolution: RoIAlign's output size.
+        sampling_ratio: RoIAlign's samples per bin side (0: ceil(bin size) adaptively).
+        aligned: RoIAlign's half-pixel alignment (detectron2's ROIAlignV2, mmcv's default).
     Returns:
         (M, C).
     """

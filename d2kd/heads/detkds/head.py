@@ -91,7 +91,10 @@ class DetKDSHead(DistillHead):
         Args:
             genome: the distiller, a genome string (``DISTILL.DETKDS.GENOME``); parsed and
                 dry-run on ``dry_run_batch_size`` images here.
-            levels, student_shapes, teacher_shapes, adapters: as for the feature heads.
+            levels: as for the feature heads.
+            student_shapes: as for the feature heads.
+            teacher_shapes: as for the feature heads.
+            adapters: as for the feature heads.
             dense: the student is a dense detector (``StudentKind``).
             loc_score_thresh: ``DISTILL.DETKDS.LOC_SCORE_THRESH``.
             fgbg_mask: ``DISTILL.DETKDS.FGBG_MASK`` (one of :data:`FGBG_MASKS`).

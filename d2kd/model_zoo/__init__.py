@@ -24,6 +24,9 @@ from iopath.common.file_io import PathHandler
 from ..compat.file_io import register_path_handler
 from ..data import digitsdet_root
 
+__all__ = ["PRETRAINED_PREFIX", "DigitsDetPretrainedHandler", "get_config_file", "pretrain_config",
+           "pretrained_backbone_path"]
+
 PRETRAINED_PREFIX = "digitsdet-pretrained://"
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

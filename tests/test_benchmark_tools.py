@@ -4,7 +4,7 @@ import os
 import pytest
 from conftest import CONFIGS
 
-from d2kd.benchmark.accuracy import markdown_table, summarize
+from dev.benchmark.accuracy import markdown_table, summarize
 
 
 def _run(name, seed, ap):
@@ -26,7 +26,7 @@ def test_summary_groups_runs_by_variant_with_mean_and_spread():
 def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
     import json
 
-    from d2kd.benchmark.accuracy import run_accuracy_benchmark
+    from dev.benchmark.accuracy import run_accuracy_benchmark
 
     done = tmp_path / "runs" / "c" / "seed0"
     done.mkdir(parents=True)
@@ -40,7 +40,7 @@ def test_finished_only_tabulates_recorded_runs_and_trains_nothing(tmp_path):
 
 
 def test_accuracy_chart_draws_each_reference_ap_as_a_labelled_line():
-    from d2kd.benchmark.accuracy_plot import accuracy_figure
+    from dev.benchmark.accuracy_plot import accuracy_figure
 
     runs = [_run("student", 0, 30.0), _run("student", 1, 31.0), _run("recipe", 0, 45.0)]
     seed_aps = {"student": [30.0, 31.0], "recipe": [45.0]}
@@ -74,7 +74,7 @@ def test_a_reference_that_is_not_label_equals_ap_is_one_line_before_anything_run
 def test_prototype_refresh_share_comes_from_the_runs_metrics(tmp_path):
     import json
 
-    from d2kd.benchmark.accuracy import prototype_refresh_seconds
+    from dev.benchmark.accuracy import prototype_refresh_seconds
 
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in [
         {"iteration": 0, "prototypes/total_seconds": 50.0},
@@ -92,7 +92,7 @@ def test_prototype_refresh_share_comes_from_the_runs_metrics(tmp_path):
 
 
 def test_steady_step_time_is_the_last_windowed_time_in_metrics_json():
-    from d2kd.benchmark.run_time import steady_step_seconds
+    from dev.benchmark.run_time import steady_step_seconds
 
     lines = ['{"iteration": 19, "time": 1.24, "total_loss": 3.1}',
              '{"iteration": 39, "time": 0.78, "total_loss": 2.0}',
@@ -108,7 +108,7 @@ def test_benchmark_processes_get_the_same_training_batches(tiny_digitsdet, tmp_p
     import numpy as np
     from conftest import tiny_training_cfg
 
-    from d2kd.benchmark.batches import seeded_training_batches
+    from dev.benchmark.batches import seeded_training_batches
 
     cfg = tiny_training_cfg("DigitsDet/retinanet_R18_student.yaml", str(tmp_path))
 
@@ -136,8 +136,8 @@ def _finished_run(run_dir, config_file, saved_overrides):
 
 
 def test_finished_run_of_an_edited_config_is_an_error_before_anything_trains(tmp_path):
-    from d2kd.benchmark.accuracy import run_accuracy_benchmark
     from d2kd.config import ConfigError
+    from dev.benchmark.accuracy import run_accuracy_benchmark
 
     base = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_gk.yaml")
     config = tmp_path / "my_gk.yaml"
@@ -177,7 +177,7 @@ def test_a_run_made_in_another_checkout_matches_its_config(tmp_path):
 def test_proxy_fidelity_is_kendalls_tau_of_the_finished_trials(tmp_path):
     import math
 
-    from d2kd.benchmark.proxy_fidelity import fidelity, plot_fidelity
+    from dev.benchmark.proxy_fidelity import fidelity, plot_fidelity
 
     rows = [{"proxy_ap": p, "full_ap": f, "full_aps": [f - 0.1, f + 0.1]}
             for p, f in [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (4.0, 40.0)]]
@@ -196,7 +196,7 @@ def test_proxy_fidelity_is_kendalls_tau_of_the_finished_trials(tmp_path):
 
 
 def test_proxy_fidelity_names_runs_by_genome_not_position():
-    from d2kd.benchmark.proxy_fidelity import genome_tag
+    from dev.benchmark.proxy_fidelity import genome_tag
 
     assert genome_tag("global:natt|local_s2|softmax_HW|cos|w=1") == \
         "global-natt-local_s2-softmax_HW-cos-w1"
@@ -226,7 +226,7 @@ def test_a_proxy_variant_needs_a_name_before_anything_runs(tmp_path):
 def test_proxy_fidelity_reuses_earlier_full_schedule_aps_and_trains_nothing(tmp_path):
     import json
 
-    from d2kd.benchmark.proxy_fidelity import genome_tag, run_proxy_fidelity_benchmark
+    from dev.benchmark.proxy_fidelity import genome_tag, run_proxy_fidelity_benchmark
 
     genomes = ["global:no|scale_r1|cos|w=1", "global:natt|no|l1|w=2", "global:mask|no|l2|w=5"]
     proxy_aps, full = [3.0, 1.0, 2.0], {0: [30.0, 10.0, 25.0], 1: [32.0, 12.0, 15.0]}

@@ -283,7 +283,7 @@ def test_overhead_benchmark_reports_the_fixed_fields(tiny_digitsdet, tmp_path, c
 
 
 def test_overhead_ratio_interval_brackets_the_ratio_of_medians():
-    from d2kd.benchmark.overhead import ratio_interval
+    from dev.benchmark.overhead import ratio_interval
 
     constant = {"student": [0.5] * 9, "teacher_forward": [0.25] * 9, "distill": [0.9] * 9}
     assert ratio_interval(constant) == pytest.approx((1.2, 1.2))

@@ -31,7 +31,7 @@ CORE = {"compat", "utils", "structures", "config", "data", "model_zoo", "modelin
         "prototypes", "engine", "search"}
 #: the applications, each under d2kd/apps/
 APPLICATIONS = {"apps.search", "apps.certify", "apps.launch", "apps.collect_env",
-                "apps.provision", "benchmark"}
+                "apps.provision"}
 
 
 def _module_name(path: str) -> str:
@@ -218,9 +218,8 @@ def _entries(folder: str) -> Set[str]:
 
 def test_the_tree_shows_the_layers():
     """The library's packages at the top of d2kd/, every application under d2kd/apps/."""
-    assert _entries(PACKAGE) - {"apps", "benchmark"} == CORE
-    assert {f"apps.{name}" for name in _entries(os.path.join(PACKAGE, "apps"))} \
-        == APPLICATIONS - {"benchmark"}
+    assert _entries(PACKAGE) - {"apps"} == CORE
+    assert {f"apps.{name}" for name in _entries(os.path.join(PACKAGE, "apps"))} == APPLICATIONS
 
 
 def test_core_never_imports_an_application():

@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import CONFIGS
 
-from d2kd.benchmark.accuracy import summarize
-from d2kd.benchmark.ranking import compare_rankings, ranking_figure, run_ranking_comparison
+from dev.benchmark.accuracy import summarize
+from dev.benchmark.ranking import compare_rankings, ranking_figure, run_ranking_comparison
 
 # seeds' box AP per row on two datasets, chosen so that every verdict occurs
 EASY = {"student": [30.0, 31.0], "a": [35.0, 36.0], "b": [37.0, 38.0], "c": [40.0, 41.0]}

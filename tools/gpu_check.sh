@@ -250,7 +250,7 @@ q() { printf '%q ' "$@"; }
 # .git may not travel to the GPU machine: GPU_CHECK_COMMIT=<sha> names the commit there
 commit=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dirty=$([[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && echo true || echo false)
-overhead_sync=$(grep -q "synchronize" d2kd/benchmark/overhead.py && echo true || echo false)
+overhead_sync=$(grep -q "synchronize" dev/benchmark/overhead.py && echo true || echo false)
 "$SUMPY" -c '
 import json, os, sys, time
 (path, device, budget, iters, commit, dirty, skip, started, sync, wheels) = sys.argv[1:]

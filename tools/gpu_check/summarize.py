@@ -282,7 +282,7 @@ def write(logs, out):
                       f"{n.get('peak_rss_student_mb')} / {n.get('peak_rss_distill_mb')} | "
                       f"{n.get('gpu_mem_used_peak_mib', '-')} |")
         if meta.get("overhead_synchronizes") is False:
-            md += ["", "Note: d2kd/benchmark/overhead.py times steps with `time.perf_counter()` "
+            md += ["", "Note: dev/benchmark/overhead.py times steps with `time.perf_counter()` "
                    "and no `torch.cuda.synchronize()`: on a GPU its times are those of the host "
                    "side (kernels queued asynchronously), so the ratios are indicative only."]
     bad = [s for s in all_steps if s["status"] not in ("ok", "skipped")]

@@ -3,7 +3,7 @@
 
 The runs check that distillation trains on the device (losses, AMP, stage switches, prototype
 refresh, evaluation), which does not need trained teachers: one randomly initialised
-checkpoint per teacher of each config (``d2kd.benchmark.random_teachers``), built on the CPU.
+checkpoint per teacher of each config (``dev.benchmark.random_teachers``), built on the CPU.
 
     python tools/gpu_check/teachers.py --out DIR --json OUT.json CONFIG [CONFIG ...]
 
@@ -13,10 +13,14 @@ list ready for ``DISTILL.TEACHER.WEIGHTS``.
 import argparse
 import json
 import os
+import sys
 
 import d2kd  # noqa: F401  (registrations)
-from d2kd.benchmark.random_teachers import save_random_teachers
 from d2kd.config import load_config
+
+# the benchmark tooling lives in the checkout (dev/), two folders up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from dev.benchmark.random_teachers import save_random_teachers  # noqa: E402
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ PGM selection, bank fill), and the new peak is read (``VmHWM``). The refresh its
 grow with the index; what rank 0 gathers — the pooled (M, C) features of the M instances —
 does, so the table reports the peak both with and without it.
 """
+import argparse
 import json
 import sys
 import tempfile
@@ -17,10 +18,11 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from ..config import load_config
-from ..prototypes.refresh import PrototypeRefresher
-from ..utils.host_memory import retain_freed_host_memory
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.config import load_config
+from d2kd.prototypes.refresh import PrototypeRefresher
+from d2kd.utils.host_memory import retain_freed_host_memory
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
 from .fresh_process import measure_in_fresh_process, save_curves
 from .process_memory import reset_peak_rss, status_mb
 from .random_teachers import save_random_teachers
@@ -66,7 +68,7 @@ def run_refresh_memory_benchmark(config_file: str, sizes: Sequence[int], json_pa
                                  "MODEL.WEIGHTS", ""]
         for size in sizes:
             results.append(measure_in_fresh_process(
-                "d2kd.benchmark.refresh_memory", [config_file, str(size), json.dumps(run_opts)]))
+                "refresh_memory", [config_file, str(size), json.dumps(run_opts)]))
             _write(results, config_file, json_path, markdown_path, plot_path)
     return results
 
@@ -92,6 +94,20 @@ def _write(results: List[Dict], config_file: str, json_path: str, markdown_path:
              "... without the pooled features")],
             "images in the prototype index", "MB",
             "One prototype refresh: memory vs index size")
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py refresh-memory``."""
+    mem = subparsers.add_parser("refresh-memory",
+                                help="peak RSS of one prototype refresh vs index size")
+    mem.add_argument("--config-file", required=True, help="a global-knowledge distillation config")
+    mem.add_argument("--sizes", nargs="+", type=int, default=[100, 1000, 10000])
+    mem.add_argument("--json", required=True)
+    mem.add_argument("--markdown", required=True)
+    mem.add_argument("--plot", default="")
+    mem.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    mem.set_defaults(run=lambda args: run_refresh_memory_benchmark(
+        args.config_file, args.sizes, args.json, args.markdown, args.plot, args.opts))
 
 
 if __name__ == "__main__":  # one measuring process: CONFIG NUM_IMAGES OPTS_JSON OUT_JSON

@@ -12,6 +12,8 @@ above every seed of the other; it *holds* when it is separated on both datasets 
 order, *flips* when separated on both in opposite orders, and is *unresolved* otherwise (the
 seeds overlap on at least one dataset).
 """
+import argparse
+import functools
 import itertools
 import json
 import os
@@ -21,7 +23,8 @@ from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 from tabulate import tabulate
 
-from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from d2kd.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+
 from .accuracy import box_aps_by_row
 
 
@@ -183,3 +186,37 @@ def run_ranking_comparison(inputs: Sequence[Tuple[str, str]], baseline: str, jso
     if plot_path:
         atomic_save_figure(ranking_figure(comparison), plot_path)
     return comparison
+
+
+def _labelled_path(text: str) -> Tuple[str, str]:
+    """``LABEL=PATH`` of ``ranking --inputs`` as (label, path)."""
+    label, _, path = text.partition("=")
+    if label and path:
+        return label, path
+    raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=JSON (e.g. "
+                                     "'DigitsDetHard=benchmarks/digitsdet_hard/headline.json')")
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py ranking``."""
+    rnk = subparsers.add_parser("ranking",
+                                help="does a ranking hold on another dataset (two results)")
+    rnk.add_argument("--inputs", nargs=2, type=_labelled_path, required=True,
+                     metavar="LABEL=JSON", help="two accuracy results with the same rows")
+    rnk.add_argument("--baseline", required=True, help="the row gains are measured from")
+    rnk.add_argument("--json", required=True)
+    rnk.add_argument("--markdown", required=True)
+    rnk.add_argument("--plot", default="", help="also a slope chart of the gains (PNG)")
+    rnk.add_argument("--methods", nargs="+", default=[],
+                     help="rows whose ranking among themselves is also reported (Kendall tau), "
+                          "e.g. the distillation methods without the baseline")
+    rnk.set_defaults(run=functools.partial(_run, rnk))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The comparison; bad input is ``parser``'s error, found before anything is written."""
+    try:
+        run_ranking_comparison(args.inputs, args.baseline, args.json, args.markdown, args.plot,
+                               args.methods)
+    except ValueError as e:
+        parser.error(str(e))

@@ -9,6 +9,7 @@ detectron2's ``IterationTimer`` writes it to ``metrics.json``. Without ``iters``
 is measured. Intermediate checkpoints of a full run (one every ``CHECKPOINT_PERIOD``, under a
 second each for these models) are not in a short run.
 """
+import argparse
 import json
 import os
 import tempfile
@@ -16,9 +17,9 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
-from ..apps.launch.process import run_train_net
-from ..config import load_config
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.apps.launch.process import run_train_net
+from d2kd.config import load_config
+from d2kd.utils.io import atomic_write_json, atomic_write_text
 
 
 def steady_step_seconds(metrics_lines: Sequence[str]) -> float:
@@ -64,3 +65,18 @@ def run_time_benchmark(configs: Sequence[str], json_path: str, markdown_path: st
                    "threads"]
         atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py run-time``."""
+    rtm = subparsers.add_parser("run-time",
+                                help="wall time of a run: measured, or projected from a short run")
+    rtm.add_argument("--configs", nargs="+", required=True)
+    rtm.add_argument("--json", required=True)
+    rtm.add_argument("--markdown", required=True)
+    rtm.add_argument("--iters", type=int, default=None,
+                     help="run this many iterations and project the schedule (default: run it all)")
+    rtm.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    rtm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    rtm.set_defaults(run=lambda args: run_time_benchmark(
+        args.configs, args.json, args.markdown, args.iters, args.threads, args.opts))

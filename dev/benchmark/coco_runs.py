@@ -6,8 +6,9 @@ Each config runs as a user's run does — ``check_inputs``, ``default_setup`` an
 - **COCO resolution**: the config's own ``INPUT`` sizes (short side 640-800, long side at most
   1333); DigitsDet's 192 x 256 images are upscaled to them;
 - **DigitsDet** (``digitsdet_train``) instead of COCO, with the student's and every teacher's
-  class count overridden to DigitsDet's 10 (yacs teachers: ``DISTILL.TEACHER.OPTS``; LazyConfig
-  teachers: ``DISTILL.TEACHER.LAZY_OVERRIDES``, the key their ``model`` has) and
+  class count overridden to the dataset's, from its metadata's ``thing_classes`` (DigitsDet's
+  10; yacs teachers: ``DISTILL.TEACHER.OPTS``; LazyConfig teachers:
+  ``DISTILL.TEACHER.LAZY_OVERRIDES``, the key their ``model`` has) and
   ``INPUT.MASK_FORMAT bitmask`` (DigitsDet's masks are RLE, COCO's polygons);
 - **random teachers** saved in detectron2's model-zoo ``.pkl`` format (the format users
   download) and named in ``DISTILL.TEACHER.WEIGHTS``, ``model_zoo://`` teachers included:
@@ -38,6 +39,7 @@ already has an ``ok`` record with the same settings is skipped (``--rerun`` repe
 Non-distillation configs (teachers, students) are listed as skipped, or trained the same way
 with ``--include-plain``.
 """
+import argparse
 import glob
 import json
 import logging
@@ -52,15 +54,18 @@ import time
 import traceback
 from typing import Dict, List, Sequence
 
-from ..model_zoo import get_config_file
-from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
+from d2kd.model_zoo import get_config_file
+from d2kd.utils.io import atomic_path, atomic_write_json, atomic_write_text
+
+from .fresh_process import module_command, module_env
 from .process_memory import status_mb
 
-logger = logging.getLogger("d2kd.benchmark.coco_runs")
+logger = logging.getLogger("dev.benchmark.coco_runs")
 
 # the COCO configs (their source files in a checkout, the packaged copies in an installation)
 COCO_CONFIGS = os.path.dirname(os.path.realpath(get_config_file("COCO/Base-RetinaNet.yaml")))
-NUM_CLASSES = 10  # DigitsDet
+#: the dataset every run trains on (instead of COCO, which is not downloaded)
+DATASET = "digitsdet_train"
 CLASS_KEYS = ("MODEL.RETINANET.NUM_CLASSES", "MODEL.ROI_HEADS.NUM_CLASSES",
               "MODEL.FCOS.NUM_CLASSES")
 # LazyConfig keys of the class count, in the order tried (Mask R-CNN, RetinaNet / FCOS)
@@ -114,7 +119,7 @@ def _relpath(path: str) -> str:
 
 def classify(config_file: str) -> Dict:
     """``{"kind": "distill" | "plain" | "base", "teachers": [...], "reason": ...}``."""
-    from ..config import load_config
+    from d2kd.config import load_config
 
     name = os.path.basename(config_file)
     cfg = load_config(config_file)
@@ -132,8 +137,16 @@ def classify(config_file: str) -> Dict:
             "reason": f"not a distillation config ({role}, {cfg.MODEL.META_ARCHITECTURE})"}
 
 
-def _lazy_class_overrides(config_file: str) -> List[str]:
-    """``key=10`` for the class-count key the LazyConfig's ``model`` has."""
+def dataset_classes(dataset: str) -> int:
+    """The class count of ``dataset``: its metadata's ``thing_classes`` (d2kd registers
+    DigitsDet's on import)."""
+    from detectron2.data import MetadataCatalog
+
+    return len(MetadataCatalog.get(dataset).thing_classes)
+
+
+def _lazy_class_overrides(config_file: str, num_classes: int) -> List[str]:
+    """``key=num_classes`` for the class-count key the LazyConfig's ``model`` has."""
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(config_file)
@@ -142,7 +155,7 @@ def _lazy_class_overrides(config_file: str) -> List[str]:
         for part in key.split(".")[:-1]:
             node = node.get(part) if hasattr(node, "get") else None
         if node is not None and hasattr(node, "get") and key.split(".")[-1] in node:
-            return [f"{key}={NUM_CLASSES}"]
+            return [f"{key}={num_classes}"]
     raise ValueError(f"{config_file}: none of {LAZY_CLASS_KEYS} in its LazyConfig")
 
 
@@ -150,25 +163,27 @@ def run_overrides(config_file: str, device: str, ims_per_batch: int, iters: int,
                   max_images_per_class: int, output_dir: str,
                   opts: Sequence[str] = ()) -> List[str]:
     """``KEY VALUE`` overrides of a benchmark run of ``config_file`` (teacher weights apart)."""
-    from ..config import load_config
-    from ..config.teachers import LAZY, teacher_specs
+    from d2kd.config import load_config
+    from d2kd.config.teachers import LAZY, teacher_specs
 
     cfg = load_config(config_file, opts)
-    run = ["DATASETS.TRAIN", "('digitsdet_train',)", "DATASETS.TEST", "()",
+    num_classes = dataset_classes(DATASET)
+    run = ["DATASETS.TRAIN", repr((DATASET,)), "DATASETS.TEST", "()",
            "MODEL.DEVICE", device, "SOLVER.IMS_PER_BATCH", str(ims_per_batch),
            "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", output_dir,
            "INPUT.MASK_FORMAT", "bitmask"]  # DigitsDet's masks are RLE (COCO's: polygons)
     for key in CLASS_KEYS:
-        run += [key, str(NUM_CLASSES)]
+        run += [key, str(num_classes)]
     stages = 1
     if cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
         teacher_opts = list(cfg.DISTILL.TEACHER.OPTS)
         for key in CLASS_KEYS:
-            teacher_opts += [key, str(NUM_CLASSES)]
+            teacher_opts += [key, str(num_classes)]
         lazy = list(cfg.DISTILL.TEACHER.LAZY_OVERRIDES)
         for spec in teacher_specs(cfg):
             if spec.kind == LAZY:
-                lazy += [o for o in _lazy_class_overrides(spec.config_file) if o not in lazy]
+                lazy += [o for o in _lazy_class_overrides(spec.config_file, num_classes)
+                         if o not in lazy]
         run += ["DISTILL.TEACHER.OPTS", repr(teacher_opts),
                 "DISTILL.TEACHER.LAZY_OVERRIDES", repr(lazy),
                 "DISTILL.PROTOTYPES.MAX_IMAGES_PER_CLASS", str(max_images_per_class)]
@@ -203,9 +218,9 @@ def train_steps(config_file: str, opts: Sequence[str], record: Dict) -> Dict:
     from detectron2.engine import default_argument_parser, default_setup
     from detectron2.utils.logger import setup_logger
 
-    from ..config import check_inputs, load_config
-    from ..engine import DistillTrainer
-    from ..engine.prototype_hook import PrototypeRefreshHook
+    from d2kd.config import check_inputs, load_config
+    from d2kd.engine import DistillTrainer
+    from d2kd.engine.prototype_hook import PrototypeRefreshHook
 
     record.update(step_seconds=[], total_loss=[], refresh_seconds=[], peak_rss_after_step_mb=[])
     began = time.perf_counter()
@@ -295,11 +310,10 @@ def _child_main(config_file: str, opts_json: str, out_path: str) -> int:
 def _run_child(config_file: str, opts: Sequence[str], out_path: str, log_path: str,
                timeout: float, threads: int) -> Dict:
     """The child process; its peak RSS from ``wait4`` whatever its end."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = module_env(PYTHONUNBUFFERED="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "d2kd.benchmark.coco_runs", config_file, json.dumps(list(opts)),
-           out_path]
+    cmd = [*module_command("coco_runs"), config_file, json.dumps(list(opts)), out_path]
     if os.path.exists(out_path):
         os.unlink(out_path)
     began = time.perf_counter()
@@ -336,14 +350,14 @@ def _settings(device: str, ims_per_batch: int, iters: int, max_images_per_class:
               threads: int, opts: Sequence[str]) -> Dict:
     return {"device": device, "ims_per_batch": ims_per_batch, "iterations": iters,
             "max_images_per_class": max_images_per_class, "threads": threads or "default",
-            "dataset": "digitsdet_train", "num_classes": NUM_CLASSES, "opts": list(opts)}
+            "dataset": DATASET, "num_classes": dataset_classes(DATASET), "opts": list(opts)}
 
 
 def _environment() -> Dict:
     import detectron2
     import torch
 
-    from ..compat import has_compiled_extension
+    from d2kd.compat import has_compiled_extension
 
     return {"torch": torch.__version__, "detectron2": detectron2.__version__,
             "detectron2_compiled": has_compiled_extension(), "cpus": os.cpu_count(),
@@ -366,7 +380,8 @@ def run_coco_runs_benchmark(configs: Sequence[str], json_path: str, markdown_pat
                             opts: Sequence[str] = ()) -> Dict:
     """Train every config of ``configs`` (files or directories) for ``iters`` steps, each in a
     fresh process; JSON and markdown rewritten after each config."""
-    from ..config import load_config
+    from d2kd.config import load_config
+
     from .random_teachers import save_random_teachers
 
     files = []
@@ -504,6 +519,33 @@ def _write(results: Dict, json_path: str, markdown_path: str) -> None:
     if skipped:
         text += ["Not run:", ""] + skipped + [""]
     atomic_write_text(markdown_path, "\n".join(text))
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py coco-runs``."""
+    coco = subparsers.add_parser("coco-runs", help="two steps of every COCO distillation config")
+    coco.add_argument("--configs", nargs="*", default=[], help="files or folders (configs/COCO)")
+    coco.add_argument("--json", required=True)
+    coco.add_argument("--markdown", required=True)
+    coco.add_argument("--work-dir", default="output/bench/coco_runs", help="runs' directories")
+    coco.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run")
+    coco.add_argument("--ims-per-batch", type=int, default=2)
+    coco.add_argument("--iters", type=int, default=2)
+    coco.add_argument("--max-images-per-class", type=int, default=2)
+    coco.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    coco.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+    coco.add_argument("--include-plain", action="store_true", help="also train teachers/students")
+    coco.add_argument("--rerun", action="store_true", help="repeat configs already ok in --json")
+    coco.add_argument("--keep-files", action="store_true", help="keep teachers and checkpoints")
+    coco.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    coco.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    run_coco_runs_benchmark(args.configs, args.json, args.markdown, args.work_dir, args.device,
+                            args.ims_per_batch, args.iters, args.max_images_per_class,
+                            args.threads, args.include_plain, args.rerun, args.timeout,
+                            args.keep_files, args.opts)
 
 
 if __name__ == "__main__":  # one measured run: CONFIG OPTS_JSON OUT_JSON

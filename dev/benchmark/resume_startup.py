@@ -14,6 +14,7 @@ Two measurements per start iteration, each in a fresh process:
 For scale, the replay a resume used to do (loading every past batch again) is estimated as
 ``N`` times the measured time to load one batch.
 """
+import argparse
 import json
 import sys
 import tempfile
@@ -22,8 +23,9 @@ from typing import Dict, List, Sequence
 
 from detectron2.engine import HookBase
 
-from ..config import load_config
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.config import load_config
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
 from .fresh_process import measure_in_fresh_process, save_curves
 
 COCO_TRAIN_IMAGES = 118287
@@ -44,8 +46,8 @@ class _FirstStepTimer(HookBase):
 
 def _measure_trainer(config_file: str, start_iter: int, directory: str,
                      opts: Sequence[str]) -> Dict:
-    from ..data.step_loader import build_step_train_loader
-    from ..engine import DistillTrainer
+    from d2kd.data.step_loader import build_step_train_loader
+    from d2kd.engine import DistillTrainer
 
     cfg = load_config(config_file, list(opts) + [
         "OUTPUT_DIR", directory, "SOLVER.MAX_ITER", str(start_iter + 1), "TEST.EVAL_PERIOD",
@@ -73,7 +75,7 @@ def _measure_trainer(config_file: str, start_iter: int, directory: str,
 
 
 def _measure_sampler(start_iter: int) -> Dict:
-    from ..data.step_sampler import StepBatchSampler
+    from d2kd.data.step_sampler import StepBatchSampler
 
     groups = [i % 3 == 0 for i in range(COCO_TRAIN_IMAGES)]  # 1/3 portrait, as in COCO
     began = time.perf_counter()
@@ -96,7 +98,7 @@ def run_resume_startup_benchmark(config_file: str, start_iters: Sequence[int], j
     """:func:`measure` for each start iteration in a fresh process; JSON, markdown, PNG."""
     from tabulate import tabulate
 
-    results = [measure_in_fresh_process("d2kd.benchmark.resume_startup",
+    results = [measure_in_fresh_process("resume_startup",
                                         [config_file, str(start), json.dumps(list(opts))])
                for start in start_iters]
     atomic_write_json(json_path, {"config": config_file, "runs": results})
@@ -116,6 +118,20 @@ def run_resume_startup_benchmark(config_file: str, start_iters: Sequence[int], j
              "replaying past batches (estimate)")],
             "iteration resumed at", "seconds", log_y=True)
     return results
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py resume-startup``."""
+    rsm = subparsers.add_parser("resume-startup",
+                                help="--resume start-up vs the iteration resumed at")
+    rsm.add_argument("--config-file", required=True)
+    rsm.add_argument("--iters", nargs="+", type=int, default=[10, 100000])
+    rsm.add_argument("--json", required=True)
+    rsm.add_argument("--markdown", required=True)
+    rsm.add_argument("--plot", default="")
+    rsm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    rsm.set_defaults(run=lambda args: run_resume_startup_benchmark(
+        args.config_file, args.iters, args.json, args.markdown, args.plot, args.opts))
 
 
 if __name__ == "__main__":  # one measuring process: CONFIG START_ITER OPTS_JSON OUT_JSON

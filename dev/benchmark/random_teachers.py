@@ -8,9 +8,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
-from ..config.teachers import teacher_specs
-from ..modeling.teacher import build_teacher_model
-from ..utils.io import atomic_path
+from d2kd.config.teachers import teacher_specs
+from d2kd.modeling.teacher import build_teacher_model
+from d2kd.utils.io import atomic_path
 
 
 def save_random_teachers(cfg: CfgNode, directory: str, model_zoo_format: bool = False,

@@ -11,7 +11,9 @@ each peak is its own. Reported: medians over ``iters`` steps after ``warmup`` st
 framework's share (tapping, the teacher on the shared batch, dispatch), apart from the compute
 a method's own loss needs (e.g. MGD's generators).
 """
+import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -27,14 +29,18 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from ..config import load_config
-from ..engine.optimizer import build_optimizer
-from ..modeling.distillation_detector import student_config
-from ..prototypes.refresh import prototype_banks
-from ..utils.host_memory import retain_freed_host_memory
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.config import load_config
+from d2kd.engine.optimizer import build_optimizer
+from d2kd.modeling.distillation_detector import student_config
+from d2kd.prototypes.refresh import prototype_banks
+from d2kd.utils.host_memory import retain_freed_host_memory
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
 from .batches import seeded_training_batches
+from .fresh_process import module_command, module_env
 from .random_teachers import save_random_teachers
+
+logger = logging.getLogger(__name__)
 
 
 def _training_step(cfg, mode: str) -> Tuple[torch.nn.Module, Callable[[List[Dict]], None]]:
@@ -186,9 +192,9 @@ def run_overhead_benchmark(config_file: str, json_path: str, iters: int = 20, wa
                   "random_teacher": random_teacher, "threads": torch.get_num_threads()}
         for mode in ("times", "student", "distill"):
             out = os.path.join(tmp, f"{mode}.json")
-            cmd = [sys.executable, "-m", "d2kd.benchmark.overhead", mode, config_file,
-                   str(iters), str(warmup), json.dumps(opts), out]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            cmd = [*module_command("overhead"), mode, config_file, str(iters), str(warmup),
+                   json.dumps(opts), out]
+            subprocess.run(cmd, check=True, capture_output=True, text=True, env=module_env())
             with open(out) as f:
                 result.update(json.load(f))
     times = result["step_times"]
@@ -222,6 +228,31 @@ def summarize_overhead(json_files: Sequence[str], json_path: str, markdown_path:
     atomic_write_json(json_path, {"runs": results})
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return results
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py overhead`` and ``overhead-summary``."""
+    ovh = subparsers.add_parser("overhead",
+                                help="distillation step vs student step + teacher forward")
+    ovh.add_argument("--config-file", required=True)
+    ovh.add_argument("--json", required=True)
+    ovh.add_argument("--iters", type=int, default=20)
+    ovh.add_argument("--warmup", type=int, default=3)
+    ovh.add_argument("--random-teacher", action="store_true",
+                     help="use untrained teacher weights (step times do not depend on them)")
+    ovh.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    ovh.set_defaults(run=_run_overhead)
+    ovs = subparsers.add_parser("overhead-summary", help="tabulate overhead result files")
+    ovs.add_argument("--inputs", nargs="+", required=True)
+    ovs.add_argument("--json", required=True)
+    ovs.add_argument("--markdown", required=True)
+    ovs.set_defaults(run=lambda args: summarize_overhead(args.inputs, args.json, args.markdown))
+
+
+def _run_overhead(args: argparse.Namespace) -> None:
+    result = run_overhead_benchmark(args.config_file, args.json, args.iters, args.warmup,
+                                    args.opts, args.random_teacher)
+    logger.info("%s", result)
 
 
 if __name__ == "__main__":  # one measuring process: MODE CONFIG ITERS WARMUP OPTS_JSON OUT_JSON

@@ -5,6 +5,7 @@ same command after a kill continues where it stopped; a finished run whose saved
 longer matches its config file and overrides (the file was edited since) is an error, not a
 silently reused result. Results are rewritten atomically after every run.
 """
+import argparse
 import json
 import logging
 import os
@@ -13,11 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from ..apps.certify.provenance import record_start, run_provenance
-from ..apps.launch.process import run_options, run_train_net
-from ..config import ConfigError, load_config
-from ..config.saved import config_mismatches
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.apps.certify.provenance import record_start, run_provenance
+from d2kd.apps.launch.process import run_options, run_train_net
+from d2kd.config import ConfigError, load_config
+from d2kd.config.saved import config_mismatches
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
 from .accuracy_plot import plot_accuracy
 
 logger = logging.getLogger(__name__)
@@ -217,3 +219,46 @@ def collect_runs(output_dirs: Sequence[str], json_path: str, markdown_path: str)
     atomic_write_json(json_path, {"runs": runs})
     atomic_write_text(markdown_path, tabulate(rows, headers=headers, tablefmt="github") + "\n")
     return runs
+
+
+def _reference(text: str) -> Tuple[str, float]:
+    """``LABEL=AP`` of ``--reference`` as (label, AP)."""
+    label, _, ap = text.rpartition("=")
+    try:
+        if label:
+            return label, float(ap)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=AP (e.g. 'R-50/2 teacher=42.92')")
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py accuracy`` and ``collect``."""
+    acc = subparsers.add_parser("accuracy", help="train + evaluate configs over seeds")
+    acc.add_argument("--configs", nargs="+", required=True)
+    acc.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    acc.add_argument("--output", required=True, help="parent of the runs' OUTPUT_DIRs")
+    acc.add_argument("--json", required=True)
+    acc.add_argument("--markdown", required=True)
+    acc.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    acc.add_argument("--tag", default="", help="variant name for runs with overrides (ablations)")
+    acc.add_argument("--finished-only", action="store_true",
+                     help="tabulate finished runs only; train nothing")
+    acc.add_argument("--plot", default="", help="also write the table as a PNG chart")
+    acc.add_argument("--reference", type=_reference, action="append", default=[],
+                     metavar="LABEL=AP", help="a dashed line on the chart at that box AP, e.g. "
+                     "'R-50/2 teacher=42.92'; repeatable")
+    acc.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    acc.set_defaults(run=_run_accuracy)
+    col = subparsers.add_parser("collect", help="summarise finished tools/train_net.py runs")
+    col.add_argument("--runs", nargs="+", required=True, help="OUTPUT_DIRs of finished runs")
+    col.add_argument("--json", required=True)
+    col.add_argument("--markdown", required=True)
+    col.set_defaults(run=lambda args: collect_runs(args.runs, args.json, args.markdown))
+
+
+def _run_accuracy(args: argparse.Namespace) -> None:
+    run_accuracy_benchmark(args.configs, args.seeds, args.output, args.json, args.markdown,
+                           args.opts, threads=args.threads, tag=args.tag,
+                           finished_only=args.finished_only, plot_path=args.plot,
+                           references=args.reference)

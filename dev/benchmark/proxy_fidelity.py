@@ -10,6 +10,8 @@ a last one over the whole list collects them). Kendall's rank correlation (tau-b
 ``scipy.stats.kendalltau``) between the proxy AP and the mean full-schedule AP, in JSON,
 markdown and a scatter plot. Finished trials and runs are reused, so the benchmark resumes.
 """
+import argparse
+import functools
 import json
 import logging
 import math
@@ -22,9 +24,10 @@ from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 from tabulate import tabulate
 
-from ..apps.search.proxy import ProxyEvaluator
-from ..apps.search.report import full_schedule_by_seed, markdown_cell
-from ..utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from d2kd.apps.search.proxy import ProxyEvaluator
+from d2kd.apps.search.report import full_schedule_by_seed, markdown_cell
+from d2kd.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+
 from .accuracy import run_accuracy_benchmark
 
 logger = logging.getLogger(__name__)
@@ -185,3 +188,42 @@ def run_proxy_fidelity_benchmark(search_config: str, config_file: str, genomes: 
     if plot_path:
         plot_fidelity(rows, summary, plot_path)
     return summary
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py proxy-fidelity``."""
+    fid = subparsers.add_parser("proxy-fidelity",
+                                help="DetKDS proxy AP vs full-schedule AP, Kendall tau")
+    fid.add_argument("--search-config", required=True, help="the search config (its proxy)")
+    fid.add_argument("--config-file", required=True, help="the full-schedule distillation config")
+    fid.add_argument("--genomes", nargs="+", required=True)
+    fid.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    fid.add_argument("--output", required=True, help="parent of the trials' and runs' folders")
+    fid.add_argument("--json", required=True)
+    fid.add_argument("--markdown", required=True)
+    fid.add_argument("--plot", default="", help="also a scatter plot (PNG)")
+    fid.add_argument("--threads", type=int, default=1, help="torch threads per trial / run")
+    fid.add_argument("--proxy-variant", default="",
+                     help="name of a proxy variant given by trailing KEY VALUE overrides")
+    fid.add_argument("--full-schedule-from", action="append", default=[], metavar="JSON",
+                     help="an earlier proxy-fidelity result (repeatable): its genomes' "
+                          "full-schedule APs are reused instead of trained again")
+    fid.add_argument("opts", nargs=argparse.REMAINDER,
+                     help="KEY VALUE overrides of the search config's proxy (a variant)")
+    fid.set_defaults(run=functools.partial(_run, fid))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The benchmark, after the checks that need nothing run (failures: ``parser``'s error)."""
+    try:
+        proxy_trials_dir(args.output, args.opts, args.proxy_variant)
+    except ValueError as e:
+        parser.error(str(e))
+    missing = [p for p in args.full_schedule_from if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"--full-schedule-from: no such file {missing[0]} (give the JSON a "
+                     "proxy-fidelity benchmark wrote).")
+    logger.info("%s", run_proxy_fidelity_benchmark(
+        args.search_config, args.config_file, args.genomes, args.seeds, args.output, args.json,
+        args.markdown, args.plot, args.threads, args.opts, args.proxy_variant,
+        args.full_schedule_from))

@@ -3,7 +3,7 @@ from typing import Dict, List
 
 from detectron2.utils.env import seed_all_rng
 
-from ..data.step_loader import build_step_train_loader
+from d2kd.data.step_loader import build_step_train_loader
 
 
 def seeded_training_batches(cfg, count: int) -> List[List[Dict]]:

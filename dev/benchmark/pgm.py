@@ -1,4 +1,6 @@
 """PGM selection speed: the vectorised cheap rule vs evaluating the full objective per candidate."""
+import argparse
+import logging
 import statistics
 import time
 from typing import Dict
@@ -7,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from ..prototypes.selection import coupled_coefficients, density_candidates, select_prototypes
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.prototypes.selection import coupled_coefficients, density_candidates, select_prototypes
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 def brute_force_selection(x_t: torch.Tensor, x_s: torch.Tensor, k: int,
@@ -64,3 +68,19 @@ def run_pgm_benchmark(json_path: str, markdown_path: str, n: int = 4000, d: int 
                               "same indices"], tablefmt="github")
     atomic_write_text(markdown_path, table + "\n")
     return result
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py pgm``."""
+    pgm = subparsers.add_parser("pgm",
+                                help="PGM selection time vs brute-force objective evaluation")
+    pgm.add_argument("--json", required=True)
+    pgm.add_argument("--markdown", required=True)
+    pgm.add_argument("--n", type=int, default=4000)
+    pgm.add_argument("--d", type=int, default=256)
+    pgm.add_argument("--k", type=int, default=10)
+    pgm.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    logger.info("%s", run_pgm_benchmark(args.json, args.markdown, args.n, args.d, args.k))

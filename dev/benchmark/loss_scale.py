@@ -5,6 +5,7 @@ weights; the values say whether a distillation loss starts at the scale of the d
 losses or dwarfs them. The DigitsDet feature-loss weights are set from this probe
 (docs/distillation.md, "Loss scales").
 """
+import argparse
 import os
 from typing import Dict, List, Sequence
 
@@ -14,9 +15,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
-from ..apps.launch.pretrain import ensure_pretrained_weights
-from ..config import load_config
-from ..utils.io import atomic_write_json, atomic_write_text
+from d2kd.apps.launch.pretrain import ensure_pretrained_weights
+from d2kd.config import load_config
+from d2kd.utils.io import atomic_write_json, atomic_write_text
+
 from .batches import seeded_training_batches
 
 
@@ -54,3 +56,12 @@ def run_loss_scale_probe(configs: Sequence[str], json_path: str, markdown_path: 
         rows, headers=["config", "detection losses", "KD losses", "KD terms"],
         tablefmt="github") + "\n")
     return results
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tools/benchmark.py loss-scale``."""
+    scl = subparsers.add_parser("loss-scale", help="initial losses of configs on one batch")
+    scl.add_argument("--configs", nargs="+", required=True)
+    scl.add_argument("--json", required=True)
+    scl.add_argument("--markdown", required=True)
+    scl.set_defaults(run=lambda args: run_loss_scale_probe(args.configs, args.json, args.markdown))

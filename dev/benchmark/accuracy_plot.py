@@ -3,7 +3,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
-from ..utils.io import atomic_save_figure
+from d2kd.utils.io import atomic_save_figure
 
 
 def accuracy_figure(summary: List[Dict], seed_aps: Dict[str, List[float]],

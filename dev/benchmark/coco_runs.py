@@ -239,11 +239,16 @@ def train_steps(config_file: str, opts: Sequence[str], record: Dict) -> Dict:
     class RecordingRefreshHook(PrototypeRefreshHook):
         """Records each refresh's seconds (the refresher's own clock) as it happens."""
 
+        def _seconds(self) -> float:
+            """The refresher's seconds so far (none before the hook makes it, at the first
+            refresh; never for a model without prototype banks)."""
+            return self.refresher.total_seconds if self.refresher is not None else 0.0
+
         def _note(self, call) -> None:
-            before, peak_before = self.refresher.total_seconds, status_mb("VmHWM")
+            before, peak_before = self._seconds(), status_mb("VmHWM")
             call()
-            if self.refresher.total_seconds != before:
-                record["refresh_seconds"].append(self.refresher.total_seconds - before)
+            if self._seconds() != before:
+                record["refresh_seconds"].append(self._seconds() - before)
                 record["refresh_images"] = len(self.refresher.index)
                 record.setdefault("peak_rss_before_refresh_mb", peak_before)
                 record.setdefault("peak_rss_after_refresh_mb", status_mb("VmHWM"))

@@ -25,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(PY)) "setuptools<81" wheel
-	$(call PIP,$(PY)) -e ".[test,deploy,docs]"
+	$(call PIP,$(PY)) -e ".[test,deploy,docs,postgres]"
 	PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" $(PY) -m d2kd.apps.provision
 	$(PY) -m d2kd.apps.collect_env
 	touch $(STAMP)
@@ -91,7 +91,7 @@ $(UPSTREAM_D2_STAMP): $(CONSTRAINTS) $(UPSTREAM_SRC_RECORD)
 	touch $(UPSTREAM_D2_STAMP)
 
 $(UPSTREAM_STAMP): $(UPSTREAM_D2_STAMP) $(SETUP_INPUTS)
-	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet,docs]"
+	$(call PIP,$(UPSTREAM_PY)) -e ".[test,deploy,vitdet,docs,postgres]"
 	$(UPSTREAM_PY) -m d2kd.apps.collect_env
 	$(UPSTREAM_PY) -c "from d2kd.compat import has_compiled_extension as compiled; \
 	assert compiled(), 'the detectron2 in $(UPSTREAM_VENV) has no compiled _C'"

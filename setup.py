@@ -72,6 +72,10 @@ setup(
         # transformer teachers from detectron2's ViTDet project (docs/transformer_teachers.md):
         # detectron2 main's ViT, Swin and MViTv2 backbones import timm's DropPath / Mlp
         "vitdet": ["timm>=0.9"],
+        # the DetKDS search on a PostgreSQL server (--storage postgresql://..., several
+        # machines; docs/detkds_search.md): psycopg 3, which SQLAlchemy 2.1 and later take for
+        # postgresql:// URLs (before, they needed psycopg2)
+        "postgres": ["psycopg[binary]>=3.1", "SQLAlchemy>=2.1"],
         # the documentation site and its API reference (mkdocs.yml, `make docs`;
         # tests/test_docs_build.py): mkdocstrings reads the docstrings through griffe's static
         # analysis; pymdown-extensions: mkdocs.yml's pymdownx.* extensions

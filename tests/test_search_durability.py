@@ -1,19 +1,28 @@
 """Search durability (docs/trust.md): a torn last journal record is repaired before a search
-resumes, a transient storage error does not stop a heartbeat, and one output folder serves one
-search at a time."""
+resumes, a transient storage error does not stop a heartbeat, a call to an SQL database waits
+for the database, one output folder serves one search at a time, and a worker's host identity
+can be set (the same on a PostgreSQL server: test_search_postgresql.py)."""
 import os
+import socket
+import subprocess
 import sys
 import time
 
 import optuna
 import pytest
 from conftest import REPO
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from d2kd.apps.search.storage import (
+    HOST_ENV,
     Heartbeat,
+    ReconnectingStorage,
     SearchInUse,
+    is_stale,
     lock_output,
     open_storage,
+    record_worker,
     repair_journal,
 )
 
@@ -67,6 +76,55 @@ def test_a_transient_storage_error_does_not_stop_the_heartbeat():
             time.sleep(0.01)
         assert heartbeat._thread.is_alive()
     assert storage.recorded[:3] == [(7, "heartbeat")] * 3
+
+
+class UnreachableDatabase:
+    """``get_trial`` fails ``failures`` times as RDBStorage does when the server is down (or
+    with ``error``), then answers."""
+
+    def __init__(self, failures: int, error=OperationalError("SELECT", {}, OSError("refused"))):
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def get_trial(self, trial_id):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StorageInternalError("An exception is raised during the commit.") from self.error
+        return f"trial {trial_id}"
+
+
+def test_a_database_call_is_made_again_until_the_database_answers():
+    backend = UnreachableDatabase(failures=2)
+    assert ReconnectingStorage(backend, patience=10).get_trial(7) == "trial 7"
+    assert backend.calls == 3
+
+
+def test_a_database_call_gives_up_after_its_patience_and_other_errors_at_once():
+    backend = UnreachableDatabase(failures=5)
+    with pytest.raises(StorageInternalError):
+        ReconnectingStorage(backend, patience=0.5).get_trial(7)  # tries at 0, 0.25 s
+    assert backend.calls == 2
+    backend = UnreachableDatabase(failures=1, error=IntegrityError("INSERT", {}, OSError("dup")))
+    with pytest.raises(StorageInternalError):
+        ReconnectingStorage(backend, patience=10).get_trial(7)
+    assert backend.calls == 1
+
+
+def test_the_host_identity_can_be_set_and_decides_whose_pids_are_checked(monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study()
+    for host in (socket.gethostname(), "machine-x"):  # two trials of dead pids, fresh heartbeats
+        trial = study.ask()
+        for key, value in (("host", host), ("pid", dead.pid), ("heartbeat", time.time())):
+            trial.set_user_attr(key, value)
+    monkeypatch.setenv(HOST_ENV, "machine-x")
+    # the real host's trial is another machine's now: judged by its heartbeat, not its pid
+    assert [is_stale(t, stale_seconds=60) for t in study.trials] == [False, True]
+    own = study.ask()
+    record_worker(own, "session")
+    assert (own.user_attrs["host"], own.user_attrs["pid"]) == ("machine-x", os.getpid())
+    monkeypatch.setenv(HOST_ENV, "")  # unset: the host name again
+    assert [is_stale(t, stale_seconds=60) for t in study.trials] == [True, False, False]
 
 
 def test_one_output_folder_serves_one_search(tmp_path):

@@ -74,7 +74,7 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DETKDS.SEARCH.MAX_ATTEMPTS = 3
     # Liveness of running trials: the worker records a heartbeat every HEARTBEAT_SECONDS; a
     # running trial whose worker is gone (same host: dead pid; else no heartbeat for
-    # STALE_SECONDS) is failed and re-queued.
+    # STALE_SECONDS) is failed and re-queued. A host is its host name, or $D2KD_SEARCH_HOST.
     cfg.DISTILL.DETKDS.SEARCH.HEARTBEAT_SECONDS = 20
     cfg.DISTILL.DETKDS.SEARCH.STALE_SECONDS = 120
 

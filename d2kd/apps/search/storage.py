@@ -7,23 +7,46 @@ trial (or of a trial whose process died) another attempt.
 
 Durability: one search at a time owns an output folder (:func:`lock_output`); a journal
 whose last record a kill or a full disk tore is repaired before the search resumes
-(:func:`repair_journal`); a heartbeat survives transient storage errors.
+(:func:`repair_journal`); a heartbeat survives transient storage errors; the calls to an SQL
+database wait for it through a restart or a network cut (:class:`ReconnectingStorage`).
+
+A worker names its machine by :func:`host_name`: the host name, or ``$D2KD_SEARCH_HOST`` where
+host names do not tell machines apart (containers with one host name; workers standing in for
+machines in tests/test_search_postgresql.py).
 """
 import fcntl
+import functools
 import logging
 import os
 import socket
 import threading
 import time
-from typing import IO, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "search.lock"
+#: the environment variable that overrides this worker's host name (:func:`host_name`)
+HOST_ENV = "D2KD_SEARCH_HOST"
+#: how long a call to an SQL database is retried while the database cannot be reached
+RECONNECT_SECONDS = 300.0
+#: the longest pause between two retries of a call
+MAX_RETRY_PAUSE = 2.0
+#: attempts to open an SQL database whose tables other workers create at the same moment
+OPEN_TRIES = 5
+
+
+def host_name() -> str:
+    """The machine of this worker as the search records it (trials' ``host``, the output
+    lock): ``$D2KD_SEARCH_HOST`` when set, else the host name. Workers of one identity judge
+    each other's trials by their pids (:func:`is_stale`), so every machine (pid namespace)
+    needs its own."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def journal_path(url: Optional[str], output_dir: str) -> Optional[str]:
@@ -37,12 +60,113 @@ def journal_path(url: Optional[str], output_dir: str) -> Optional[str]:
 def open_storage(url: Optional[str], output_dir: str) -> optuna.storages.BaseStorage:
     """No URL: a journal file ``output_dir/journal.log`` (file lock, safe across processes of
     one machine or a shared file system); ``dialect://...``: an SQL database (RDBStorage, for
-    many machines); any other string: the path of a journal file."""
+    many machines; its calls wait for the database, :class:`ReconnectingStorage`); any other
+    string: the path of a journal file."""
     journal = journal_path(url, output_dir)
     if journal is None:
-        return optuna.storages.RDBStorage(url)
+        return ReconnectingStorage(_open_database(url))
     os.makedirs(os.path.dirname(os.path.abspath(journal)), exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+
+
+def _open_database(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage of the SQL database ``url``, with pre-ping: a pooled connection that
+    the server dropped (a restart) is replaced before it is used. Workers that start together
+    on an empty database race to create its tables; a loser's ``CREATE TABLE`` fails
+    (``IntegrityError`` or ``ProgrammingError``: it exists) and it opens the database again."""
+    for attempt in range(1, OPEN_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (IntegrityError, ProgrammingError):
+            if attempt == OPEN_TRIES:
+                raise
+            time.sleep(0.2 * attempt)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached: SQLAlchemy's
+    ``OperationalError`` (connection refused or dropped by a restarting server, a timeout, a
+    deadlock's rollback), raised directly or as the cause of Optuna's
+    ``StorageInternalError``."""
+    if isinstance(error, StorageInternalError):
+        error = error.__cause__
+    return isinstance(error, OperationalError)
+
+
+class _Reconnecting:
+    """A method of :class:`ReconnectingStorage`: its backend's method of the same name, called
+    through :meth:`ReconnectingStorage.call`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, storage: Optional["ReconnectingStorage"], owner: type) -> Any:
+        if storage is None:
+            return self
+        return functools.partial(storage.call, getattr(storage.backend, self.name))
+
+
+class ReconnectingStorage(optuna.storages.BaseStorage):
+    """An Optuna storage whose calls wait for the database: a call to ``backend`` (an
+    ``RDBStorage``) that fails because the database cannot be reached (:func:`_unreachable`)
+    is made again after 0.25, 0.5 and 1 s, then every ``MAX_RETRY_PAUSE`` s, for up to
+    ``patience`` s; any other error is raised at once.
+
+    The transaction of a failed call was rolled back, so the call takes effect once. One case
+    repeats a write: the server committed it and went down before its answer arrived. A
+    repeated ``create_new_trial`` then leaves a trial that no worker runs (failed as stale
+    after ``STALE_SECONDS``, its genome re-queued), and a repeated ``set_trial_state_values``
+    finds its trial finished (``UpdateFinishedTrialError``).
+
+    Optuna's cache of finished trials, which it puts around an ``RDBStorage`` it is given, is
+    not used: every read goes to the database, as the driver's own reads did already.
+    """
+
+    def __init__(self, backend: optuna.storages.BaseStorage,
+                 patience: float = RECONNECT_SECONDS):
+        self.backend, self.patience = backend, patience
+
+    def call(self, method: Callable, *args, **kwargs) -> Any:
+        """``method(*args, **kwargs)``, made again while the database cannot be reached."""
+        start, pause, failures = time.monotonic(), 0.25, 0
+        while True:
+            try:
+                result = method(*args, **kwargs)
+            except (StorageInternalError, OperationalError) as e:
+                waited = time.monotonic() - start
+                if not _unreachable(e) or waited + pause > self.patience:
+                    raise
+                if not failures:
+                    logger.warning("%s: the database cannot be reached (%s); trying again for "
+                                   "up to %.0f s.", method.__name__, str(e.__cause__ or e)
+                                   .splitlines()[0], self.patience)
+                failures += 1
+                time.sleep(pause)
+                pause = min(2 * pause, MAX_RETRY_PAUSE)
+                continue
+            if failures:
+                logger.warning("%s: the database answered again after %.1f s (%d tries).",
+                               method.__name__, time.monotonic() - start, failures + 1)
+            return result
+
+    create_new_study = _Reconnecting()
+    delete_study = _Reconnecting()
+    set_study_user_attr = _Reconnecting()
+    set_study_system_attr = _Reconnecting()
+    get_study_id_from_name = _Reconnecting()
+    get_study_name_from_id = _Reconnecting()
+    get_study_directions = _Reconnecting()
+    get_study_user_attrs = _Reconnecting()
+    get_study_system_attrs = _Reconnecting()
+    get_all_studies = _Reconnecting()
+    create_new_trial = _Reconnecting()
+    set_trial_param = _Reconnecting()
+    set_trial_state_values = _Reconnecting()
+    set_trial_intermediate_value = _Reconnecting()
+    set_trial_user_attr = _Reconnecting()
+    set_trial_system_attr = _Reconnecting()
+    get_trial = _Reconnecting()
+    get_all_trials = _Reconnecting()
 
 
 def repair_journal(path: str) -> int:
@@ -96,7 +220,7 @@ def lock_output(output_dir: str) -> IO:
         raise SearchInUse(f"another search runs on {output_dir} ({holder}): wait for it to "
                           "end, or give this one another --output.") from None
     lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+    lock.write(f"pid {os.getpid()} on {host_name()} since "
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
     return lock
@@ -104,7 +228,7 @@ def lock_output(output_dir: str) -> IO:
 
 def record_worker(trial: optuna.Trial, session: str) -> None:
     """Stamp a trial with this worker (host, pid), a first heartbeat and the session."""
-    for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
+    for key, value in (("host", host_name()), ("pid", os.getpid()),
                        ("heartbeat", time.time()), ("session", session)):
         trial.set_user_attr(key, value)
 
@@ -155,7 +279,7 @@ def is_stale(trial: FrozenTrial, stale_seconds: float) -> bool:
     """Whether the worker of a running trial is gone: on this host its pid is dead (another
     pid than this process); on any host no heartbeat (else start time) for ``stale_seconds``."""
     attrs = trial.user_attrs
-    if attrs.get("host") == socket.gethostname() and "pid" in attrs:
+    if attrs.get("host") == host_name() and "pid" in attrs:
         if attrs["pid"] != os.getpid() and not _process_alive(attrs["pid"]):
             return True
     last = attrs.get("heartbeat")

@@ -82,7 +82,8 @@ class DistillTrainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        hooks.insert(0, ExactResumeHook(self.data_loader.batch_sampler))  # first: seeds steps
+        hooks.insert(0, ExactResumeHook(self.data_loader.batch_sampler,  # first: seeds steps
+                                        self.cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter))
         self.schedule_hook = insert_schedule_hooks(hooks, self.cfg)  # MTPD teacher schedule
         if self.cfg.MODEL.META_ARCHITECTURE == "DistillationDetector":
             export = os.path.join(self.cfg.OUTPUT_DIR, "model_final_student.pth")

@@ -222,6 +222,20 @@ def test_the_tree_shows_the_layers():
     assert {f"apps.{name}" for name in _entries(os.path.join(PACKAGE, "apps"))} == APPLICATIONS
 
 
+#: file names several packages use, each for the same role in the same layer
+SHARED_FILE_NAMES = {"__init__.py", "__main__.py",
+                     "registry.py",  # heads/ and heads/detkds/: registries of heads, of ops
+                     "report.py"}  # apps/search/ and apps/certify/: an application's tables
+
+
+def test_no_file_name_repeats_across_packages():
+    seen: Dict[str, List[str]] = {}
+    for path, _, _ in _sources():
+        seen.setdefault(os.path.basename(path), []).append(os.path.relpath(path, REPO))
+    assert {name: paths for name, paths in seen.items()
+            if len(paths) > 1 and name not in SHARED_FILE_NAMES} == {}
+
+
 def test_core_never_imports_an_application():
     assert core_to_application(package_edges(_sources())) == []
 

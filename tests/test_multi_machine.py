@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from d2kd.compat.distributed import free_local_port
+from d2kd.compat.cpu_distributed import free_local_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import REPO
 
-from d2kd.compat.distributed import free_local_port
+from d2kd.compat.cpu_distributed import free_local_port
 
 pytestmark = pytest.mark.slow
 

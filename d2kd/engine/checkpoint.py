@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..compat.checkpoint import short_error
+from ..compat.weight_loading import short_error
 from ..config.loading import ConfigError
 from ..utils.io import atomic_path, atomic_write_text
 

@@ -29,8 +29,8 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..compat.distributed import unwrap_ddp
-from ..compat.engine import restart_data_loader
+from ..compat.cpu_distributed import unwrap_ddp
+from ..compat.trainer_internals import restart_data_loader
 from ..data.step_sampler import StepBatchSampler, derived_seed
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch import nn
 
-from ..compat.distributed import unwrap_ddp
+from ..compat.cpu_distributed import unwrap_ddp
 from ..modeling.weights import STUDENT_PREFIX
 from ..utils.io import atomic_save
 from .student_config import write_student_config

@@ -26,7 +26,7 @@ from detectron2.data import get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from torch import nn
 
-from ..compat.checkpoint import summarize
+from ..compat.weight_loading import summarize
 from ..config import ConfigError, check_inputs
 from ..config.ranges import check_key_ranges
 from ..config.saved import semantics_change

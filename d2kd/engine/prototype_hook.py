@@ -18,7 +18,7 @@ from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-from ..compat.distributed import unwrap_ddp
+from ..compat.cpu_distributed import unwrap_ddp
 from ..prototypes.refresh import PrototypeRefresher, prototype_banks, refresh_period
 
 

@@ -22,8 +22,8 @@ from detectron2.solver import LRMultiplier, build_lr_scheduler
 from detectron2.utils import comm
 from fvcore.common.param_scheduler import CompositeParamScheduler, ParamScheduler
 
-from ..compat.distributed import create_ddp_model, unwrap_ddp
-from ..compat.engine import point_lr_logging_at, scheduler_multiplier
+from ..compat.cpu_distributed import create_ddp_model, unwrap_ddp
+from ..compat.trainer_internals import point_lr_logging_at, scheduler_multiplier
 from ..config.loading import ConfigError
 from ..config.schedule import TeacherSchedule
 from ..modeling.teacher import build_teacher

@@ -9,7 +9,7 @@ coordinates of the resized image), ``pred_classes``, ``scores``, ``image_size``
 image). :func:`detections` turns them back into the eager model's ``Instances`` at the
 original resolution.
 
-Two detectron2 v0.6 issues are worked around (d2kd/compat/export.py) and left alone where a
+Two detectron2 v0.6 issues are worked around (d2kd/compat/export_tracing.py) and left alone where a
 newer detectron2 fixed them: ``detectron2.export`` imports caffe2 at import time, and the dense
 detectors' decoding (RetinaNet, FCOS) bakes a level's candidate count into the trace.
 """
@@ -25,7 +25,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
-from ..compat.export import import_export_flatten, trace_safe_dense_decode
+from ..compat.export_tracing import import_export_flatten, trace_safe_dense_decode
 from ..utils.io import atomic_path
 
 logger = logging.getLogger(__name__)

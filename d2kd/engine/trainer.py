@@ -7,8 +7,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from ..compat import has_compiled_extension
-from ..compat.distributed import create_ddp_model, unwrap_ddp
-from ..compat.engine import default_trainer_parts
+from ..compat.cpu_distributed import create_ddp_model, unwrap_ddp
+from ..compat.trainer_internals import default_trainer_parts
 from ..data.step_loader import build_step_train_loader
 from ..modeling import DistillationDetector, load_initialisation
 from ..utils.host_memory import retain_freed_host_memory

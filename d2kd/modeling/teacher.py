@@ -21,8 +21,8 @@ from detectron2.structures import Boxes, ImageList
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..compat.checkpoint import UnreadableCheckpoint, load_weights
 from ..compat.padding import padded_size
+from ..compat.weight_loading import UnreadableCheckpoint, load_weights
 from ..config.loading import ConfigError, get_d2kd_cfg
 from ..config.teachers import YACS, TeacherSpec, load_teacher_config, teacher_specs, teacher_weights
 from ..heads.alignment import match_levels

@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from ..compat.checkpoint import LoadReport, UnreadableCheckpoint, load_weights
+from ..compat.weight_loading import LoadReport, UnreadableCheckpoint, load_weights
 from ..config.loading import ConfigError
 
 logger = logging.getLogger(__name__)

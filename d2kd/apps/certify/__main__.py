@@ -20,7 +20,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from ...compat.checkpoint import summarize
+from ...compat.weight_loading import summarize
 from ...config import ConfigError, load_config
 from ...config.loading import one_line
 from ...config.validation import check_datasets

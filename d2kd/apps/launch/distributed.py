@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-from ...compat.distributed import create_local_process_group, free_local_port
+from ...compat.cpu_distributed import create_local_process_group, free_local_port
 from .failure import run_guarded
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 from detectron2.utils import comm
 
-from ...compat.distributed import default_store
+from ...compat.cpu_distributed import default_store
 from ...config.loading import one_line
 
 logger = logging.getLogger(__name__)

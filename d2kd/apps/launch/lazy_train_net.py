@@ -27,7 +27,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ...compat.distributed import create_ddp_model
+from ...compat.cpu_distributed import create_ddp_model
 from ...config import ConfigError
 from ...engine.checkpoint import AtomicCheckpointer
 from ...engine.export import StudentExportHook, save_student

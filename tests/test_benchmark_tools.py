@@ -143,20 +143,22 @@ def test_finished_run_of_an_edited_config_is_an_error_before_anything_trains(tmp
     config = tmp_path / "my_gk.yaml"
 
     def write_config(feature_weight):
-        config.write_text(f"_BASE_: {base}\nDISTILL:\n  GK:\n"
+        config.write_text(f"_BASE_: {base}\nDISTILL:\n  GLOBAL_KNOWLEDGE:\n"
                           f"    FEATURE_WEIGHT: {feature_weight}\n")
 
     write_config(0.5)
     _finished_run(tmp_path / "runs" / "my_gk" / "seed0", str(config), ["SEED", "0"])
     write_config(0.25)  # the config file is edited after the run
-    with pytest.raises(ConfigError, match=r"DISTILL\.GK\.FEATURE_WEIGHT: 0\.5 -> 0\.25"):
+    with pytest.raises(ConfigError,
+                       match=r"DISTILL\.GLOBAL_KNOWLEDGE\.FEATURE_WEIGHT: 0\.5 -> 0\.25"):
         run_accuracy_benchmark([str(config)], [0, 1], str(tmp_path / "runs"),
                                str(tmp_path / "t.json"), str(tmp_path / "t.md"))
     assert not (tmp_path / "runs" / "my_gk" / "seed1").exists()
     # the same run is the result of the variant that sets the old value
     summary = run_accuracy_benchmark([str(config)], [0], str(tmp_path / "runs"),
                                      str(tmp_path / "t.json"), str(tmp_path / "t.md"),
-                                     ["DISTILL.GK.FEATURE_WEIGHT", "0.5"], finished_only=True)
+                                     ["DISTILL.GLOBAL_KNOWLEDGE.FEATURE_WEIGHT", "0.5"],
+                                     finished_only=True)
     assert [row["bbox/AP"] for row in summary] == [38.0]
 
 

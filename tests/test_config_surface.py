@@ -174,7 +174,8 @@ def test_regression_cases(tiny_digitsdet, teacher_weights_by_config, config, ove
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(config=st.sampled_from(DISTILL_CONFIGS), overrides=overrides_strategy)
 @example(config="retinanet_R18_from_R50_gk.yaml",
-         overrides={"DISTILL.GK.TEMPERATURE": 0.0})  # NaN at iteration 0, before the check
+         # NaN at iteration 0, before the check
+         overrides={"DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE": 0.0})
 @example(config="retinanet_R18_from_R50_gk.yaml",
          overrides={"DISTILL.PROTOTYPES.NUM_PROTOTYPES": -1})
 @example(config="retinanet_R18_from_R50_mgd.yaml", overrides={"SOLVER.IMS_PER_BATCH": 0})

@@ -51,6 +51,11 @@ from d2kd.heads.detkds.genome import Formula, apply_formula, draw_mask
 from d2kd.heads.detkds.ops import DISTRIBUTION_OPS
 from d2kd.heads.detkds.registry import DISTANCES, SLOT_OPS
 from d2kd.heads.global_knowledge import KDInstances
+from d2kd.heads.global_knowledge_losses import (
+    global_relation_loss,
+    local_feature_loss,
+    weighted_response_kl,
+)
 from d2kd.heads.masks import (
     box_area_masks,
     box_cell_masks,
@@ -60,7 +65,6 @@ from d2kd.heads.masks import (
     random_keep_mask,
     valid_cell_masks,
 )
-from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from d2kd.modeling.teacher import FrozenTeacher
 from d2kd.prototypes import PrototypeBank, batched_box_pool, box_cells, box_pool
 from d2kd.prototypes.selection import coupled_coefficients, density
@@ -372,7 +376,7 @@ HEAD_CASES = {
     "dfd_cosine": ("DFDHead", "dense", {"DFD.LENIENT": "cosine"}),
     "dfd_downweight": ("DFDHead", "dense", {"DFD.LENIENT": "downweight"}),
     "gk_dense": ("GlobalKnowledgeHead", "dense", {}),
-    "gk_rcnn": ("GlobalKnowledgeHead", "rcnn", {"GK.LEVEL_REDUCTION": "mean"}),
+    "gk_rcnn": ("GlobalKnowledgeHead", "rcnn", {"GLOBAL_KNOWLEDGE.LEVEL_REDUCTION": "mean"}),
     "detkds_dense": ("DetKDSHead", "dense", {}),
     "detkds_rcnn": ("DetKDSHead", "rcnn", {}),
     "attention_project": ("AttentionTransferHead", "dense", {}),

@@ -310,13 +310,13 @@ def test_global_knowledge_head_trains_and_weights_instances_with_the_bank(
     model.train()
     with EventStorage(0) as storage:  # an empty bank: every weight 1, no global loss
         losses = model(batch)
-        assert storage.latest()["kd/gk/weight_mean"][0] == 1.0
-        assert losses["loss_kd_gk_global"].item() == 0.0
+        assert storage.latest()["kd/global_knowledge/weight_mean"][0] == 1.0
+        assert losses["loss_kd_global_knowledge_global"].item() == 0.0
     assert any(k.startswith("heads.GlobalKnowledgeHead.bank.") for k in model.state_dict())
     trainer = DistillTrainer(cfg)
     trainer.train()  # the refresh hook builds the bank before the first step
     records = (tmp_path / "run" / "metrics.json").read_text()
-    assert "prototypes/refresh_seconds" in records and "loss_kd_gk_global" in records
+    assert "prototypes/refresh_seconds" in records and "loss_kd_global_knowledge_global" in records
     # fill the bank with random prototypes: weights leave 1 and the global loss turns on
     g = torch.Generator().manual_seed(0)
     bank = model.heads["GlobalKnowledgeHead"].bank
@@ -326,5 +326,5 @@ def test_global_knowledge_head_trains_and_weights_instances_with_the_bank(
                                 torch.randn(bank.student.shape[2:], generator=g))
     with EventStorage(0) as storage:
         losses = model(batch)
-        assert losses["loss_kd_gk_global"].item() > 0
-        assert storage.latest()["kd/gk/weight_mean"][0] < 1.0
+        assert losses["loss_kd_global_knowledge_global"].item() > 0
+        assert storage.latest()["kd/global_knowledge/weight_mean"][0] < 1.0

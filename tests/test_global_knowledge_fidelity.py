@@ -19,7 +19,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2kd.heads.global_knowledge import GlobalKnowledgeHead, KDInstances, RoIAlignSpec
-from d2kd.heads.rdm import local_feature_loss
+from d2kd.heads.global_knowledge_losses import local_feature_loss
 from d2kd.prototypes import density_candidates, roi_align_mean, select_prototypes
 from d2kd.structures import StudentKind, StudentTaps, TeacherOutputs, level_id
 
@@ -334,14 +334,16 @@ def test_global_loss_uses_every_instance_on_every_level_as_released(seed):
     levels, s_maps, t_maps, instances, boxes, labels, n_cls, k, g = _global_case(seed)
     head = _head(levels, 5, 7, n_cls, k)
     protos_s, protos_t = _fill_bank(head, g)
-    ours = _global_losses(head, levels, s_maps, t_maps, instances)["loss_kd_gk_global"]
+    ours = _global_losses(head, levels, s_maps, t_maps,
+                          instances)["loss_kd_global_knowledge_global"]
     reference = release_global_loss(boxes, labels, s_maps, t_maps, protos_s, protos_t, k, 5.0)
     assert _rel(ours, reference) < RTOL
 
     # The switch: each level's own instances only (the release's computation restricted so).
     assigned = _head(levels, 5, 7, n_cls, k, global_instances="assigned")
     assigned.bank.load_state_dict(head.bank.state_dict())
-    ours = _global_losses(assigned, levels, s_maps, t_maps, instances)["loss_kd_gk_global"]
+    ours = _global_losses(assigned, levels, s_maps, t_maps,
+                          instances)["loss_kd_global_knowledge_global"]
     reference = sum(
         release_global_loss([instances[l].boxes[instances[l].images == i] for i in range(2)],
                             [instances[l].classes[instances[l].images == i] for i in range(2)],
@@ -408,7 +410,7 @@ def _rcnn_case(seed: int):
 
 def _response(head, taps, outputs):
     with EventStorage(0):
-        return head(taps, outputs)["loss_kd_gk_resp"]
+        return head(taps, outputs)["loss_kd_global_knowledge_resp"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -1,5 +1,6 @@
 """Global knowledge's switchable release rules: the foreground weight map
-(``DISTILL.GK.WEIGHT_MAP``) and the per-epoch attenuation (``ATTENUATION_STEP_ITERS``).
+(``DISTILL.GLOBAL_KNOWLEDGE.WEIGHT_MAP``) and the per-epoch attenuation
+(``ATTENUATION_STEP_ITERS``).
 
 Release: github.com/hikvision-research/DAVAR-Lab-ML, commit
 545c886cf8162edb77ef7b517ecba6a1f8d56e2b, ECCV22_Distilling_Object_Detectors_with_Global_
@@ -14,8 +15,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.events import EventStorage
 
 from d2kd.heads.global_knowledge import GlobalKnowledgeHead
+from d2kd.heads.global_knowledge_losses import local_feature_loss
 from d2kd.heads.masks import box_weight_maps, released_box_weight_maps
-from d2kd.heads.rdm import local_feature_loss
 from d2kd.structures import StudentKind
 
 

@@ -179,13 +179,14 @@ def test_transformer_teacher_for_a_retinanet_student_feature_heads_and_levels(
         check_model(cfg)
     cfg.DISTILL.IN_FEATURES = ["p3", "p4", "p5", "p6"]
     with pytest.raises(ConfigError, match=r"^GlobalKnowledgeHead: dense response distillation "
-                                          r".*DISTILL.GK.RESPONSE_WEIGHT 0 keeps its feature"):
+                                          r".*DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_WEIGHT 0 keeps "
+                                          r"its feature"):
         check_model(cfg)
-    cfg.DISTILL.GK.RESPONSE_WEIGHT = 0.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_WEIGHT = 0.0
     trainer = DistillTrainer(cfg)
     trainer.train()
     losses = trainer.storage.latest()
-    assert losses["loss_kd_gk_resp"][0] == 0.0
+    assert losses["loss_kd_global_knowledge_resp"][0] == 0.0
     for head in [DISTILL_HEAD_REGISTRY.get(h).name for h in cfg.DISTILL.HEADS]:
         assert any(k.startswith(f"loss_kd_{head}") for k in losses), head
 
@@ -414,7 +415,7 @@ def test_cascade_teacher_trains_rcnn_response_heads(cascade_stage, cascade_weigh
     assert trainer.model.teachers[0].cascade_stage == cascade_stage
     trainer.train()
     losses = trainer.storage.latest()
-    for key in ("loss_kd_logit_cls", "loss_kd_loc_box", "loss_kd_gk_resp"):
+    for key in ("loss_kd_logit_cls", "loss_kd_loc_box", "loss_kd_global_knowledge_resp"):
         assert torch.isfinite(torch.tensor(losses[key][0])), key
 
 

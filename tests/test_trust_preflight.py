@@ -50,7 +50,8 @@ def _gk(tmp_path, teacher_weights):
     ("DISTILL.MGD.MASK_RATIO", 1.0,
      r"^DISTILL\.MGD\.MASK_RATIO = 1\.0: must be a number in \[0, 1\)"),
     ("DISTILL.LOGIT.TEMPERATURE", 0.0, r"^DISTILL\.LOGIT\.TEMPERATURE = 0\.0: must be a finite "),
-    ("DISTILL.GK.TEMPERATURE", -1.0, r"^DISTILL\.GK\.TEMPERATURE = -1\.0: must be a finite "),
+    ("DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE", -1.0,
+     r"^DISTILL\.GLOBAL_KNOWLEDGE\.TEMPERATURE = -1\.0: must be a finite "),
     ("DISTILL.PROTOTYPES.NUM_PROTOTYPES", 0, r"NUM_PROTOTYPES = 0: must be an integer >= 1"),
     ("DISTILL.PROTOTYPES.NUM_PROTOTYPES", -1, r"NUM_PROTOTYPES = -1: must be an integer >= 1"),
 ])

@@ -53,7 +53,8 @@ def each(rule: Rule, non_empty: bool = True) -> Rule:
 
 
 def register_key_rules(rules: Dict[str, Rule]) -> None:
-    """Declare the valid values of config keys (``"DISTILL.GK.TEMPERATURE": POSITIVE``)."""
+    """Declare the valid values of config keys
+    (``"DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE": POSITIVE``)."""
     _RULES.update(rules)
 
 

@@ -38,8 +38,8 @@ from ..config.ranges import NON_NEGATIVE, POSITIVE, at_least, one_of, register_k
 from ..prototypes import PrototypeBank, batched_box_pool, roi_align_mean
 from ..structures import StudentKind, StudentTaps, TeacherOutputs, level_id
 from .alignment import check_levels
+from .global_knowledge_losses import global_relation_loss, local_feature_loss, weighted_response_kl
 from .masks import box_weight_maps, released_box_weight_maps
-from .rdm import global_relation_loss, local_feature_loss, weighted_response_kl
 from .registry import DISTILL_HEAD_REGISTRY, DistillHead
 from .response import dense_num_classes, flatten_dense
 
@@ -78,8 +78,8 @@ class RoIAlignSpec:
         box_head = cfg.MODEL.ROI_BOX_HEAD
         aligned = {"ROIAlign": False, "ROIAlignV2": True}.get(box_head.POOLER_TYPE)
         if aligned is None:
-            raise ValueError(f"DISTILL.GK.RESPONSE_POOLING 'roi' pools with the student's box "
-                             f"pooler, which must be ROIAlign or ROIAlignV2, not "
+            raise ValueError(f"DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_POOLING 'roi' pools with the "
+                             f"student's box pooler, which must be ROIAlign or ROIAlignV2, not "
                              f"{box_head.POOLER_TYPE!r}; set RESPONSE_POOLING: 'box'.")
         return cls(tuple(cfg.MODEL.ROI_HEADS.IN_FEATURES), box_head.POOLER_RESOLUTION,
                    box_head.POOLER_SAMPLING_RATIO, aligned)
@@ -127,15 +127,17 @@ class GlobalKnowledgeHead(DistillHead):
       RoIAlign bins (f^s from S, f^t from T, (R, C)) on its box-pooler level; without, the
       box-pooled weights above.
 
-    Returns 0-dim losses ``loss_kd_gk_global`` (GLOBAL_WEIGHT * a * L_glob),
-    ``loss_kd_gk_feat`` (FEATURE_WEIGHT * a * L_feat) and ``loss_kd_gk_resp``
-    (RESPONSE_WEIGHT * L_resp), with a = max(0, 1 - i / ATTENUATION_ITERS) (1 when
-    ATTENUATION is off), i the iteration, or with ``ATTENUATION_STEP_ITERS`` = P > 0 the start
-    of its block, P * floor(iter / P) (the release: P one epoch). Logs ``kd/gk/feat/<level>``,
-    ``kd/gk/weight_mean`` and ``kd/gk/weight_min``.
+    Returns 0-dim losses ``loss_kd_global_knowledge_global`` (GLOBAL_WEIGHT * a * L_glob),
+    ``loss_kd_global_knowledge_feat`` (FEATURE_WEIGHT * a * L_feat) and
+    ``loss_kd_global_knowledge_resp`` (RESPONSE_WEIGHT * L_resp), with
+    a = max(0, 1 - i / ATTENUATION_ITERS) (1 when ATTENUATION is off), i the iteration, or
+    with ``ATTENUATION_STEP_ITERS`` = P > 0 the start of its block, P * floor(iter / P) (the
+    release: P one epoch). Logs
+    ``kd/global_knowledge/feat/<level>``, ``kd/global_knowledge/weight_mean`` and
+    ``kd/global_knowledge/weight_min``.
     """
 
-    name = "gk"
+    name = "global_knowledge"
 
     @configurable
     def __init__(self, *, levels: Sequence[str], student_shapes: Dict[str, ShapeSpec],
@@ -153,27 +155,29 @@ class GlobalKnowledgeHead(DistillHead):
             teacher_shapes: as for the feature heads.
             student_kind: what the student is (dense or R-CNN, its anchor levels, classes).
             num_prototypes: prototypes per class (``DISTILL.PROTOTYPES.NUM_PROTOTYPES``).
-            global_weight: ``DISTILL.GK.GLOBAL_WEIGHT``.
-            feature_weight: ``DISTILL.GK.FEATURE_WEIGHT``.
-            response_weight: ``DISTILL.GK.RESPONSE_WEIGHT``.
-            temperature: ``DISTILL.GK.TEMPERATURE``.
-            fg_lambda: ``DISTILL.GK.FG_LAMBDA``.
-            bg_lambda: ``DISTILL.GK.BG_LAMBDA``.
-            level_reduction: ``DISTILL.GK.LEVEL_REDUCTION``.
+            global_weight: ``DISTILL.GLOBAL_KNOWLEDGE.GLOBAL_WEIGHT``.
+            feature_weight: ``DISTILL.GLOBAL_KNOWLEDGE.FEATURE_WEIGHT``.
+            response_weight: ``DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_WEIGHT``.
+            temperature: ``DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE``.
+            fg_lambda: ``DISTILL.GLOBAL_KNOWLEDGE.FG_LAMBDA``.
+            bg_lambda: ``DISTILL.GLOBAL_KNOWLEDGE.BG_LAMBDA``.
+            level_reduction: ``DISTILL.GLOBAL_KNOWLEDGE.LEVEL_REDUCTION``.
             attenuation_iters: the loss attenuation's length in iterations (0: off;
-                ``DISTILL.GK.ATTENUATION`` / ``ATTENUATION_ITERS``).
+                ``DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION`` / ``ATTENUATION_ITERS``).
             attenuation_step_iters: 0, the attenuation decays every iteration; P > 0, it is
                 held constant over blocks of P iterations
-                (``DISTILL.GK.ATTENUATION_STEP_ITERS``).
+                (``DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION_STEP_ITERS``).
             weight_map: how KD boxes fill the feature loss's foreground mask: "max" or
                 "released" (:func:`~d2kd.heads.masks.released_box_weight_maps`);
-                ``DISTILL.GK.WEIGHT_MAP``.
+                ``DISTILL.GLOBAL_KNOWLEDGE.WEIGHT_MAP``.
             global_instances: "all_levels" (every KD instance in every level's global term,
-                as released) or "assigned" (each level's own); ``DISTILL.GK.GLOBAL_INSTANCES``.
+                as released) or "assigned" (each level's own);
+                ``DISTILL.GLOBAL_KNOWLEDGE.GLOBAL_INSTANCES``.
             response_pooler: an R-CNN student's box pooler: the response weights come from
                 the mean of each RoI's RoIAlign bins (as released); None: from the box-pooled
-                features (``DISTILL.GK.RESPONSE_POOLING``). A RoI whose pooler level is not
-                distilled uses the nearest distilled level (KD levels clamped to the pooler's).
+                features (``DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_POOLING``). A RoI whose pooler level
+                is not distilled uses the nearest distilled level (KD levels clamped to the
+                pooler's).
         """
         super().__init__()
         self.levels = list(levels)
@@ -190,9 +194,10 @@ class GlobalKnowledgeHead(DistillHead):
         self.response_pooler = response_pooler if self.with_response and not self.dense else None
         if self.response_pooler is not None and not all(
                 response_pooler.level_of(l) in self.levels for l in self.levels):
-            raise ValueError(f"GlobalKnowledgeHead: the R-CNN response weights (DISTILL.GK."
-                             f"RESPONSE_POOLING 'roi') need prototypes on the box pooler's "
-                             f"levels {list(response_pooler.levels)}, but DISTILL.IN_FEATURES "
+            raise ValueError(f"GlobalKnowledgeHead: the R-CNN response weights "
+                             f"(DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_POOLING 'roi') need "
+                             f"prototypes on the box pooler's levels "
+                             f"{list(response_pooler.levels)}, but DISTILL.IN_FEATURES "
                              f"{self.levels} shares none: add them or set RESPONSE_POOLING: "
                              f"'box'.")
         self.teacher_needs = frozenset(
@@ -223,7 +228,7 @@ class GlobalKnowledgeHead(DistillHead):
 
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
-        gk = cfg.DISTILL.GK
+        gk = cfg.DISTILL.GLOBAL_KNOWLEDGE
         kind = StudentKind.from_config(cfg)
         return {"levels": list(cfg.DISTILL.IN_FEATURES), "student_shapes": student_shapes,
                 "teacher_shapes": teacher_shapes, "student_kind": kind,
@@ -319,9 +324,9 @@ class GlobalKnowledgeHead(DistillHead):
             self.log_scalar("weight_mean", all_w.mean())
             self.log_scalar("weight_min", all_w.min())
         self.log("feat", per_level)
-        return {"loss_kd_gk_global": w_glob * a * glob_loss,
-                "loss_kd_gk_feat": w_feat * a * feat_loss,
-                "loss_kd_gk_resp": w_resp * resp_loss}
+        return {"loss_kd_global_knowledge_global": w_glob * a * glob_loss,
+                "loss_kd_global_knowledge_feat": w_feat * a * feat_loss,
+                "loss_kd_global_knowledge_resp": w_resp * resp_loss}
 
     def _box_weights(self, kd: KDInstances, s_map: torch.Tensor, t_map: torch.Tensor,
                      level: str, level_index: int
@@ -401,53 +406,53 @@ def _set_entries(masks: List[torch.Tensor]) -> List[torch.Tensor]:
 
 @register_config_extension
 def add_global_knowledge_config(cfg: CfgNode) -> None:
-    """``DISTILL.GK``: :class:`GlobalKnowledgeHead` (the node is named after the method's short
-    name, GK, as in its losses ``loss_kd_gk_*``)."""
-    if "GK" in cfg.DISTILL:
+    """``DISTILL.GLOBAL_KNOWLEDGE``: :class:`GlobalKnowledgeHead`'s keys (its losses are
+    ``loss_kd_global_knowledge_*``)."""
+    if "GLOBAL_KNOWLEDGE" in cfg.DISTILL:
         return
     # Global-knowledge distillation, RDM losses (d2kd/heads/global_knowledge.py).
-    cfg.DISTILL.GK = CfgNode()
+    cfg.DISTILL.GLOBAL_KNOWLEDGE = CfgNode()
     # Weights of the global (Eq. 6), local feature (Eq. 7) and local response losses.
-    cfg.DISTILL.GK.GLOBAL_WEIGHT = 5.0
-    cfg.DISTILL.GK.FEATURE_WEIGHT = 1.0
-    cfg.DISTILL.GK.RESPONSE_WEIGHT = 1.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.GLOBAL_WEIGHT = 5.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.FEATURE_WEIGHT = 1.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_WEIGHT = 1.0
     # Softmax temperature of the response loss.
-    cfg.DISTILL.GK.TEMPERATURE = 2.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE = 2.0
     # lambda_fg, lambda_bg of the local feature loss.
-    cfg.DISTILL.GK.FG_LAMBDA = 1.0
-    cfg.DISTILL.GK.BG_LAMBDA = 4.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.FG_LAMBDA = 1.0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.BG_LAMBDA = 4.0
     # Feature-loss reduction over levels: "mean" (released Faster R-CNN) or "sum" (RetinaNet).
-    cfg.DISTILL.GK.LEVEL_REDUCTION = "mean"
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.LEVEL_REDUCTION = "mean"
     # Attenuate the global and feature losses by a = 1 - iter / ATTENUATION_ITERS (released).
-    cfg.DISTILL.GK.ATTENUATION = True
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION = True
     # Iterations over which the attenuation decays to 0; 0: SOLVER.MAX_ITER (the whole run).
-    cfg.DISTILL.GK.ATTENUATION_ITERS = 0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION_ITERS = 0
     # 0: the attenuation decays every iteration (d2kd); P > 0: it is held over blocks of P
     # iterations, a = 1 - P * floor(iter / P) / ATTENUATION_ITERS. The release decays per
     # epoch: P = one epoch's iterations, ceil(training images / SOLVER.IMS_PER_BATCH).
-    cfg.DISTILL.GK.ATTENUATION_STEP_ITERS = 0
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION_STEP_ITERS = 0
     # How KD boxes fill the feature loss's foreground mask: "max", each box's cells (the floor
     # rule of the box pooling, inclusive) hold the largest weight of the boxes covering them
     # (d2kd); "released", the release's get_gt_mask: exclusive end cells, a box without cells
     # marks one, a later box overwrites an earlier one, negative weights kept.
-    cfg.DISTILL.GK.WEIGHT_MAP = "max"
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.WEIGHT_MAP = "max"
     # Instances of each level's global loss: "all_levels", every KD instance of the batch
     # pooled on every level (released); "assigned", each level's own (d2kd's earlier rule).
-    cfg.DISTILL.GK.GLOBAL_INSTANCES = "all_levels"
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.GLOBAL_INSTANCES = "all_levels"
     # R-CNN response weights from "roi", the mean of each RoI's RoIAlign bins (the student's
     # box pooler settings; released), or "box", the box-pooled features of the other terms
     # (d2kd's earlier rule: one weight per instance for every term). Dense students: "box".
-    cfg.DISTILL.GK.RESPONSE_POOLING = "roi"
+    cfg.DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_POOLING = "roi"
 
 
 register_key_rules({
-    "DISTILL.GK.TEMPERATURE": POSITIVE,
-    "DISTILL.GK.FG_LAMBDA": NON_NEGATIVE,
-    "DISTILL.GK.BG_LAMBDA": NON_NEGATIVE,
-    "DISTILL.GK.LEVEL_REDUCTION": one_of("mean", "sum"),
-    "DISTILL.GK.ATTENUATION_ITERS": at_least(0),
-    "DISTILL.GK.ATTENUATION_STEP_ITERS": at_least(0),
-    "DISTILL.GK.WEIGHT_MAP": one_of("max", "released"),
-    "DISTILL.GK.GLOBAL_INSTANCES": one_of("all_levels", "assigned"),
-    "DISTILL.GK.RESPONSE_POOLING": one_of("roi", "box"),
+    "DISTILL.GLOBAL_KNOWLEDGE.TEMPERATURE": POSITIVE,
+    "DISTILL.GLOBAL_KNOWLEDGE.FG_LAMBDA": NON_NEGATIVE,
+    "DISTILL.GLOBAL_KNOWLEDGE.BG_LAMBDA": NON_NEGATIVE,
+    "DISTILL.GLOBAL_KNOWLEDGE.LEVEL_REDUCTION": one_of("mean", "sum"),
+    "DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION_ITERS": at_least(0),
+    "DISTILL.GLOBAL_KNOWLEDGE.ATTENUATION_STEP_ITERS": at_least(0),
+    "DISTILL.GLOBAL_KNOWLEDGE.WEIGHT_MAP": one_of("max", "released"),
+    "DISTILL.GLOBAL_KNOWLEDGE.GLOBAL_INSTANCES": one_of("all_levels", "assigned"),
+    "DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_POOLING": one_of("roi", "box"),
 })

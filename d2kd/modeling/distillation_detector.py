@@ -65,9 +65,9 @@ def check_response_compatible(student: nn.Module, teacher: nn.Module,
     if "dense_predictions" in needs:
         s, t = dense_head_layout(student), dense_head_layout(teacher)
         if not (is_dense_detector(student) and s == t):
-            hint = (" (GlobalKnowledgeHead: DISTILL.GK.RESPONSE_WEIGHT 0 keeps its feature and "
-                    "global terms only)" if "GlobalKnowledgeHead" in users("dense_predictions")
-                    else "")
+            hint = (" (GlobalKnowledgeHead: DISTILL.GLOBAL_KNOWLEDGE.RESPONSE_WEIGHT 0 keeps its "
+                    "feature and global terms only)"
+                    if "GlobalKnowledgeHead" in users("dense_predictions") else "")
             raise ValueError(f"{users('dense_predictions')}: dense response distillation needs "
                              "a teacher of the student's family and head layout (family, "
                              f"classes, levels, anchors/cell): student {s}, teacher {t}{hint}.")

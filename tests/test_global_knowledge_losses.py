@@ -5,7 +5,11 @@ import pytest
 import torch
 from conftest import cosine
 
-from d2kd.heads.rdm import global_relation_loss, local_feature_loss, weighted_response_kl
+from d2kd.heads.global_knowledge_losses import (
+    global_relation_loss,
+    local_feature_loss,
+    weighted_response_kl,
+)
 from d2kd.prototypes import PrototypeBank
 
 

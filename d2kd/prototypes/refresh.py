@@ -112,6 +112,7 @@ class PrototypeRefresher:
         need_teacher = comm.all_gather(key != self._teacher_key)[0]
         encoders, strides = self._encoders(need_teacher)
         student = self.model.student
+        self._share_student_buffers()
         was_training = student.training
         student.eval()
         try:
@@ -125,6 +126,17 @@ class PrototypeRefresher:
             self._teacher_features, self._teacher_key = features["teacher"], key
             atomic_save(self._teacher_features, cache_file)
         return self._teacher_features, features.get("student", {})
+
+    def _share_student_buffers(self) -> None:
+        """Every rank extracts its shard with rank 0's student buffers (BatchNorm's running
+        statistics, which the extraction's eval mode uses). Training keeps each rank's own
+        (detectron2's DDP does not broadcast buffers), so without this the shards would be
+        pooled by slightly different models, and a resumed run, whose ranks all restart from
+        rank 0's checkpointed buffers, would select other prototypes."""
+        if comm.get_world_size() == 1:
+            return
+        for buffer in self.model.student.buffers():
+            dist.broadcast(buffer, src=0)
 
     # ---- selection -------------------------------------------------------------------------
     def _choose(self, x_t: torch.Tensor, x_s: torch.Tensor, k: int):

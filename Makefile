@@ -43,7 +43,7 @@ lint: setup
 # The documentation site (mkdocs.yml: docs/ and the API reference from the docstrings) into
 # site/; --strict: a warning (a broken link or anchor, a page not in the nav, a malformed
 # docstring) fails the build. The `docs` extra comes with `make setup`, since `make test` builds
-# the site too (tests/test_docs_build.py); CI runs it. NO_MKDOCS_2_WARNING: mkdocs-material's
+# the site too (tests/dev/test_docs_build.py); CI runs it. NO_MKDOCS_2_WARNING: mkdocs-material's
 # end-of-life banner (May 2027), printed on every build.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site

@@ -77,7 +77,7 @@ setup(
         # postgresql:// URLs (before, they needed psycopg2)
         "postgres": ["psycopg[binary]>=3.1", "SQLAlchemy>=2.1"],
         # the documentation site and its API reference (mkdocs.yml, `make docs`;
-        # tests/test_docs_build.py): mkdocstrings reads the docstrings through griffe's static
+        # tests/dev/test_docs_build.py): mkdocstrings reads the docstrings through griffe's static
         # analysis; pymdown-extensions: mkdocs.yml's pymdownx.* extensions
         "docs": ["mkdocs>=1.6", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0",
                  "mkdocs-material>=9.5", "pymdown-extensions>=10"],

@@ -30,7 +30,7 @@ go in backticks.
 
 ``python dev/doc_tables.py [DOCUMENT ...]`` re-renders every table (of those documents) in
 place; ``--check`` only reports the tables that differ from their files
-(tests/test_doc_tables.py runs it, and also fails on an AP table that is not rendered).
+(tests/dev/test_doc_tables.py runs it, and also fails on an AP table that is not rendered).
 """
 import argparse
 import csv

@@ -12,7 +12,7 @@ links over, before MkDocs sees them:
   to the built page (valid in the checkout the site was built in: ``make docs`` builds
   ``site/`` at the repository root).
 
-Links inside docs/, absolute paths and URLs are left to MkDocs. tests/test_docs_build.py checks
+Links inside docs/, absolute paths and URLs are left to MkDocs. tests/dev/test_docs_build.py checks
 the hook on a planted missing file and a planted valid one.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ BOUNDED_EXAMPLES = 12
 EXAMPLES = int(os.environ.get("D2KD_CONFIG_SURFACE_EXAMPLES", BOUNDED_EXAMPLES))
 
 #: the DigitsDet distillation configs (the Swin-teacher ones need detectron2 main and timm;
-#: the search configs are the search application's, tests/test_search_driver.py)
+#: the search configs are the search application's, tests/apps/search/)
 DISTILL_CONFIGS = sorted(
     os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "DigitsDet", "*_from_*.yaml"))
     if "SwinT" not in p and not p.endswith("_search.yaml"))

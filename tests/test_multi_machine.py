@@ -123,7 +123,7 @@ def test_two_machines_train_the_model_one_machine_trains(name, two_machine_runs,
     pytest.param("prototype_refresh", marks=pytest.mark.xfail(strict=True, reason=(
         "known: after a resume of several processes the first prototype refresh selects "
         "other prototypes than the uninterrupted run's (the student's weights equal before "
-        "it; single-process resume is exact, tests/test_resume.py); cause not found yet"))),
+        "it; single-process resume is exact, tests/engine/test_resume.py); cause not found yet"))),
 ])
 def test_a_killed_machine_stops_the_other_and_both_resume_to_the_same_model(
         name, two_machine_runs, tiny_digitsdet, teachers, tmp_path):

@@ -350,7 +350,7 @@ run_distill() {
 # family's AMP off / on in sequence (their step times are comparable with each other).
 run_step pytest_cuda 240 "$(q "$VPY" -m pytest -m cuda -q -rs tests --junitxml="$LOGS/pytest_cuda.xml")" &
 P1=$!
-run_step pytest_compiled 180 "$(q "$VPY" -m pytest -q -rs tests/test_compiled_build.py --junitxml="$LOGS/pytest_compiled.xml")" &
+run_step pytest_compiled 180 "$(q "$VPY" -m pytest -q -rs tests/compat/test_compiled_build.py --junitxml="$LOGS/pytest_compiled.xml")" &
 P2=$!
 ( run_distill retinanet_gk_amp_off "$RETINA" False "${GK_OPTS[@]}"
   run_distill retinanet_gk_amp_on "$RETINA" True "${GK_OPTS[@]}" ) &

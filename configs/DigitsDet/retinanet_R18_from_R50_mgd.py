@@ -4,8 +4,9 @@ from the R-50/2 teacher with MGD, 600 iterations (docs/lazyconfig.md).
     python tools/lazy_train_net.py --config-file configs/DigitsDet/retinanet_R18_from_R50_mgd.py
 
 Every setting mirrors the yacs config (Base-DigitsDet.yaml, Base-RetinaNet.yaml,
-retinanet_R18_student.yaml, Base-Distill-retinanet_R18_from_R50.yaml); tests/test_lazyconfig.py
-checks that the student is the yacs one, tensor for tensor and output for output.
+retinanet_R18_student.yaml, Base-Distill-retinanet_R18_from_R50.yaml);
+tests/config/test_lazyconfig.py checks that the student is the yacs one, tensor for tensor and
+output for output.
 """
 import torch
 from detectron2 import model_zoo

@@ -12,7 +12,7 @@ database wait for it through a restart or a network cut (:class:`ReconnectingSto
 
 A worker names its machine by :func:`host_name`: the host name, or ``$D2KD_SEARCH_HOST`` where
 host names do not tell machines apart (containers with one host name; workers standing in for
-machines in tests/test_search_postgresql.py).
+machines in tests/apps/search/test_postgresql.py).
 """
 import fcntl
 import functools

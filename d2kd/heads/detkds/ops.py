@@ -8,8 +8,8 @@ slot3(slot2(slot1(T))))``. Ops take (N, C, H, W) maps; slot 2 may change the lay
 
 The ops and distances registered with ``paper=True`` compute what the authors' release
 computes (lliai/DetKDS, mmdet/distillation/losses/operations.py, commit a7d2127f; checked by
-tests/test_detkds_fidelity.py), except the two decisions of docs/methods/detkds.md (``cos``
-is 1 - cosine, ``kl`` a true KL). The others are d2kd's variants, each a token of its own
+tests/heads/detkds/test_ops_fidelity.py), except the two decisions of docs/methods/detkds.md
+(``cos`` is 1 - cosine, ``kl`` a true KL). The others are d2kd's variants, each a token of its own
 (docs/methods/detkds.md, "d2kd's variants"). Third-party ops and distances register with
 ``SLOT_OPS[slot].register(name)`` / ``DISTANCES.register(name)`` (d2kd.heads.detkds.registry).
 """

@@ -1,6 +1,7 @@
-"""Train a config in this process and SIGKILL it at a chosen point (used by test_resume.py).
+"""Train a config in this process and SIGKILL it at a chosen point (used by
+tests/engine/test_resume.py).
 
-    python tests/kill_driver.py CONFIG.yaml DATASET_ROOT {fresh,resume} [KILL_POINT]
+    python tests/helpers/kill_driver.py CONFIG.yaml DATASET_ROOT {fresh,resume} [KILL_POINT]
 
 KILL_POINT: ``step:N`` (before step N), ``refresh:N`` (inside the N-th prototype refresh,
 after feature extraction), ``switch:N`` (inside the N-th teacher-schedule stage switch, after

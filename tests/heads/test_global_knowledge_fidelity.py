@@ -1,4 +1,5 @@
-"""Global knowledge against the authors' released code, transcribed here.
+"""Global knowledge's losses and response weights against the authors' released code,
+transcribed here (its prototype generation: tests/prototypes/test_pgm_fidelity.py).
 
 Release: github.com/hikvision-research/DAVAR-Lab-ML, commit
 545c886cf8162edb77ef7b517ecba6a1f8d56e2b, folder ECCV22_Distilling_Object_Detectors_with_Global_
@@ -20,7 +21,7 @@ from detectron2.utils.events import EventStorage
 
 from d2kd.heads.global_knowledge import GlobalKnowledgeHead, KDInstances, RoIAlignSpec
 from d2kd.heads.global_knowledge_losses import local_feature_loss
-from d2kd.prototypes import density_candidates, roi_align_mean, select_prototypes
+from d2kd.prototypes import roi_align_mean
 from d2kd.structures import StudentKind, StudentTaps, TeacherOutputs, level_id
 
 RTOL = 1e-10  # float64 on both sides
@@ -31,45 +32,6 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ---- transcriptions of the release ---------------------------------------------------------
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.pow(2).sum(dim=1, keepdim=True).sqrt()
-
-
-def release_density_candidates(x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
-    """KD/strategy/prototype_generation_module.py, ``_generate_prototypes_single``: per space
-    the density of each normalised instance, sum_j exp(-((1 - x_i.x_j) / 0.1)^2); the bound is
-    the sorted densities' entry at int(0.4 n); candidates exceed both spaces' bounds."""
-    keep = torch.ones(len(x_a), dtype=torch.bool)
-    for x in (_unit_rows(x_a), _unit_rows(x_b)):
-        rho = torch.exp(-((1 - x @ x.t()) / 0.1) ** 2).sum(dim=1)
-        bound = torch.sort(rho).values[int(len(rho) * 0.4)]
-        keep &= rho > bound
-    return keep.nonzero().squeeze(1)
-
-
-def release_pgm(x_a: torch.Tensor, x_b: torch.Tensor, k: int, alpha: float) -> List[int]:
-    """Same function: matching pursuit over the candidates. Each step scores every candidate
-    p by ||w_a p_a - r_a||^2 + ||w_b p_b - r_b||^2 + alpha ||w_a - w_b||^2 summed over the
-    instances, with w_a = (alpha (c_a + c_b) + c_a) / (1 + 2 alpha) (w_b alike) and
-    c = <p, r>; the argmin is picked (repeats allowed) and removed from the residuals."""
-    candidates = release_density_candidates(x_a, x_b)
-    res_a, res_b = _unit_rows(x_a), _unit_rows(x_b)  # (N, D) residuals
-    atoms_a, atoms_b = res_a[candidates], res_b[candidates]  # (P, D)
-    picks = []
-    for _ in range(k):
-        c_a, c_b = atoms_a @ res_a.t(), atoms_b @ res_b.t()  # (P, N)
-        w_a = (alpha * (c_a + c_b) + c_a) / (1 + 2 * alpha)
-        w_b = (alpha * (c_a + c_b) + c_b) / (1 + 2 * alpha)
-        err = (((w_a[:, :, None] * atoms_a[:, None, :] - res_a[None]) ** 2).sum(dim=(1, 2))
-               + ((w_b[:, :, None] * atoms_b[:, None, :] - res_b[None]) ** 2).sum(dim=(1, 2))
-               + alpha * ((w_a - w_b) ** 2).sum(dim=1))
-        best = int(torch.argmin(err))
-        picks.append(int(candidates[best]))
-        res_a = res_a - w_a[best][:, None] * atoms_a[best][None]
-        res_b = res_b - w_b[best][:, None] * atoms_b[best][None]
-    return picks
-
-
 def release_box_feature(fmap: torch.Tensor, box: Sequence[float], stride: int) -> torch.Tensor:
     """KD/strategy/kd_one_stage_strategy.py, ``r2i_om_loss``: the (C,) mean of a (C, H, W) map
     over rows int(|y1| / s) .. int(|y2| / s) and columns int(|x1| / s) .. int(|x2| / s)
@@ -264,39 +226,6 @@ def _maps(levels, n, c, size, g):
 def _by_level(maps, levels):
     return {l: maps[2 ** level_id(l)] for l in levels}
 
-
-# ---- (a) the density filter and the pursuit ----------------------------------------------
-def _draw(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.randint(8, 60, (1,), generator=g))
-    centres = torch.randn(3, 6, generator=g)  # clustered, like one class's instances
-    x_t = centres[torch.randint(0, 3, (n,), generator=g)] + 0.6 * torch.randn(n, 6, generator=g)
-    x_s = x_t[:, :5] + 0.4 * torch.randn(n, 5, generator=g)
-    return x_t.double(), x_s.double()
-
-
-def test_density_filter_keeps_what_the_release_keeps_and_quantile_keeps_more():
-    changed = 0
-    for seed in range(200):
-        x_t, x_s = _draw(seed)
-        xt_hat, xs_hat = F.normalize(x_t, dim=1), F.normalize(x_s, dim=1)
-        release = release_density_candidates(x_t, x_s)
-        expected = release if len(release) else torch.arange(len(x_t))  # d2kd: all if none
-        assert density_candidates(xt_hat, xs_hat).tolist() == expected.tolist()
-        quantile = density_candidates(xt_hat, xs_hat, "quantile")
-        assert set(expected.tolist()) <= set(quantile.tolist())
-        changed += quantile.tolist() != expected.tolist()
-    assert changed > 0  # the switch keeps d2kd's earlier rule, which differs
-
-
-def test_pgm_picks_what_the_release_picks():
-    for seed in range(60):
-        x_t, x_s = _draw(seed)
-        if len(release_density_candidates(x_t, x_s)) == 0:
-            continue  # the release fails there (argmin of nothing); d2kd takes every instance
-        for alpha in (1.0, 10.0):
-            assert (select_prototypes(x_t, x_s, 5, alpha).tolist()
-                    == release_pgm(x_t, x_s, 5, alpha)), (seed, alpha)
 
 
 # ---- (c) the global loss -----------------------------------------------------------------

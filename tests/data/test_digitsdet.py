@@ -262,7 +262,7 @@ def test_test_split_never_shares_a_digit_sample_with_training():
 def test_a_copy_without_the_test_split_gets_it_added_and_keeps_train_and_val(tiny_root, tmp_path):
     """A copy made before the test split existed (no test.json, spec.json without num_test)
     gets exactly the test split a fresh generation makes; its train and val files stay. A
-    copy missing another split's file stays an error (test_bad_input.py)."""
+    copy missing another split's file stays an error (tests/config/test_bad_input.py)."""
     import shutil
 
     from d2kd.data import ensure_digitsdet

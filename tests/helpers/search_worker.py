@@ -1,7 +1,7 @@
 """tools/search_net.py with trials that sleep instead of training (used by
-test_search_postgresql.py, where each such process stands in for one machine).
+tests/apps/search/test_postgresql.py, where each such process stands in for one machine).
 
-    D2KD_SEARCH_HOST=NAME python tests/search_worker.py SECONDS SEARCH_NET_ARGUMENTS...
+    D2KD_SEARCH_HOST=NAME python tests/helpers/search_worker.py SECONDS SEARCH_NET_ARGUMENTS...
 
 A trial marks its folder ``OUTPUT/trials/<study>/<number>/`` with an empty ``started`` file,
 sleeps SECONDS, scores its genome by a fixed rule (the baseline 10, a genome 10 to 16), marks
@@ -16,8 +16,8 @@ from typing import List, Optional
 
 from d2kd.apps.search.proxy import ReportFn, TrialOutcome
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import search_net  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Search durability (docs/trust.md): a torn last journal record is repaired before a search
 resumes, a transient storage error does not stop a heartbeat, a call to an SQL database waits
 for the database, one output folder serves one search at a time, and a worker's host identity
-can be set (the same on a PostgreSQL server: test_search_postgresql.py)."""
+can be set (the same on a PostgreSQL server: tests/apps/search/test_postgresql.py)."""
 import os
 import socket
 import subprocess

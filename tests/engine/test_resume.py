@@ -1,7 +1,7 @@
 """``--resume`` after ``kill -9`` at any point gives the bit-identical final model.
 
 Every case trains a tiny DigitsDet run in a subprocess that SIGKILLs itself at a chosen point
-(tests/kill_driver.py), resumes it in a new process and compares every tensor of
+(tests/helpers/kill_driver.py), resumes it in a new process and compares every tensor of
 ``model_final.pth`` with an uninterrupted run's.
 """
 import os
@@ -15,7 +15,7 @@ from conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.slow
 
-DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
+DRIVER = os.path.join(REPO, "tests", "helpers", "kill_driver.py")
 
 
 def _run(cfg_file: str, root: str, mode: str, kill_point: str = "") -> int:

@@ -1,9 +1,9 @@
 """The DetKDS search on a PostgreSQL server (docs/detkds_search.md, "Several machines: a
 PostgreSQL server"): three worker processes stand in for three machines, each with its own host
 identity (``D2KD_SEARCH_HOST``) and output folder, and share one search through
-``postgresql://``. Their trials sleep instead of training (tests/search_worker.py). A machine
-killed in the middle of a trial and a server restart lose no trial and count none twice; every
-machine's tables, built from the database, list every machine's trials.
+``postgresql://``. Their trials sleep instead of training (tests/helpers/search_worker.py). A
+machine killed in the middle of a trial and a server restart lose no trial and count none twice;
+every machine's tables, built from the database, list every machine's trials.
 
 The server is a throw-away cluster (initdb, pg_ctl) in a temporary folder on a free port.
 pytest-postgresql's ``postgresql_proc`` would start the same, but it runs pg_ctl as the current
@@ -37,7 +37,7 @@ from d2kd.apps.search.report import best_so_far, load_rows
 from d2kd.apps.search.storage import open_storage
 
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
-WORKER = os.path.join(REPO, "tests", "search_worker.py")
+WORKER = os.path.join(REPO, "tests", "helpers", "search_worker.py")
 MACHINES = ("machine-a", "machine-b", "machine-c")
 TRIALS = 10  # stage-1 trials of the one knowledge input (and one baseline trial)
 TRIAL_SECONDS = 2.0

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from d2kd.apps.provision.build import SOURCE_FIXES, apply_source_fixes
 from d2kd.compat import has_compiled_extension
@@ -85,7 +86,7 @@ def test_private_detectron2_attributes_are_used_only_in_compat():
     import ast
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(REPO)
     found = []
     for path in list((root / "d2kd").rglob("*.py")) + list((root / "tools").glob("*.py")):
         if "compat" in path.relative_to(root).parts:

@@ -7,6 +7,9 @@ each, separate launchers with no common parent, gloo) against one machine with t
 - ``kill -9`` of machine 1's processes makes machine 0 exit within a minute with an error that
   names the lost rank; ``--resume`` on both machines then ends with the uninterrupted run's
   final model (the machines share ``OUTPUT_DIR``, as they share a filesystem on a cluster).
+- The machines start as docs/cluster.md's SLURM recipe starts them: each through
+  tools/slurm/train_node.sh, and once as one job through tools/slurm/train.sbatch, with
+  SLURM's srun and scontrol replaced by stand-ins (tests/helpers/slurm/) and local addresses.
 """
 import os
 import re
@@ -26,6 +29,8 @@ from d2kd.compat.cpu_distributed import free_local_port
 pytestmark = pytest.mark.slow
 
 ITERS = 8
+SLURM = os.path.join(REPO, "tests", "helpers", "slurm")  # srun, scontrol stand-ins
+TRAIN_NODE = os.path.join(REPO, "tools", "slurm", "train_node.sh")
 #: (config, overrides): each exercises what crosses ranks in its method
 RUNS = {
     "prototype_refresh": ("retinanet_R18_from_R50_gk.yaml",
@@ -37,15 +42,13 @@ RUNS = {
 }
 
 
-def _command(name: str, teachers: Sequence[str], output: Path, num_gpus: int,
-             machine: int = 0, port: int = 0, resume: bool = False) -> List[str]:
+def _train_args(name: str, teachers: Sequence[str], output: Path,
+                resume: bool = False) -> List[str]:
+    """tools/train_net.py's arguments for run ``name``, launcher flags excepted."""
     config, opts = RUNS[name]
     weights = str(list(teachers)) if name == "stage_switch" else f"['{teachers[0]}']"
-    machines = (["--num-machines", "2", "--machine-rank", str(machine),
-                 "--dist-url", f"tcp://127.0.0.1:{port}"] if port else [])
-    return [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-            os.path.join(REPO, "configs", "DigitsDet", config), "--num-gpus", str(num_gpus),
-            *machines, *(["--resume"] if resume else []),
+    return ["--config-file", os.path.join(REPO, "configs", "DigitsDet", config),
+            *(["--resume"] if resume else []),
             "SEED", "7", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS),
             "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2",
             "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", "", "TEST.EVAL_PERIOD", "0",
@@ -53,9 +56,17 @@ def _command(name: str, teachers: Sequence[str], output: Path, num_gpus: int,
             *opts]
 
 
-def _env(dataset_root: str) -> Dict[str, str]:
-    return dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(dataset_root),
-                OMP_NUM_THREADS="1")
+def _one_machine(name: str, teachers: Sequence[str], output: Path) -> List[str]:
+    """One machine, two processes."""
+    return [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2",
+            *_train_args(name, teachers, output)]
+
+
+def _env(dataset_root: str, **variables: str) -> Dict[str, str]:
+    """The environment of a launcher; SLURM's stand-ins (srun, scontrol) come first on PATH."""
+    path = os.pathsep.join([SLURM, os.path.dirname(sys.executable), os.environ["PATH"]])
+    return dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(dataset_root), PATH=path,
+                PYTHON=sys.executable, OMP_NUM_THREADS="1", **variables)
 
 
 def _start(cmd: List[str], env: Dict[str, str], log: Path) -> subprocess.Popen:
@@ -77,9 +88,13 @@ def _wait(procs: List[subprocess.Popen], logs: List[Path], timeout: float = 900)
 
 def _two_machines(name, teachers, dataset_root, output: Path, resume=False,
                   port: int = 0) -> List[subprocess.Popen]:
+    """Machine ranks 0 and 1, one process each, each started as tools/slurm/train.sbatch
+    starts a node (tools/slurm/train_node.sh, docs/cluster.md)."""
     port = port or free_local_port()
-    return [_start(_command(name, teachers, output, 1, machine, port, resume),
-                   _env(dataset_root), output.parent / f"{output.name}_machine{machine}.txt")
+    return [_start([TRAIN_NODE, *_train_args(name, teachers, output, resume)],
+                   _env(dataset_root, SLURM_NNODES="2", SLURM_NODEID=str(machine),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUS_PER_NODE="1"),
+                   output.parent / f"{output.name}_machine{machine}.txt")
             for machine in (0, 1)]
 
 
@@ -112,7 +127,7 @@ def test_two_machines_train_the_model_one_machine_trains(name, two_machine_runs,
                                                          tiny_digitsdet, teachers, tmp_path):
     output = tmp_path / "out"
     log = tmp_path / "one_machine.txt"
-    _wait([_start(_command(name, teachers, output, 2), _env(tiny_digitsdet), log)], [log])
+    _wait([_start(_one_machine(name, teachers, output), _env(tiny_digitsdet), log)], [log])
     two = two_machine_runs[name]
     assert "World size: 2" in (two / "log.txt").read_text()
     _assert_same(_final_model(two), _final_model(output))
@@ -151,4 +166,21 @@ def test_a_killed_machine_stops_the_other_and_both_resume_to_the_same_model(
     resumed = _two_machines(name, teachers, tiny_digitsdet, output, resume=True)
     _wait(resumed, logs)
     assert re.search(r"Starting training from iteration [1-9]", (output / "log.txt").read_text())
+    _assert_same(_final_model(two_machine_runs[name]), _final_model(output))
+
+
+def test_the_cluster_recipe_trains_the_model_of_two_machines(two_machine_runs, tiny_digitsdet,
+                                                             teachers, tmp_path):
+    """tools/slurm/train.sbatch as docs/cluster.md submits it, as a job of two nodes
+    (tests/helpers/slurm/srun starts its task once per node, on this host; the first node's
+    address is this host's)."""
+    name = "detkds"
+    output = tmp_path / "out"
+    env = _env(tiny_digitsdet, SLURM_NNODES="2", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1",
+               SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE="1",
+               MASTER_PORT=str(free_local_port()))
+    log = tmp_path / "slurm.out"
+    _wait([_start(["bash", os.path.join(REPO, "tools", "slurm", "train.sbatch"),
+                   *_train_args(name, teachers, output)], env, log)], [log])
+    assert "World size: 2" in (output / "log.txt").read_text()
     _assert_same(_final_model(two_machine_runs[name]), _final_model(output))

@@ -50,6 +50,13 @@
         --baseline retinanet_R18_student --json OUT --markdown OUT [--plot OUT.png] \
         [--methods ROW ROW ROW ...]   # also Kendall tau among these rows
 
+    # throughput over processes / machine ranks on this host (training), and over search
+    # workers on a throw-away PostgreSQL server (the search); JSON + markdown + PNG each
+    python tools/benchmark.py scaling-training --config-file CFG --json OUT --markdown OUT \
+        --plot OUT.png [--iters 60 --cores 2]
+    python tools/benchmark.py scaling-search --config-file SEARCH.yaml --json OUT \
+        --markdown OUT --plot OUT.png [--trials 6 --workers 1 2 3]
+
     # summarise finished train_net output directories (config, overrides, AP, step time)
     python tools/benchmark.py collect --runs out/a out/b --json RUNS.json --markdown RUNS.md
 """
@@ -71,11 +78,12 @@ from dev.benchmark import (  # noqa: E402
     refresh_memory,
     resume_startup,
     run_time,
+    scaling,
 )
 
 #: the sub-command modules, each adding its own sub-commands (``add_command``)
 COMMANDS = (accuracy, overhead, loss_scale, pgm, run_time, refresh_memory, resume_startup,
-            coco_runs, proxy_fidelity, ranking)
+            coco_runs, proxy_fidelity, ranking, scaling)
 
 
 def main(argv=None) -> None:

@@ -1,12 +1,15 @@
 """tools/search_net.py with trials that sleep instead of training (used by
 tests/apps/search/test_postgresql.py, where each such process stands in for one machine).
 
-    D2KD_SEARCH_HOST=NAME python tests/helpers/search_worker.py SECONDS SEARCH_NET_ARGUMENTS...
+    D2KD_SEARCH_HOST=NAME TRIAL_SECONDS=2 python tests/helpers/search_worker.py SEARCH_NET_ARGS...
+
+It takes search_net.py's arguments, so that tools/slurm/search_node.sh runs it in place of the
+search command (``SEARCH_NET``).
 
 A trial marks its folder ``OUTPUT/trials/<study>/<number>/`` with an empty ``started`` file,
-sleeps SECONDS, scores its genome by a fixed rule (the baseline 10, a genome 10 to 16), marks
-the folder ``finished`` and returns: the markers tell a test which machine ran which trial,
-which one a kill met in the middle, and which evaluations ended. The search's config checks
+sleeps ``$TRIAL_SECONDS``, scores its genome by a fixed rule (the baseline 10, a genome 10 to
+16), marks the folder ``finished`` and returns: the markers tell a test which machine ran which
+trial, which one a kill met in the middle, and which evaluations ended. The search's config checks
 (weights, datasets) are skipped, as the stand-in needs neither; the rest is the command's.
 """
 import os
@@ -38,8 +41,8 @@ class SleepingEvaluator:
         return TrialOutcome("ok", ap, self.seconds)
 
 
-def main(seconds: str, *argv: str) -> None:
-    SleepingEvaluator.seconds = float(seconds)
+def main(*argv: str) -> None:
+    SleepingEvaluator.seconds = float(os.environ["TRIAL_SECONDS"])
     search_net.ProxyEvaluator = SleepingEvaluator
     search_net.load_search_config = lambda args: None
     search_net.main(list(argv))

@@ -5,24 +5,15 @@ identity (``D2KD_SEARCH_HOST``) and output folder, and share one search through
 machine killed in the middle of a trial and a server restart lose no trial and count none twice;
 every machine's tables, built from the database, list every machine's trials.
 
-The server is a throw-away cluster (initdb, pg_ctl) in a temporary folder on a free port.
-pytest-postgresql's ``postgresql_proc`` would start the same, but it runs pg_ctl as the current
-user, and PostgreSQL refuses to run as root (pytest-postgresql issues #341, #455), as the
-tests run here and in many CI containers; as root, this fixture runs the server as the
-``postgres`` user.
+The server is a throw-away cluster on a free port (dev/postgres.py: why not pytest-postgresql).
 """
-import contextlib
 import glob
 import importlib.util
 import json
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,9 +26,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from d2kd.apps.search.report import best_so_far, load_rows
 from d2kd.apps.search.storage import open_storage
+from dev.postgres import postgres_bin, throwaway_server
 
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
 WORKER = os.path.join(REPO, "tests", "helpers", "search_worker.py")
+SLURM = os.path.join(REPO, "tests", "helpers", "slurm")  # srun, scontrol stand-ins
+SEARCH_NODE = os.path.join(REPO, "tools", "slurm", "search_node.sh")
 MACHINES = ("machine-a", "machine-b", "machine-c")
 TRIALS = 10  # stage-1 trials of the one knowledge input (and one baseline trial)
 TRIAL_SECONDS = 2.0
@@ -47,75 +41,11 @@ SEARCH_OPTS = ("MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2",
                "DISTILL.DETKDS.SEARCH.INPUTS", "['logit']", "DISTILL.DETKDS.SEARCH.PRUNE_AT", "0.0",
                "DISTILL.DETKDS.SEARCH.HEARTBEAT_SECONDS", "1",
                "DISTILL.DETKDS.SEARCH.STALE_SECONDS", "10")
+#: the arguments of docs/cluster.md's search (search.sbatch / search_node.sh)
+SEARCH_ARGS = ("--config-file", DETKDS, "--trials", str(TRIALS), "--sampler", "ga", "--seed",
+               "0", *SEARCH_OPTS)
 STAGES = ("ga-seed0/baseline", "ga-seed0/stage1-logit")
 Marker = Tuple[str, str, int]  # (machine, stage, trial number)
-
-
-def postgres_bin() -> Optional[str]:
-    """The folder of PostgreSQL's initdb and pg_ctl: on PATH, else the newest
-    /usr/lib/postgresql/<version>/bin (Debian's packages); None when PostgreSQL is absent."""
-    if shutil.which("initdb") and shutil.which("pg_ctl"):
-        return os.path.dirname(shutil.which("pg_ctl"))
-    folders = [f for f in glob.glob("/usr/lib/postgresql/*/bin")
-               if os.path.isfile(os.path.join(f, "initdb"))]
-    return max(folders, key=lambda f: float(f.split("/")[-2]), default=None)
-
-
-def server_user() -> Optional[str]:
-    """The user that runs the server: None (this one) unless this is root, which PostgreSQL
-    refuses; then ``postgres`` (PostgreSQL's packages create it), else ``nobody``."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam("postgres").pw_name
-    except KeyError:
-        return "nobody"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PostgresServer:
-    """A throw-away PostgreSQL cluster in ``folder`` (data, Unix socket, log) on
-    127.0.0.1:``port``, user ``postgres`` without password; started on creation."""
-
-    def __init__(self, bindir: str, folder: str, user: Optional[str]):
-        self.bindir, self.folder = bindir, folder
-        self.prefix = ["runuser", "-u", user, "--"] if user else []
-        self.data, self.port = os.path.join(folder, "data"), free_port()
-        self._run("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync")
-        self.start()
-
-    def _run(self, program: str, *args: str) -> None:
-        subprocess.run(self.prefix + [os.path.join(self.bindir, program), *args], check=True,
-                       capture_output=True, text=True, timeout=120)
-
-    def _pg_ctl(self, *args: str) -> None:
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.folder, "server.log"),
-                  "-w", "-t", "60", *args)
-
-    def start(self) -> None:
-        self._pg_ctl("-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
-                     "-c fsync=off", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast``: the server ends its clients' sessions (their transactions roll back)."""
-        self._pg_ctl("-m", mode, "stop")
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, name: str) -> str:
-        """A new database ``name`` and its URL."""
-        import psycopg
-
-        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
 
 
 @pytest.fixture(scope="module")
@@ -130,27 +60,25 @@ def postgres_server():
     if importlib.util.find_spec("psycopg") is None:
         pytest.fail('psycopg, the PostgreSQL driver, is not installed: pip install -e '
                     '".[postgres]" (`make setup` installs it)', pytrace=False)
-    folder = tempfile.mkdtemp(prefix="d2kd-postgres-")
-    user = server_user()
-    if user:
-        shutil.chown(folder, user)
-    try:
-        server = PostgresServer(bindir, folder, user)
+    with throwaway_server(bindir) as server:
         yield server
-        with contextlib.suppress(subprocess.CalledProcessError):  # a failed test stopped it
-            server.stop("immediate")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+def slurm_env(**variables: str) -> Dict[str, str]:
+    """The environment of a search worker started through tools/slurm/ (docs/cluster.md), with
+    the trials of tests/helpers/search_worker.py and SLURM's stand-ins on PATH."""
+    path = os.pathsep.join([SLURM, os.path.dirname(sys.executable), os.environ["PATH"]])
+    return dict(os.environ, PATH=path, PYTHON=sys.executable, SEARCH_NET=WORKER,
+                TRIAL_SECONDS=str(TRIAL_SECONDS), OMP_NUM_THREADS="1", **variables)
 
 
 def start_machine(host: str, root: Path, url: str) -> subprocess.Popen:
-    """A search worker standing in for machine ``host`` (output ``root/host``)."""
-    command = [sys.executable, WORKER, str(TRIAL_SECONDS), "--config-file", DETKDS,
-               "--output", str(root / host), "--storage", url, "--trials", str(TRIALS),
-               "--sampler", "ga", "--seed", "0", *SEARCH_OPTS]
-    env = dict(os.environ, D2KD_SEARCH_HOST=host, OMP_NUM_THREADS="1")
+    """A search worker standing in for machine ``host`` (output ``root/host``), started as
+    tools/slurm/search.sbatch starts one on each node."""
+    env = slurm_env(SLURMD_NODENAME=host, D2KD_SEARCH_STORAGE=url, SEARCH_OUTPUT=str(root))
     with open(root / f"{host}.console", "w") as console:  # a file: a full pipe would block it
-        return subprocess.Popen(command, env=env, stdout=console, stderr=subprocess.STDOUT)
+        return subprocess.Popen([SEARCH_NODE, *SEARCH_ARGS], env=env, stdout=console,
+                                stderr=subprocess.STDOUT)
 
 
 @pytest.fixture
@@ -323,4 +251,21 @@ def test_the_search_survives_a_restart_of_the_database_server(postgres_server, s
     logs = [(tmp_path / host / "search.log").read_text() for host in MACHINES]
     assert any("the database cannot be reached" in log and "answered again" in log
                for log in logs), "no machine met the restart"
+    assert_tables_list_every_trial(trials, tmp_path, MACHINES)
+
+
+@pytest.mark.slow
+def test_the_cluster_recipe_runs_one_search_over_every_node(postgres_server, tmp_path):
+    """tools/slurm/search.sbatch as docs/cluster.md submits it, as a job of three nodes
+    (tests/helpers/slurm/srun starts its task once per node, on this host)."""
+    url = postgres_server.create_database("sbatch")
+    env = slurm_env(SLURM_NNODES=str(len(MACHINES)), SLURM_JOB_NODELIST=",".join(MACHINES),
+                    SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=REPO, D2KD_SEARCH_STORAGE=url,
+                    SEARCH_OUTPUT=str(tmp_path))
+    job = subprocess.run(["bash", os.path.join(REPO, "tools", "slurm", "search.sbatch"),
+                          *SEARCH_ARGS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    trials = database_trials(url)
+    assert_complete_and_counted_once(trials, tmp_path)
     assert_tables_list_every_trial(trials, tmp_path, MACHINES)

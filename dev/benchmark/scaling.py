@@ -21,8 +21,8 @@ number of trials on a database of its own, workers of ``max(1, cores // workers)
 the rate is the evaluated trials over the wall time from the first worker's start to the last
 one's end (start-up included, as a user meets it).
 
-Efficiency is the speed-up over one process (or worker) divided by the cores in use, so on a
-machine with ``--cores`` cores no arm can pass 1.
+Efficiency is the throughput per core in use relative to the first arm's (one process of one
+thread; one search worker of all the cores' threads): 1 is linear scaling over cores.
 """
 import argparse
 import os
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import optuna
 from tabulate import tabulate
@@ -121,11 +121,13 @@ def run_training_scaling(config_file: str, iters: int, cores: int, json_path: st
     return result
 
 
-def _efficiency(arms: List[Dict], rate: str, cores_in_use) -> None:
-    """Adds ``speedup`` (over the first arm) and ``efficiency`` (speed-up per core in use)."""
+def _efficiency(arms: List[Dict], rate: str, cores_in_use: Callable[[Dict], int]) -> None:
+    """Adds ``cores``, ``speedup`` (the rate over the first arm's) and ``efficiency`` (the
+    rate per core in use over the first arm's: 1 is linear scaling over cores)."""
     for arm in arms:
+        arm["cores"] = cores_in_use(arm)
         arm["speedup"] = arm[rate] / arms[0][rate]
-        arm["efficiency"] = arm["speedup"] / cores_in_use(arm)
+        arm["efficiency"] = arm["speedup"] * arms[0]["cores"] / arm["cores"]
 
 
 def _training_label(arm: Dict) -> str:
@@ -139,7 +141,7 @@ def _write_training(result: Dict, json_path: str, markdown_path: str, plot_path:
     _efficiency(arms, "images_per_second", lambda a: a["processes"] * a["machines"] *
                 a["threads"])
     atomic_write_json(json_path, result)
-    rows = [[_training_label(a), a["processes"] * a["machines"] * a["threads"],
+    rows = [[_training_label(a), a["cores"],
              round(a["seconds_per_step"], 3), round(a["images_per_second"], 2),
              round(a["speedup"], 2), round(a["efficiency"], 2)] for a in arms]
     headers = ["arm", "cores in use", "s / step", "images / s", "speed-up", "efficiency"]
@@ -228,10 +230,10 @@ def _write_search(result: Dict, json_path: str, markdown_path: str, plot_path: s
     _efficiency(arms, "trials_per_hour",
                 lambda a: min(result["cores"], a["workers"] * a["threads"]))
     atomic_write_json(json_path, result)
-    rows = [[a["workers"], a["threads"], a["trials"], a["wall_seconds"],
+    rows = [[a["workers"], a["threads"], a["cores"], a["trials"], a["wall_seconds"],
              round(a["trials_per_hour"], 1), round(a["speedup"], 2), round(a["efficiency"], 2)]
             for a in arms]
-    headers = ["workers", "threads each", "trials evaluated", "wall s", "trials / hour",
+    headers = ["workers", "threads each", "cores in use", "trials evaluated", "wall s", "trials / hour",
                "speed-up", "efficiency"]
     text = (f"DetKDS search throughput on PostgreSQL, `{os.path.basename(result['config'])}`, "
             f"{result['trials']} stage-1 trials + the baseline, proxy of "

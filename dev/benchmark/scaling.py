@@ -233,8 +233,8 @@ def _write_search(result: Dict, json_path: str, markdown_path: str, plot_path: s
     rows = [[a["workers"], a["threads"], a["cores"], a["trials"], a["wall_seconds"],
              round(a["trials_per_hour"], 1), round(a["speedup"], 2), round(a["efficiency"], 2)]
             for a in arms]
-    headers = ["workers", "threads each", "cores in use", "trials evaluated", "wall s", "trials / hour",
-               "speed-up", "efficiency"]
+    headers = ["workers", "threads each", "cores in use", "trials evaluated", "wall s",
+               "trials / hour", "speed-up", "efficiency"]
     text = (f"DetKDS search throughput on PostgreSQL, `{os.path.basename(result['config'])}`, "
             f"{result['trials']} stage-1 trials + the baseline, proxy of "
             f"{result['proxy_iters']} iterations, {result['cores']} cores "

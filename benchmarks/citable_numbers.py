@@ -100,15 +100,21 @@ def old_commit_run(out: str) -> List[str]:
     return ["bash", "-c", script]
 
 
-def certify_job(out: str, name: str, config: str, teacher: str, teacher_config: str,
-                data: str) -> Job:
-    """``certify`` of one headline config on test and val against the teacher's three runs."""
+def certify_jobs(out: str, name: str, config: str, teacher: str, teacher_config: str,
+                 data: str) -> List[Job]:
+    """``certify`` of one headline config on test and val, in two jobs: ``students_NAME``
+    trains and evaluates the distilled and control students as soon as the teacher's seed-0
+    run (the one distilled from) is done; ``certify_NAME`` repeats the command with the
+    teacher's three runs, reusing every student run, once all three are done."""
     runs = [teacher_run(out, teacher_config, k) for k in SEEDS]
     budget = [] if config.endswith("_1000.yaml") else BUDGET
-    return Job(f"certify_{name}", (f"teacher_{teacher}", "pretrain_R18_FPN64"), [[
-        sys.executable, "-m", "d2kd.apps.certify", config, "--seeds", str(len(SEEDS)),
-        "--splits", f"{data}_test", f"{data}_val", "--teacher-runs", *runs,
-        "--output", f"{out}/certify/{name}", "--threads", "1", *budget]])
+    command = [sys.executable, "-m", "d2kd.apps.certify", config, "--seeds", str(len(SEEDS)),
+               "--splits", f"{data}_test", f"{data}_val", "--output", f"{out}/certify/{name}",
+               "--threads", "1"]
+    return [Job(f"students_{name}", (f"teacher_{teacher}_seed0", "pretrain_R18_FPN64"),
+                [command + budget]),
+            Job(f"certify_{name}", (f"students_{name}", f"teacher_{teacher}"),
+                [command + ["--teacher-runs", *runs] + budget])]
 
 
 def jobs(out: str) -> List[Job]:
@@ -142,8 +148,8 @@ def jobs(out: str) -> List[Job]:
         # the certificates against this teacher come next: each needs only its own teacher
         for student, student_config, teacher, data in HEADLINE:
             if teacher == name:
-                job = certify_job(out, student, student_config, name, config, data)
-                (deferred if student.endswith(AFTER_FAITHFUL) else queue).append(job)
+                certify = certify_jobs(out, student, student_config, name, config, data)
+                (deferred if student.endswith(AFTER_FAITHFUL) else queue).extend(certify)
     return queue + deferred
 
 

@@ -1,4 +1,5 @@
 """The accuracy table as a chart: mean box AP per row, every seed's AP marked."""
+import math
 from typing import Dict, List, Sequence, Tuple
 
 from matplotlib.figure import Figure
@@ -21,7 +22,9 @@ def accuracy_figure(summary: List[Dict], seed_aps: Dict[str, List[float]],
     for position, name, mean in zip(positions, names, means):
         seeds = seed_aps[name]
         ax.plot(seeds, [position] * len(seeds), "k.", markersize=6)
-        ax.text(max(seeds + [mean]) + 0.3, position, f"{mean:.2f}", va="center", fontsize=8)
+        finite = [ap for ap in seeds + [mean] if math.isfinite(ap)]
+        ax.text(max(finite, default=0.0) + 0.3, position, f"{mean:.2f}", va="center",
+                fontsize=8)
     for i, (label, ap) in enumerate(references):
         ax.axvline(ap, color=f"C{i + 1}", linestyle="--", linewidth=1.2,
                    label=f"{label} ({ap:.2f})")
@@ -30,9 +33,11 @@ def accuracy_figure(summary: List[Dict], seed_aps: Dict[str, List[float]],
                   frameon=False)
     ax.set_yticks(list(positions), names, fontsize=8)
     ax.invert_yaxis()
-    reference_aps = [ap for _, ap in references]
-    low = min([ap for name in names for ap in seed_aps[name]] + reference_aps)
-    ax.set_xlim(max(0.0, low - 5.0), max(means + reference_aps) + 3.0)
+    # the axis spans the finite APs: a run that detects nothing has AP NaN (COCOeval's), drawn
+    # as no bar and no dot
+    shown = [ap for ap in [ap for name in names for ap in seed_aps[name]] + means
+             + [ap for _, ap in references] if math.isfinite(ap)]
+    ax.set_xlim(max(0.0, min(shown, default=5.0) - 5.0), max(shown, default=97.0) + 3.0)
     ax.set_xlabel("box AP (bar: mean over seeds; dots: single seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

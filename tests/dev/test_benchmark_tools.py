@@ -55,6 +55,18 @@ def test_accuracy_chart_draws_each_reference_ap_as_a_labelled_line():
     assert accuracy_figure(summarize(runs), seed_aps).axes[0].get_legend() is None
 
 
+def test_accuracy_chart_of_runs_that_detected_nothing_spans_the_finite_aps():
+    """COCOeval gives AP NaN to a model without detections (a few iterations' training)."""
+    from dev.benchmark.accuracy_plot import accuracy_figure
+
+    nan = float("nan")
+    runs = [_run("untrained", 0, nan), _run("untrained", 1, nan), _run("recipe", 0, 45.0)]
+    seed_aps = {"untrained": [nan, nan], "recipe": [45.0]}
+    assert accuracy_figure(summarize(runs), seed_aps).axes[0].get_xlim() == (40.0, 48.0)
+    nothing = accuracy_figure(summarize(runs[:2]), {"untrained": [nan, nan]})
+    assert nothing.axes[0].get_xlim() == (0.0, 100.0)
+
+
 @pytest.mark.parametrize("reference", ["42.92", "teacher=high", "teacher"])
 def test_a_reference_that_is_not_label_equals_ap_is_one_line_before_anything_runs(
         tmp_path, reference):

@@ -140,20 +140,29 @@ def _write_training(result: Dict, json_path: str, markdown_path: str, plot_path:
     arms = result["arms"]
     _efficiency(arms, "images_per_second", lambda a: a["processes"] * a["machines"] *
                 a["threads"])
-    atomic_write_json(json_path, result)
     rows = [[_training_label(a), a["cores"],
              round(a["seconds_per_step"], 3), round(a["images_per_second"], 2),
              round(a["speedup"], 2), round(a["efficiency"], 2)] for a in arms]
     headers = ["arm", "cores in use", "s / step", "images / s", "speed-up", "efficiency"]
-    text = (f"KD training throughput, `{os.path.basename(result['config'])}`, "
-            f"IMS_PER_BATCH {result['ims_per_batch']}, median step of the last 20 of "
-            f"{result['iters']} iterations, {result['cores']} cores "
-            f"(tools/benchmark.py scaling-training)\n\n"
-            + tabulate(rows, headers=headers, tablefmt="github") + "\n")
-    atomic_write_text(markdown_path, text)
-    _bar_plot(plot_path, [_training_label(a) for a in arms],
-              [a["images_per_second"] for a in arms], "images / s",
-              f"KD training on {result['cores']} cores")
+    title = (f"KD training throughput, `{os.path.basename(result['config'])}`, "
+             f"IMS_PER_BATCH {result['ims_per_batch']}, median step of the last 20 of "
+             f"{result['iters']} iterations, {result['cores']} cores "
+             f"(tools/benchmark.py scaling-training)")
+    _write(result, (json_path, markdown_path, plot_path), title, headers, rows,
+           [_training_label(a) for a in arms], [a["images_per_second"] for a in arms],
+           "images / s", f"KD training on {result['cores']} cores")
+
+
+def _write(result: Dict, paths: Sequence[str], title: str, headers: List[str],
+           rows: List[List], labels: List[str], values: List[float], ylabel: str,
+           plot_title: str) -> None:
+    """``result`` to ``paths`` (JSON, markdown: ``title`` and the table, PNG: the bars of
+    ``values``), each written atomically."""
+    json_path, markdown_path, plot_path = paths
+    atomic_write_json(json_path, result)
+    atomic_write_text(markdown_path, f"{title}\n\n"
+                      + tabulate(rows, headers=headers, tablefmt="github") + "\n")
+    _bar_plot(plot_path, labels, values, ylabel, plot_title)
 
 
 def _bar_plot(path: str, labels: List[str], values: List[float], ylabel: str,
@@ -229,21 +238,18 @@ def _write_search(result: Dict, json_path: str, markdown_path: str, plot_path: s
     arms = result["arms"]
     _efficiency(arms, "trials_per_hour",
                 lambda a: min(result["cores"], a["workers"] * a["threads"]))
-    atomic_write_json(json_path, result)
     rows = [[a["workers"], a["threads"], a["cores"], a["trials"], a["wall_seconds"],
              round(a["trials_per_hour"], 1), round(a["speedup"], 2), round(a["efficiency"], 2)]
             for a in arms]
     headers = ["workers", "threads each", "cores in use", "trials evaluated", "wall s",
                "trials / hour", "speed-up", "efficiency"]
-    text = (f"DetKDS search throughput on PostgreSQL, `{os.path.basename(result['config'])}`, "
-            f"{result['trials']} stage-1 trials + the baseline, proxy of "
-            f"{result['proxy_iters']} iterations, {result['cores']} cores "
-            f"(tools/benchmark.py scaling-search)\n\n"
-            + tabulate(rows, headers=headers, tablefmt="github") + "\n")
-    atomic_write_text(markdown_path, text)
-    _bar_plot(plot_path, [f"{a['workers']} worker(s)" for a in arms],
-              [a["trials_per_hour"] for a in arms], "trials / hour",
-              f"DetKDS search on PostgreSQL, {result['cores']} cores")
+    title = (f"DetKDS search throughput on PostgreSQL, `{os.path.basename(result['config'])}`, "
+             f"{result['trials']} stage-1 trials + the baseline, proxy of "
+             f"{result['proxy_iters']} iterations, {result['cores']} cores "
+             f"(tools/benchmark.py scaling-search)")
+    _write(result, (json_path, markdown_path, plot_path), title, headers, rows,
+           [f"{a['workers']} worker(s)" for a in arms], [a["trials_per_hour"] for a in arms],
+           "trials / hour", f"DetKDS search on PostgreSQL, {result['cores']} cores")
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:

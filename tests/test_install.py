@@ -174,7 +174,8 @@ def _replaced(installs: dict) -> dict:
 def _project(tmp_path: Path, setup_py: str) -> Path:
     project = tmp_path / "project"
     (project / "d2kd").mkdir(parents=True)
-    (project / "d2kd" / "__init__.py").write_text("")
+    # setup.py reads the version from it
+    (project / "d2kd" / "__init__.py").write_text((REPO / "d2kd" / "__init__.py").read_text())
     (project / "setup.py").write_text(setup_py)
     return project
 

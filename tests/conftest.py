@@ -19,8 +19,9 @@ DetKDS fidelity (tests/heads/detkds/): the transcription of the release's operat
 ``relative_error``.
 
 Tests that train (a ``DistillTrainer``, ``tools/*.py`` or another subprocess, a benchmark, pip's
-resolver) are marked ``slow`` (pytest.ini): ``pytest -m "not slow"`` runs the rest in under a
-minute; ``make test`` runs everything.
+resolver) are marked ``slow`` (pytest.ini): ``pytest -m "not slow"`` runs the rest, without
+a training or a subprocess (about 700 tests; 146 s on 2 busy cores, 2026-12-07); ``make test``
+runs everything.
 """
 import contextlib
 import itertools

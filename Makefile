@@ -17,7 +17,7 @@ PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
 	d2kd/apps/provision/build.py d2kd/apps/provision/detectron2_C_standin.py
 
-.PHONY: setup demo test lint docs collect-env clean-venv test-upstream setup-upstream \
+.PHONY: setup demo test test-fast lint docs collect-env clean-venv test-upstream setup-upstream \
 	clean-upstream
 
 setup: $(STAMP)
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the tests without a training or a subprocess (pytest -m "not slow"), on two workers
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" -n 2 tests
 
 # ruff.toml: detectron2's line length (100) and import order; CI runs it
 lint: setup

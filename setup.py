@@ -64,8 +64,9 @@ setup(
         "optuna>=4.0",
     ],
     extras_require={
-        # the config-surface property test (tests/test_config_surface.py); `make lint`
-        "test": ["pytest>=7", "hypothesis>=6.100", "ruff>=0.6"],
+        # the config-surface property test (tests/test_config_surface.py); `make lint`;
+        # `make test-fast` (two pytest workers)
+        "test": ["pytest>=7", "hypothesis>=6.100", "ruff>=0.6", "pytest-xdist>=3"],
         # tools/predict.py (detectron2's Visualizer imports cv2) and ONNX export; headless
         # OpenCV is not a hard requirement: it conflicts with an installed opencv-python
         "deploy": ["opencv-python-headless", "onnx>=1.14", "onnxruntime>=1.16"],

@@ -142,6 +142,15 @@ def distill_cfg(output_dir, teacher_weights, heads=("MGDHead",), max_iter=2, con
     return cfg
 
 
+def slurm_env(**variables: str) -> Dict[str, str]:
+    """This process's environment for a command of tools/slurm/ (docs/cluster.md): the
+    stand-ins for SLURM's ``srun`` and ``scontrol`` (tests/helpers/slurm/) first on PATH, this
+    Python as ``PYTHON``, one thread, and ``variables``."""
+    path = os.pathsep.join([os.path.join(REPO, "tests", "helpers", "slurm"),
+                            os.path.dirname(sys.executable), os.environ["PATH"]])
+    return dict(os.environ, PATH=path, PYTHON=sys.executable, OMP_NUM_THREADS="1", **variables)
+
+
 def launch_two_processes(config_file, output_dir, dataset_root, *opts):
     """tools/train_net.py --num-gpus 2 (gloo, CPU) for 2 iterations of a DigitsDet config; asserts
     that both ranks ran and the evaluation was printed."""

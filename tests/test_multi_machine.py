@@ -22,14 +22,13 @@ from typing import Dict, List, Sequence
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, slurm_env
 
 from d2kd.compat.cpu_distributed import free_local_port
 
 pytestmark = pytest.mark.slow
 
 ITERS = 8
-SLURM = os.path.join(REPO, "tests", "helpers", "slurm")  # srun, scontrol stand-ins
 TRAIN_NODE = os.path.join(REPO, "tools", "slurm", "train_node.sh")
 #: (config, overrides): each exercises what crosses ranks in its method
 RUNS = {
@@ -63,10 +62,9 @@ def _one_machine(name: str, teachers: Sequence[str], output: Path) -> List[str]:
 
 
 def _env(dataset_root: str, **variables: str) -> Dict[str, str]:
-    """The environment of a launcher; SLURM's stand-ins (srun, scontrol) come first on PATH."""
-    path = os.pathsep.join([SLURM, os.path.dirname(sys.executable), os.environ["PATH"]])
-    return dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(dataset_root), PATH=path,
-                PYTHON=sys.executable, OMP_NUM_THREADS="1", **variables)
+    """The environment of a launcher, SLURM's stand-ins on PATH, the dataset at
+    ``dataset_root``."""
+    return slurm_env(DETECTRON2_DATASETS=os.path.dirname(dataset_root), **variables)
 
 
 def _start(cmd: List[str], env: Dict[str, str], log: Path) -> subprocess.Popen:

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import optuna
 from tabulate import tabulate
@@ -54,15 +54,29 @@ TRAINING_OPTS = ("MODEL.WEIGHTS", "", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", 
                  "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "100000")
 
 
+def _software() -> Dict[str, object]:
+    """The builds the numbers depend on; the threads are each arm's own (``threads``)."""
+    return {k: v for k, v in software_stack().items() if k != "threads"}
+
+
 def _env(threads: int, **variables: str) -> Dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                 PYTHON=sys.executable, **variables)
 
 
-def _wait_all(processes: List[subprocess.Popen], what: str) -> None:
-    codes = [p.wait() for p in processes]
+def _run_together(commands: List[Tuple[List[str], Dict[str, str], str]], what: str) -> None:
+    """Start every ``(argv, environment, log file)`` at once and wait for all; a failed one
+    is an error naming ``what``."""
+    logs = [open(log, "w") for _, _, log in commands]
+    try:
+        runs = [subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                for (argv, env, _), log in zip(commands, logs)]
+        codes = [run.wait() for run in runs]
+    finally:
+        for log in logs:
+            log.close()
     if any(codes):
-        raise RuntimeError(f"{what}: exit codes {codes} (see the logs in its output folder)")
+        raise RuntimeError(f"{what}: exit codes {codes} (logs: {[c[2] for c in commands]})")
 
 
 def time_training(opts: Sequence[str], output: str, processes: int, machines: int,
@@ -71,23 +85,17 @@ def time_training(opts: Sequence[str], output: str, processes: int, machines: in
     ``machines`` machine ranks, all on this host."""
     args = [*opts, "OUTPUT_DIR", output]
     os.makedirs(output, exist_ok=True)
-    logs = [open(os.path.join(output, f"machine{m}.txt"), "w") for m in range(machines)]
-    try:
-        if machines == 1:
-            runs = [subprocess.Popen([sys.executable, TRAIN_NET, "--num-gpus", str(processes),
-                                      *args], env=_env(threads),
-                                     stdout=logs[0], stderr=subprocess.STDOUT)]
-        else:
-            port = str(free_local_port())
-            runs = [subprocess.Popen(
-                [TRAIN_NODE, *args], stdout=logs[m], stderr=subprocess.STDOUT,
-                env=_env(threads, SLURM_NNODES=str(machines), SLURM_NODEID=str(m),
-                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                         GPUS_PER_NODE=str(processes))) for m in range(machines)]
-        _wait_all(runs, f"training with {machines} x {processes} processes")
-    finally:
-        for log in logs:
-            log.close()
+    if machines == 1:
+        commands = [([sys.executable, TRAIN_NET, "--num-gpus", str(processes), *args],
+                     _env(threads), os.path.join(output, "machine0.txt"))]
+    else:
+        port = str(free_local_port())
+        commands = [([TRAIN_NODE, *args],
+                     _env(threads, SLURM_NNODES=str(machines), SLURM_NODEID=str(m),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                          GPUS_PER_NODE=str(processes)),
+                     os.path.join(output, f"machine{m}.txt")) for m in range(machines)]
+    _run_together(commands, f"training with {machines} x {processes} processes")
     with open(os.path.join(output, "metrics.json")) as f:
         return steady_step_seconds(f.read().splitlines())
 
@@ -107,7 +115,7 @@ def run_training_scaling(config_file: str, iters: int, cores: int, json_path: st
     batch = cfg.SOLVER.IMS_PER_BATCH
     result = {"config": config_file, "opts": list(opts), "iters": iters,
               "ims_per_batch": batch, "cores": cores, "code": code_version(),
-              "software": software_stack(1), "arms": []}
+              "software": _software(), "arms": []}
     with tempfile.TemporaryDirectory(prefix="d2kd_scaling_") as tmp:
         teachers = save_random_teachers(cfg, tmp)
         run_opts = [*opts, *TRAINING_OPTS, "SOLVER.MAX_ITER", str(iters),
@@ -181,10 +189,9 @@ def _bar_plot(path: str, labels: List[str], values: List[float], ylabel: str,
 
 def evaluated_trials(url: str) -> int:
     """The trials of every study on ``url`` that were evaluated (Optuna state COMPLETE)."""
-    storage = optuna.storages.RDBStorage(url)
-    return sum(t.state == optuna.trial.TrialState.COMPLETE
-               for study in storage.get_all_studies()
-               for t in storage.get_all_trials(study._study_id))
+    return sum(len(optuna.load_study(study_name=name, storage=url).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        for name in optuna.get_all_study_names(storage=url))
 
 
 def time_search(server, name: str, workers: int, cores: int, args: Sequence[str],
@@ -193,17 +200,12 @@ def time_search(server, name: str, workers: int, cores: int, args: Sequence[str]
     url = server.create_database(name)
     threads = max(1, cores // workers)
     os.makedirs(output, exist_ok=True)
-    logs = [open(os.path.join(output, f"worker-{w}.console"), "w") for w in range(workers)]
     start = time.perf_counter()
-    try:
-        runs = [subprocess.Popen([SEARCH_NODE, *args], stdout=logs[w], stderr=subprocess.STDOUT,
-                                 env=_env(threads, D2KD_SEARCH_STORAGE=url, SEARCH_OUTPUT=output,
-                                          SLURMD_NODENAME=f"worker-{w}"))
-                for w in range(workers)]
-        _wait_all(runs, f"search with {workers} workers")
-    finally:
-        for log in logs:
-            log.close()
+    _run_together([([SEARCH_NODE, *args],
+                    _env(threads, D2KD_SEARCH_STORAGE=url, SEARCH_OUTPUT=output,
+                         SLURMD_NODENAME=f"worker-{w}"),
+                    os.path.join(output, f"worker-{w}.console")) for w in range(workers)],
+                  f"search with {workers} workers")
     wall = time.perf_counter() - start
     trials = evaluated_trials(url)
     return {"workers": workers, "threads": threads, "trials": trials,
@@ -220,7 +222,7 @@ def run_search_scaling(config_file: str, trials: int, workers: Sequence[int], co
     cfg = load_config(config_file, list(opts))
     result = {"config": config_file, "opts": list(opts), "trials": trials, "cores": cores,
               "proxy_iters": cfg.DISTILL.DETKDS.SEARCH.PROXY_ITERS, "code": code_version(),
-              "software": software_stack(1), "arms": []}
+              "software": _software(), "arms": []}
     with tempfile.TemporaryDirectory(prefix="d2kd_scaling_") as tmp, \
             throwaway_server(bindir) as server:
         teachers = save_random_teachers(cfg, tmp)

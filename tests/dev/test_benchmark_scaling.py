@@ -1,10 +1,12 @@
 """tools/benchmark.py scaling-training / scaling-search: the speed-up and efficiency
 arithmetic against hand-computed values, and the result files it writes."""
 import json
+import os
+import sys
 
 import pytest
 
-from dev.benchmark.scaling import _efficiency, _write_search, training_arms
+from dev.benchmark.scaling import _efficiency, _run_together, _write_search, training_arms
 
 
 def test_training_arms_use_every_core_each_way():
@@ -40,3 +42,15 @@ def test_the_search_result_is_written_as_json_table_and_plot(tmp_path):
     assert rows[2:] == [["1", "2", "2", "7", "360", "70", "1", "1"],
                         ["2", "1", "2", "7", "252", "100", "1.43", "1.43"]]
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_processes_run_together_each_into_its_log_and_a_failure_is_named(tmp_path):
+    say = [sys.executable, "-c", "import os; print(os.environ['WHO'])"]
+    logs = [str(tmp_path / f"{who}.txt") for who in ("a", "b")]
+    _run_together([(say, dict(os.environ, WHO=who), log) for who, log in zip("ab", logs)],
+                  "two")
+    assert [open(log).read() for log in logs] == ["a\n", "b\n"]
+    with pytest.raises(RuntimeError, match=r"^broken: exit codes \[0, 3\]"):
+        _run_together([(say, dict(os.environ, WHO="a"), logs[0]),
+                       ([sys.executable, "-c", "exit(3)"], dict(os.environ), logs[1])],
+                      "broken")

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -123,12 +123,22 @@ def document_commands(document: str) -> Iterator[DocCommand]:
 ALL_COMMANDS = [c for d in DOCUMENTS for c in document_commands(d)]
 
 
+def split_variables(command: DocCommand) -> Tuple[Dict[str, str], List[str]]:
+    """The environment a command sets (``VAR=value`` before it, or ``export VAR=value``) and
+    the rest of its words (empty for an ``export``)."""
+    words, variables = shlex.split(command.text), {}
+    if words[:1] == ["export"]:
+        words = words[1:]
+    while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        variables[name] = value
+    return variables, words
+
+
 def why_not_runnable(command: DocCommand) -> Optional[str]:
     """None when the test can run ``command``; else why not."""
-    words = shlex.split(command.text)
-    while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
-        words = words[1:]  # VAR=value prefixes
-    if words[:1] == ["export"]:
+    _, words = split_variables(command)
+    if not words and command.text.startswith("export "):
         return None
     if not words or words[0] not in PYTHONS:
         return "not a d2kd command"
@@ -247,13 +257,9 @@ def test_the_commands_of_a_document_run(document, stand_ins, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1",
                MPLBACKEND="Agg")
     for command in [c for c in document_commands(document) if c.needs is None]:
-        words = shlex.split(command.text)
-        while re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
-            name, value = words.pop(0).split("=", 1)
-            env[name] = value
-        if words[0] == "export":
-            name, value = words[1].split("=", 1)
-            env[name] = value
+        variables, words = split_variables(command)
+        env.update(variables)
+        if not words:  # an export
             continue
         if "--config-file" in words and "--eval-only" not in words:
             # a document that trains a stand-in's run itself uses its own

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import optuna
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, slurm_env
 from optuna.trial import FrozenTrial, TrialState
 
 from d2kd.apps.search.report import best_so_far, load_rows
@@ -30,7 +29,6 @@ from dev.postgres import postgres_bin, throwaway_server
 
 DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
 WORKER = os.path.join(REPO, "tests", "helpers", "search_worker.py")
-SLURM = os.path.join(REPO, "tests", "helpers", "slurm")  # srun, scontrol stand-ins
 SEARCH_NODE = os.path.join(REPO, "tools", "slurm", "search_node.sh")
 MACHINES = ("machine-a", "machine-b", "machine-c")
 TRIALS = 10  # stage-1 trials of the one knowledge input (and one baseline trial)
@@ -64,18 +62,16 @@ def postgres_server():
         yield server
 
 
-def slurm_env(**variables: str) -> Dict[str, str]:
+def worker_env(**variables: str) -> Dict[str, str]:
     """The environment of a search worker started through tools/slurm/ (docs/cluster.md), with
     the trials of tests/helpers/search_worker.py and SLURM's stand-ins on PATH."""
-    path = os.pathsep.join([SLURM, os.path.dirname(sys.executable), os.environ["PATH"]])
-    return dict(os.environ, PATH=path, PYTHON=sys.executable, SEARCH_NET=WORKER,
-                TRIAL_SECONDS=str(TRIAL_SECONDS), OMP_NUM_THREADS="1", **variables)
+    return slurm_env(SEARCH_NET=WORKER, TRIAL_SECONDS=str(TRIAL_SECONDS), **variables)
 
 
 def start_machine(host: str, root: Path, url: str) -> subprocess.Popen:
     """A search worker standing in for machine ``host`` (output ``root/host``), started as
     tools/slurm/search.sbatch starts one on each node."""
-    env = slurm_env(SLURMD_NODENAME=host, D2KD_SEARCH_STORAGE=url, SEARCH_OUTPUT=str(root))
+    env = worker_env(SLURMD_NODENAME=host, D2KD_SEARCH_STORAGE=url, SEARCH_OUTPUT=str(root))
     with open(root / f"{host}.console", "w") as console:  # a file: a full pipe would block it
         return subprocess.Popen([SEARCH_NODE, *SEARCH_ARGS], env=env, stdout=console,
                                 stderr=subprocess.STDOUT)
@@ -259,7 +255,7 @@ def test_the_cluster_recipe_runs_one_search_over_every_node(postgres_server, tmp
     """tools/slurm/search.sbatch as docs/cluster.md submits it, as a job of three nodes
     (tests/helpers/slurm/srun starts its task once per node, on this host)."""
     url = postgres_server.create_database("sbatch")
-    env = slurm_env(SLURM_NNODES=str(len(MACHINES)), SLURM_JOB_NODELIST=",".join(MACHINES),
+    env = worker_env(SLURM_NNODES=str(len(MACHINES)), SLURM_JOB_NODELIST=",".join(MACHINES),
                     SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=REPO, D2KD_SEARCH_STORAGE=url,
                     SEARCH_OUTPUT=str(tmp_path))
     job = subprocess.run(["bash", os.path.join(REPO, "tools", "slurm", "search.sbatch"),

@@ -17,7 +17,7 @@ PIP = $(1) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 SETUP_INPUTS := setup.py Makefile $(CONSTRAINTS) \
 	d2kd/apps/provision/build.py d2kd/apps/provision/detectron2_C_standin.py
 
-.PHONY: setup demo test test-fast lint docs collect-env clean-venv test-upstream setup-upstream \
+.PHONY: setup demo test test-long test-fast lint docs collect-env clean-venv test-upstream setup-upstream \
 	clean-upstream
 
 setup: $(STAMP)
@@ -33,8 +33,17 @@ $(STAMP): $(SETUP_INPUTS)
 demo: setup
 	$(PY) tools/demo.py
 
+# Two pytest-xdist workers, a test file per worker at a time (--dist loadfile: a module's shared
+# fixtures are built once). `make test` leaves out the tests marked `long` (end-to-end scenarios
+# of tens of seconds: several processes or machines, kill and resume, certify, the documents'
+# commands); `make test-long` runs them, and CI runs both.
+XDIST := -n 2 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) -m "not long" tests
+
+test-long: setup
+	$(PY) -m pytest -q $(XDIST) -m long tests
 
 # the tests without a training or a subprocess (pytest -m "not slow"), on two workers
 test-fast: setup
@@ -117,11 +126,11 @@ $(UPSTREAM_PROJECTS_STAMP): $(UPSTREAM_SRC_RECORD)
 	esac
 	touch $@
 
-# the suite on upstream detectron2; the docs' commands (tests/dev/test_doc_commands.py, minutes)
-# run in `make test` only
+# the whole suite on upstream detectron2, `long` tests included; the docs' commands
+# (tests/dev/test_doc_commands.py, minutes) run with `make test-long` only
 test-upstream: setup-upstream
 	DETECTRON2_PROJECTS="$(CURDIR)/$(UPSTREAM_PROJECTS)" D2KD_DOC_COMMANDS=skip \
-	    $(UPSTREAM_PY) -m pytest -q tests
+	    $(UPSTREAM_PY) -m pytest -q $(XDIST) tests
 
 clean-upstream:
 	rm -rf $(UPSTREAM_VENV)

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import launch_two_processes, save_untrained_teacher
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 MTPD = "retinanet_R18_from_R50_R34_mtpd_mgd.yaml"
 GK_OPTS = ("DISTILL.PROTOTYPES.MIN_BOX_SIZE", "4.0", "DISTILL.PROTOTYPES.NUM_PROTOTYPES", "2")

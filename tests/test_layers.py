@@ -279,6 +279,7 @@ def test_application_keys_stay_out_of_model_configs():
 
 # ---- an installed (not editable) d2kd trains --------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_non_editable_install_trains_a_distillation_with_packaged_configs(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",

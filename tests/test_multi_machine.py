@@ -26,7 +26,7 @@ from conftest import REPO, slurm_env
 
 from d2kd.compat.cpu_distributed import free_local_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ITERS = 8
 TRAIN_NODE = os.path.join(REPO, "tools", "slurm", "train_node.sh")

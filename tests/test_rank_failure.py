@@ -14,7 +14,7 @@ from conftest import REPO
 
 from d2kd.compat.cpu_distributed import free_local_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 FAULTS = {
     "prototype_refresh": ("d2kd.prototypes.refresh", "PrototypeRefresher", "refresh",

@@ -149,6 +149,7 @@ def test_recipe_trains_with_the_lazy_train_script(tiny_digitsdet, teacher_weight
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_recipe_trains_in_two_processes(teacher_weights, tmp_path):
     """``--num-gpus 2`` on CPU (gloo, d2kd's DDP wrapper with the recipe's train.ddp
     options), through the command line a user types."""

@@ -17,9 +17,9 @@ run in its order, in a scratch folder of its own that looks like a checkout (``c
 backbones, untrained teachers where the DigitsDet configs read them), so that a training the
 document shows makes what its later commands read. Shortened: trainings run 2 iterations
 (``TRAIN_SHORT``), certify 2 seeds and 1 teacher seed, a search 1 trial per stage on a
-2-iteration proxy. They run in ``make test`` only: ``make test-upstream`` skips them
-(``D2KD_DOC_COMMANDS=skip``), as they take minutes and show nothing a build changes that the
-rest of its suite does not.
+2-iteration proxy. They are ``long`` tests, run by ``make test-long``; ``make test-upstream``
+skips them (``D2KD_DOC_COMMANDS=skip``), as they take minutes and show nothing a build changes
+that the rest of its suite does not.
 """
 import glob
 import os
@@ -248,8 +248,9 @@ RUN_DOCUMENTS = sorted({c.document for c in ALL_COMMANDS
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(os.environ.get("D2KD_DOC_COMMANDS") == "skip",
-                    reason="the docs' commands run once per CI, with `make test` (`make "
+                    reason="the docs' commands run once per CI, with `make test-long` (`make "
                            "test-upstream` sets D2KD_DOC_COMMANDS=skip)")
 @pytest.mark.parametrize("document", RUN_DOCUMENTS)
 def test_the_commands_of_a_document_run(document, stand_ins, tmp_path):

@@ -282,6 +282,7 @@ def test_adaptation_cost_order_is_probed_written_and_used(tiny_digitsdet, teache
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_process_progressive_run_switches_stages_under_ddp(tiny_digitsdet, teachers, tmp_path):
     """tools/train_net.py --num-gpus 2 (gloo): the DDP wrapper is rebuilt at the boundary."""
     launch_two_processes("retinanet_R18_from_R50_R34_mtpd_mgd.yaml", tmp_path, tiny_digitsdet,

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import CONFIGS, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 DRIVER = os.path.join(REPO, "tests", "helpers", "kill_driver.py")
 

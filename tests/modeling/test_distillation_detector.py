@@ -251,6 +251,7 @@ def test_fcos_and_mask_rcnn_students_distil(tiny_digitsdet, tmp_path, family, ar
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("config", [
     DISTILL,
     "DigitsDet/faster_rcnn_R18_from_R50_logit.yaml",  # the teacher runs on the student's RoIs

@@ -184,6 +184,7 @@ def test_resumed_run_keeps_the_checkpointed_bank_and_refresh_times(tiny_digitsde
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_hold_identical_banks_equal_to_one_process(tiny_digitsdet, tmp_path):
     weights = save_untrained_teacher("DigitsDet/retinanet_R50_teacher.yaml", tmp_path / "t")
     script = tmp_path / "run_ranks.py"

@@ -41,6 +41,7 @@ def test_the_control_is_the_same_student_without_distillation():
     assert control.MODEL.RESNETS == cfg.MODEL.RESNETS and control.MODEL.FPN == cfg.MODEL.FPN
 
 
+@pytest.mark.long
 def test_certify_trains_evaluates_and_reuses(builtin_is_tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)

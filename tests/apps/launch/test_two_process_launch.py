@@ -7,6 +7,7 @@ from conftest import launch_two_processes, save_untrained_teacher
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long
 def test_two_process_launch_trains_and_evaluates(tiny_digitsdet, tmp_path):
     launch_two_processes("retinanet_R18_student.yaml", tmp_path, tiny_digitsdet)
     assert os.path.isfile(tmp_path / "model_final.pth")

@@ -190,6 +190,7 @@ def test_workers_that_open_an_empty_database_together_all_open_it(postgres_serve
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_machine_killed_in_a_trial_has_its_genome_retried_by_another(postgres_server,
                                                                        start_machines, tmp_path):
     url = postgres_server.create_database("killed")
@@ -223,6 +224,7 @@ def test_a_machine_killed_in_a_trial_has_its_genome_retried_by_another(postgres_
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_search_survives_a_restart_of_the_database_server(postgres_server, start_machines,
                                                               tmp_path):
     url = postgres_server.create_database("restarted")
@@ -251,6 +253,7 @@ def test_the_search_survives_a_restart_of_the_database_server(postgres_server, s
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_cluster_recipe_runs_one_search_over_every_node(postgres_server, tmp_path):
     """tools/slurm/search.sbatch as docs/cluster.md submits it, as a job of three nodes
     (tests/helpers/slurm/srun starts its task once per node, on this host)."""

@@ -82,6 +82,7 @@ def _rows(output):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_search_net_killed_and_resumed_keeps_finished_trials(proxy_config_file, tiny_env,
                                                              tmp_path):
     output = str(tmp_path / "search")

@@ -24,6 +24,7 @@ a training or a subprocess (689 tests: 79 s on an idle 2-core machine, 54 s on t
 with ``make test-fast``, 2026-12-07); ``make test`` runs everything.
 """
 import contextlib
+import importlib.util
 import itertools
 import os
 import shutil
@@ -108,6 +109,21 @@ def tiny_training_cfg(config_file: str, output_dir: str, max_iter: int = 2):
     cfg.MODEL.WEIGHTS = ""  # no pre-trained backbone: tests must not pre-train
     cfg.OUTPUT_DIR = output_dir
     return cfg
+
+
+def tool_usage_error(tool: str, argv: List[str], capsys) -> str:
+    """Run ``tools/TOOL.py`` with ``argv`` in this process (its ``main``, as its command line
+    does); it must stop with exit status 2, argparse's usage error. Returns the last line it
+    wrote to stderr."""
+    spec = importlib.util.spec_from_file_location(f"tools_{tool}",
+                                                  os.path.join(REPO, "tools", f"{tool}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
 
 
 def save_untrained_teacher(teacher_config: str, out) -> str:

@@ -1,11 +1,9 @@
 """Ranking comparison between two datasets: ranks, gains, Kendall tau, pair verdicts."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import CONFIGS
+from conftest import tool_usage_error
 
 from dev.benchmark.accuracy import summarize
 from dev.benchmark.ranking import compare_rankings, ranking_figure, run_ranking_comparison
@@ -92,24 +90,20 @@ def test_writes_json_markdown_and_png(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "No such file"),
     ("rows", "The results have different rows: only in easy: ['c'], only in hard: []"),
     ("baseline", "--baseline 'teacher' is not a row"),
     ("label", "is not LABEL=JSON")])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message, capsys):
     easy = _write(tmp_path, "e.json", EASY)
     hard = _write(tmp_path, "h.json", {n: s for n, s in HARD.items() if n != "c"}
                   if case == "rows" else HARD)
     inputs = {"missing": [f"easy={easy}", f"hard={tmp_path / 'nope.json'}"],
               "label": [easy, f"hard={hard}"]}.get(case, [f"easy={easy}", f"hard={hard}"])
-    done = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(CONFIGS), "tools", "benchmark.py"),
-         "ranking", "--inputs", *inputs,
-         "--baseline", "teacher" if case == "baseline" else "student",
-         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")],
-        capture_output=True, text=True)
-    assert done.returncode == 2
-    assert message in done.stderr.splitlines()[-1]
+    error = tool_usage_error("benchmark", [
+        "ranking", "--inputs", *inputs,
+        "--baseline", "teacher" if case == "baseline" else "student",
+        "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")], capsys)
+    assert message in error
     assert sorted(os.listdir(tmp_path)) == ["e.json", "h.json"]

@@ -2,7 +2,7 @@
 import os
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, tool_usage_error
 
 from dev.benchmark.accuracy import markdown_table, summarize
 
@@ -69,17 +69,12 @@ def test_accuracy_chart_of_runs_that_detected_nothing_spans_the_finite_aps():
 
 @pytest.mark.parametrize("reference", ["42.92", "teacher=high", "teacher"])
 def test_a_reference_that_is_not_label_equals_ap_is_one_line_before_anything_runs(
-        tmp_path, reference):
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(CONFIGS), "tools", "benchmark.py"),
-         "accuracy", "--configs", "c.yaml", "--output", str(tmp_path), "--json",
-         str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md"), "--reference", reference],
-        capture_output=True, text=True)
-    assert done.returncode == 2
-    assert f"{reference!r} is not LABEL=AP" in done.stderr.splitlines()[-1]
+        tmp_path, reference, capsys):
+    error = tool_usage_error("benchmark", [
+        "accuracy", "--configs", "c.yaml", "--output", str(tmp_path), "--json",
+        str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md"), "--reference", reference],
+        capsys)
+    assert f"{reference!r} is not LABEL=AP" in error
     assert os.listdir(tmp_path) == []
 
 
@@ -220,20 +215,13 @@ def test_proxy_fidelity_names_runs_by_genome_not_position():
         "global-no-scale_r4-l1-w1-fgbg-mask-no-norm_C-l2-w2"
 
 
-def test_a_proxy_variant_needs_a_name_before_anything_runs(tmp_path):
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(CONFIGS)
+def test_a_proxy_variant_needs_a_name_before_anything_runs(tmp_path, capsys):
     search = os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_detkds_search.yaml")
-    done = subprocess.run(
-        [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "proxy-fidelity",
-         "--search-config", search, "--config-file", search, "--genomes", "global:no|no|no|l1|w=1",
-         "--output", str(tmp_path), "--json", str(tmp_path / "f.json"), "--markdown",
-         str(tmp_path / "f.md"), "DISTILL.DETKDS.SEARCH.VAL_IMAGES", "300"],
-        capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "name it (--proxy-variant NAME)" in done.stderr.splitlines()[-1]
+    error = tool_usage_error("benchmark", [
+        "proxy-fidelity", "--search-config", search, "--config-file", search, "--genomes",
+        "global:no|no|no|l1|w=1", "--output", str(tmp_path), "--json", str(tmp_path / "f.json"),
+        "--markdown", str(tmp_path / "f.md"), "DISTILL.DETKDS.SEARCH.VAL_IMAGES", "300"], capsys)
+    assert "name it (--proxy-variant NAME)" in error
     assert os.listdir(tmp_path) == []
 
 

@@ -2,7 +2,8 @@
 from detectron2.config import CfgNode
 
 from ...config.defaults import register_config_extension
-from ...config.ranges import BOOLEAN, register_key_rules
+from ...config.ranges import BOOLEAN, at_least, one_of, register_key_rules
+from .pruning import PRUNERS
 
 
 @register_config_extension
@@ -42,10 +43,17 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     # Reject a candidate (fitness -inf) when its summed KD loss is non-finite, or exceeds this
     # after PROXY_WARMUP_ITERS.
     cfg.DISTILL.DETKDS.SEARCH.REJECT_THRESHOLD = 100.0
-    # Fraction of PROXY_ITERS after which box AP is evaluated and reported to the pruner
-    # (0: no intermediate evaluation, no pruning).
+    # Multi-fidelity trials (d2kd/apps/search/pruning.py): Optuna's pruner, "median" (one
+    # evaluation after PRUNE_AT of PROXY_ITERS), "successive_halving" or "hyperband" (rungs
+    # after PRUNE_AT of PROXY_ITERS and every PRUNE_REDUCTION_FACTOR times as many iterations
+    # below PROXY_ITERS). At each report box AP is evaluated on the proxy's validation images.
+    cfg.DISTILL.DETKDS.SEARCH.PRUNER = "median"
+    # Fraction of PROXY_ITERS at the first report (0: no intermediate evaluation, no pruning).
     cfg.DISTILL.DETKDS.SEARCH.PRUNE_AT = 0.5
-    # Optuna MedianPruner: no pruning before this many trials of the study reported.
+    # Successive halving / Hyperband: eta, the budget ratio between rungs (the best 1/eta of a
+    # rung's trials go on).
+    cfg.DISTILL.DETKDS.SEARCH.PRUNE_REDUCTION_FACTOR = 3
+    # Median pruner: no pruning before this many trials of the study reported.
     cfg.DISTILL.DETKDS.SEARCH.PRUNER_STARTUP_TRIALS = 5
     # Genetic algorithm: population size (trials per generation), elites (best trials ever,
     # always parents), tournament size, uniform-crossover and per-gene mutation probabilities.
@@ -79,4 +87,6 @@ def add_detkds_search_config(cfg: CfgNode) -> None:
     cfg.DISTILL.DETKDS.SEARCH.STALE_SECONDS = 120
 
 
-register_key_rules({"DISTILL.DETKDS.SEARCH.EXTRA_OPS": BOOLEAN})
+register_key_rules({"DISTILL.DETKDS.SEARCH.EXTRA_OPS": BOOLEAN,
+                    "DISTILL.DETKDS.SEARCH.PRUNER": one_of(*PRUNERS),
+                    "DISTILL.DETKDS.SEARCH.PRUNE_REDUCTION_FACTOR": at_least(2)})

@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ...heads.detkds.genome import Formula, parse_genome
 from .outputs import log_progress, write_tables
 from .proxy import InfrastructureFailure, ReportFn, TrialOutcome
+from .pruning import search_pruner
 from .samplers import (
     SURPLUS,
     GeneticSampler,
@@ -54,14 +55,6 @@ POLL_SECONDS = 2.0
 BROKEN_AFTER = 2  # a worker stops after this many genomes in a row failed every attempt
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def search_pruner(node) -> optuna.pruners.BasePruner:
-    """Optuna's median pruner of the ``DISTILL.DETKDS.SEARCH`` node ``node`` (none when
-    ``PRUNE_AT`` <= 0)."""
-    if node.PRUNE_AT <= 0:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=node.PRUNER_STARTUP_TRIALS)
 
 
 class DetKDSSearch:
@@ -281,8 +274,8 @@ class DetKDSSearch:
             trial.set_user_attr("status", "cached")
             trial.set_user_attr("cached_from", f"{cached.number}")
             trial.set_user_attr("seconds", 0.0)
-            if cached.state == TrialState.PRUNED:
-                trial.report(fitness(cached), max(cached.intermediate_values))
+            for step, value in sorted(cached.intermediate_values.items()):
+                trial.report(value, step)  # the pruner's rungs see the reused trial too
             study.tell(trial, cached.value if cached.state == TrialState.COMPLETE else None,
                        state=cached.state)
             return "cached"

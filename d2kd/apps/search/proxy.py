@@ -43,6 +43,7 @@ from ...config import load_config
 from ...data import register_builtin_datasets
 from ...engine import DistillTrainer
 from ...engine.export import StudentExportHook
+from .pruning import report_iterations
 from .space import BASELINE
 
 logger = logging.getLogger(__name__)
@@ -199,24 +200,25 @@ class KDGuardHook(HookBase):
 
 
 class IntermediateEvalHook(HookBase):
-    """After ``at_iter`` iterations, evaluate and report box AP; raise
-    :class:`PruneRequested` when the report answers True."""
+    """After each of ``at_iters`` iterations, evaluate and report box AP; raise
+    :class:`PruneRequested` when a report answers True."""
 
-    def __init__(self, at_iter: int, report: ReportFn):
-        self.at_iter = at_iter
+    def __init__(self, at_iters: List[int], report: ReportFn):
+        self.at_iters = set(at_iters)
         self.report = report
 
     def after_step(self):
-        if self.trainer.iter + 1 != self.at_iter:
+        done = self.trainer.iter + 1
+        if done not in self.at_iters:
             return
         ap = box_ap(self.trainer.test(self.trainer.cfg, self.trainer.model))
-        if self.report(self.at_iter, ap):
+        if self.report(done, ap):
             raise PruneRequested(ap)
 
 
 class ProxyTrainer(DistillTrainer):
     """:class:`DistillTrainer` for one trial: no checkpoints or student export, the KD-loss
-    guard, and the intermediate evaluation for pruning (``PRUNE_AT`` of the budget)."""
+    guard, and the intermediate evaluations for pruning (:func:`report_iterations`)."""
 
     def __init__(self, cfg, report: ReportFn):
         self._report = report
@@ -233,9 +235,9 @@ class ProxyTrainer(DistillTrainer):
         kept = [h for h in super().build_hooks()
                 if not isinstance(h, (hooks.PeriodicCheckpointer, StudentExportHook))]
         kept.insert(-1, KDGuardHook(search.REJECT_THRESHOLD, self.cfg.SOLVER.WARMUP_ITERS))
-        at_iter = int(round(search.PRUNE_AT * self.cfg.SOLVER.MAX_ITER))
-        if 0 < at_iter < self.cfg.SOLVER.MAX_ITER:
-            kept.insert(-1, IntermediateEvalHook(at_iter, self._report))
+        at_iters = report_iterations(search)
+        if at_iters:
+            kept.insert(-1, IntermediateEvalHook(at_iters, self._report))
         return kept
 
 

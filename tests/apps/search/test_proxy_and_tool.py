@@ -67,6 +67,14 @@ def test_proxy_rejects_an_exploding_candidate_and_prunes_on_request(proxy_config
                        lambda step, ap: reports.append((step, ap)) or True)
     assert pruned.status == "pruned" and reports == [(1, pruned.ap)] and pruned.seconds > 0
     assert (tmp_path / "b" / "config.yaml").is_file()
+    # successive halving: a report at every rung (1 and 2 of 4 iterations), then the final AP
+    reports.clear()
+    evaluator.opts = ["DISTILL.DETKDS.SEARCH.PRUNER", "successive_halving",
+                      "DISTILL.DETKDS.SEARCH.PROXY_ITERS", "4", "DISTILL.DETKDS.SEARCH.PRUNE_AT",
+                      "0.25", "DISTILL.DETKDS.SEARCH.PRUNE_REDUCTION_FACTOR", "2"]
+    promoted = evaluator("global:catt|scale_r2|norm_N|l1|w=5", str(tmp_path / "c"),
+                         lambda step, ap: reports.append((step, ap)) and False)
+    assert promoted.status == "ok" and [step for step, _ in reports] == [1, 2]
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ A rendered table is a template in an HTML comment, followed by its rendering::
 Lines ``ALIAS = FILE`` name result files (paths from the repository root; JSON, or CSV read as
 a list of rows with numeric cells as numbers); every other line of the template is copied with
 each ``{{ EXPRESSION | FORMAT }}`` replaced by its value (``FORMAT`` is Python's format spec,
-``.2f`` when left out; ``s`` renders a text value, such as a verdict, from one reference). An
+``.2f`` when left out; ``s`` renders a text value, such as a verdict, from one reference, and
+``.Ns`` its first N characters, such as a hash's). An
 expression adds and subtracts terms; a term is a number, a reference, or ``mean``, ``spread``
 (max - min), ``count``, ``min`` or ``max`` of one or more references (comma-separated: the
 values of several files). A reference starts at an alias and walks the file's JSON: ``.key`` or
@@ -173,11 +174,11 @@ def render(template: str, load: Callable[[str], Any]) -> str:
 def _placeholder(body: str, files: Dict[str, Any]) -> str:
     expression, _, spec = body.partition("|")
     spec = spec.strip() or ".2f"
-    if spec == "s":  # a text value (a verdict, a genome), one reference
+    if spec.endswith("s"):  # a text value (a verdict, a genome, a hash), one reference
         value = resolve(expression.strip(), files)
         if not isinstance(value, str):
-            raise TableError(f"{expression.strip()}: {value!r} is not text (format s)")
-        return value
+            raise TableError(f"{expression.strip()}: {value!r} is not text (format {spec})")
+        return format(value, spec)
     value = evaluate(expression.strip(), files)
     text = format(value, spec)
     return "0.00" if spec == ".2f" and text == "-0.00" else text

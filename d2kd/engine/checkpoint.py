@@ -21,7 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..compat.weight_loading import short_error
 from ..config.loading import ConfigError
-from ..utils.io import atomic_path, atomic_write_text
+from ..utils.io import atomic_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", path)
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
+        atomic_save(data, path)
         self.tag_last_checkpoint(os.path.basename(path))
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

@@ -48,11 +48,14 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` of ``obj`` to ``path``, atomically."""
+    """``torch.save`` of ``obj`` to ``path``, atomically. Saved through a file object, so the
+    bytes depend on ``obj`` alone: given a path, torch names the records inside the file after
+    it (here the random temporary name), and the same weights would hash differently."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def atomic_save_figure(fig: Any, path: str) -> None:

@@ -49,6 +49,8 @@ def test_a_text_value_renders_with_format_s_and_only_then():
     files = {"c.json": {"vs_control": {"verdict": "gain certified", "low": 0.21}}}
     template = "C = c.json\n| {{ C.vs_control.verdict | s }} | {{ C.vs_control.low }} |"
     assert doc_tables.render(template, files.__getitem__) == "| gain certified | 0.21 |\n"
+    assert doc_tables.render("C = c.json\n{{ C.vs_control.verdict | .4s }}…",
+                             files.__getitem__) == "gain…\n"
     with pytest.raises(doc_tables.TableError, match="is not text"):
         doc_tables.render("C = c.json\n{{ C.vs_control.low | s }}", files.__getitem__)
     with pytest.raises(doc_tables.TableError, match="is not one number"):

@@ -22,18 +22,18 @@ from typing import Callable, Iterator, List, Sequence
 
 import pytest
 import torch
-from conftest import (
+from conftest import relative_error
+from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes, ImageList, Instances
+from helpers.detkds_release import (
     REL_TOL,
     RELEASE_TRANS1,
     RELEASE_TRANS2,
     RELEASE_TRANS3,
-    relative_error,
     release_as_loss,
     release_l1,
     release_token,
 )
-from detectron2.layers import ShapeSpec
-from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import roi_align
 
 from d2kd.heads import DetKDSHead, TeacherOutputs

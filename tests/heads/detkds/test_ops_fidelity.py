@@ -10,13 +10,13 @@ release draws them).
 """
 import pytest
 import torch
-from conftest import (
+from conftest import relative_error
+from helpers.detkds_release import (
     REL_TOL,
     RELEASE_DIS,
     RELEASE_TRANS1,
     RELEASE_TRANS2,
     RELEASE_TRANS3,
-    relative_error,
     release_as_loss,
     release_kl,
     release_token,

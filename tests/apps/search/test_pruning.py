@@ -92,9 +92,11 @@ def successive_halving_answers(answers, eta):
     return expected
 
 
-def test_successive_halving_sends_the_best_third_of_each_rung_on(tmp_path):
+def search_with_learning_curves(tmp_path, pruner):
+    """24 stage-1 trials of the GA on the logit input, 90 proxy iterations with rungs at
+    9 / 27 / 81 (η = 3), proxied by :class:`LearningCurves`."""
     cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", "['logit']",
-                     "DISTILL.DETKDS.SEARCH.PRUNER", "successive_halving",
+                     "DISTILL.DETKDS.SEARCH.PRUNER", pruner,
                      "DISTILL.DETKDS.SEARCH.PROXY_ITERS", "90",
                      "DISTILL.DETKDS.SEARCH.PRUNE_AT", "0.1", "DISTILL.DETKDS.SEARCH.SEED_GENOMES",
                      "[]", "DISTILL.DETKDS.SEARCH.POPULATION", "6")
@@ -102,6 +104,11 @@ def test_successive_halving_sends_the_best_third_of_each_rung_on(tmp_path):
     search = DetKDSSearch(cfg, optuna.storages.InMemoryStorage(), str(tmp_path), "ga", 0, 24,
                           curves)
     search.run_worker()
+    return search, curves
+
+
+def test_successive_halving_sends_the_best_third_of_each_rung_on(tmp_path):
+    search, curves = search_with_learning_curves(tmp_path, "successive_halving")
     assert curves.answers == successive_halving_answers(curves.answers, eta=3)
     trials = [t for t in search.trials("stage1-logit") if t.user_attrs["status"] != "cached"]
     full = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -111,15 +118,7 @@ def test_successive_halving_sends_the_best_third_of_each_rung_on(tmp_path):
 
 
 def test_hyperband_prunes_at_the_rungs_of_its_brackets(tmp_path):
-    cfg = search_cfg("DISTILL.DETKDS.SEARCH.INPUTS", "['logit']",
-                     "DISTILL.DETKDS.SEARCH.PRUNER", "hyperband",
-                     "DISTILL.DETKDS.SEARCH.PROXY_ITERS", "90",
-                     "DISTILL.DETKDS.SEARCH.PRUNE_AT", "0.1", "DISTILL.DETKDS.SEARCH.SEED_GENOMES",
-                     "[]", "DISTILL.DETKDS.SEARCH.POPULATION", "6")
-    curves = LearningCurves([9, 27, 81], 90)
-    search = DetKDSSearch(cfg, optuna.storages.InMemoryStorage(), str(tmp_path), "ga", 0, 24,
-                          curves)
-    search.run_worker()
+    search, curves = search_with_learning_curves(tmp_path, "hyperband")
     trials = [t for t in search.trials("stage1-logit") if t.user_attrs["status"] != "cached"]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and len(pruned) < len(trials)

@@ -149,9 +149,8 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     checkpointer.save("model_0000001")
     good = (tmp_path / "model_0000001.pth").read_bytes()
 
-    def torn(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"torn")
+    def torn(obj, f, *args, **kwargs):  # f: the open temporary file
+        f.write(b"torn")
         raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(torch, "save", torn)

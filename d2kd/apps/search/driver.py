@@ -274,8 +274,8 @@ class DetKDSSearch:
             trial.set_user_attr("status", "cached")
             trial.set_user_attr("cached_from", f"{cached.number}")
             trial.set_user_attr("seconds", 0.0)
-            for step, value in sorted(cached.intermediate_values.items()):
-                trial.report(value, step)  # the pruner's rungs see the reused trial too
+            if cached.state == TrialState.PRUNED:
+                trial.report(fitness(cached), max(cached.intermediate_values))
             study.tell(trial, cached.value if cached.state == TrialState.COMPLETE else None,
                        state=cached.state)
             return "cached"

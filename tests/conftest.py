@@ -111,6 +111,13 @@ def tiny_training_cfg(config_file: str, output_dir: str, max_iter: int = 2):
     return cfg
 
 
+
+def search_cfg(*opts):
+    """The DigitsDet DetKDS RetinaNet config with the search keys, untrained, batch 2, ``opts``
+    on top (the search driver's and pruners' tests)."""
+    return load_config(os.path.join(CONFIGS, "DigitsDet", "retinanet_R18_from_R50_detkds.yaml"),
+                       ["MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", *opts])
+
 def tool_usage_error(tool: str, argv: List[str], capsys) -> str:
     """Run ``tools/TOOL.py`` with ``argv`` in this process (its ``main``, as its command line
     does); it must stop with exit status 2, argparse's usage error. Returns the last line it

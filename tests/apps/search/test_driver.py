@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from conftest import CONFIGS, assert_valid_genome
+from conftest import assert_valid_genome, search_cfg
 from optuna.trial import TrialState
 
 from d2kd.apps.search.driver import DetKDSSearch
@@ -19,14 +19,8 @@ from d2kd.apps.search.outputs import idle_at_end_seconds, trial_rows
 from d2kd.apps.search.proxy import InfrastructureFailure, TrialOutcome
 from d2kd.apps.search.space import FormulaSpace
 from d2kd.apps.search.storage import open_storage
-from d2kd.config import load_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
-
-
-def search_cfg(*opts):
-    return load_config(DETKDS, ["MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", *opts])
 
 
 

@@ -5,20 +5,15 @@ from collections import defaultdict
 
 import optuna
 import pytest
-from conftest import CONFIGS
+from conftest import search_cfg
 
 from d2kd.apps.search.driver import DetKDSSearch
 from d2kd.apps.search.proxy import TrialOutcome
 from d2kd.apps.search.pruning import report_iterations, search_pruner
-from d2kd.config import ConfigError, load_config
+from d2kd.config import ConfigError
 from d2kd.config.ranges import check_key_ranges
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-DETKDS = os.path.join(CONFIGS, "DigitsDet/retinanet_R18_from_R50_detkds.yaml")
-
-
-def search_cfg(*opts):
-    return load_config(DETKDS, ["MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", *opts])
 
 
 def node(pruner, prune_at, proxy_iters, eta=3):
